@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""meshtui stage agent: runs on each host, started over SSH by the head.
+
+Stdlib only, Python 3.8+. Commands:
+
+  probe                      print one JSON object describing this host (memory, cores, arch, OS, glibc, GPUs)
+  serve --runtime DIR ...    load the ggml runtime from DIR/lib and serve layers with ggml's RPC server,
+                             bound to 127.0.0.1 only; exit as soon as stdin (the SSH channel) closes
+  down                       stop agents of this user left over from earlier runs, print what was stopped
+
+Protocol with the head: one JSON object per line on stdout. Everything native code prints goes to stderr.
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+AGENT_VERSION = "1"
+# The order matters: each library's dependencies are loaded before it, by full path.
+RUNTIME_LIBS = ("libggml-base.so.0", "libggml-cpu.so.0", "libggml-rpc.so.0", "libggml.so.0")
+GGML_BACKEND_DEVICE_TYPE_CPU = 0
+GGML_BACKEND_DEVICE_TYPE_GPU = 1
+BIND_HOST = "127.0.0.1"  # never configurable: a stage is reachable only through SSH
+
+
+def state_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "meshtui")
+
+
+def run_dir():
+    return os.path.join(state_dir(), "run")
+
+
+# ---------------------------------------------------------------- probe
+
+
+def read_meminfo():
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts:
+                    info[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    if "MemTotal" not in info and sys.platform == "darwin":
+        try:
+            total = int(subprocess.check_output(["sysctl", "-n", "hw.memsize"]).strip())
+            info["MemTotal"] = total
+            info["MemAvailable"] = total // 2
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            pass
+    return info
+
+
+def glibc_version():
+    try:
+        text = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"
+    except (ValueError, OSError, AttributeError):
+        return None
+    if text and text.startswith("glibc "):
+        return text.split()[1]
+    return None
+
+
+def nvidia_gpus():
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10, check=True,
+        ).stdout.decode()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            try:
+                gpus.append({"name": parts[0], "vendor": "nvidia",
+                             "memory_total": int(parts[1]) * 1024 * 1024,
+                             "memory_free": int(parts[2]) * 1024 * 1024})
+            except ValueError:
+                continue
+    return gpus
+
+
+def probe():
+    mem = read_meminfo()
+    return {
+        "agent_version": AGENT_VERSION,
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "os": platform.system(),
+        "kernel": platform.release(),
+        "arch": platform.machine(),
+        "glibc": glibc_version(),
+        "cores": os.cpu_count() or 1,
+        "mem_total": mem.get("MemTotal", 0),
+        "mem_available": mem.get("MemAvailable", mem.get("MemFree", 0)),
+        "gpus": nvidia_gpus(),
+        "nvcc": any(os.access(os.path.join(d, "nvcc"), os.X_OK)
+                    for d in os.environ.get("PATH", "").split(os.pathsep) if d),
+    }
+
+
+# ---------------------------------------------------------------- serve
+
+
+class Runtime:
+    """The ggml libraries, loaded from one folder."""
+
+    def __init__(self, libdir):
+        self.libs = {}
+        for name in RUNTIME_LIBS:
+            path = os.path.join(libdir, name)
+            if not os.path.exists(path):
+                raise RuntimeError("runtime file missing: %s" % path)
+            try:
+                self.libs[name] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError as err:
+                raise RuntimeError("cannot load %s: %s" % (name, err))
+        ggml = self.libs["libggml.so.0"]
+        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+        ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        ggml.ggml_backend_dev_type.restype = ctypes.c_int
+        ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
+        ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_dev_description.restype = ctypes.c_char_p
+        ggml.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_dev_memory.restype = None
+        ggml.ggml_backend_dev_memory.argtypes = [
+            ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        rpc = self.libs["libggml-rpc.so.0"]
+        rpc.ggml_backend_rpc_start_server.restype = None
+        rpc.ggml_backend_rpc_start_server.argtypes = [
+            ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
+        self.ggml = ggml
+        self.rpc = rpc
+
+    def devices(self):
+        found = []
+        for i in range(self.ggml.ggml_backend_dev_count()):
+            dev = self.ggml.ggml_backend_dev_get(i)
+            kind = self.ggml.ggml_backend_dev_type(dev)
+            if kind not in (GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU):
+                continue
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            self.ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            found.append({
+                "handle": dev,
+                "name": self.ggml.ggml_backend_dev_name(dev).decode(errors="replace"),
+                "description": self.ggml.ggml_backend_dev_description(dev).decode(errors="replace"),
+                "type": "cpu" if kind == GGML_BACKEND_DEVICE_TYPE_CPU else "gpu",
+                "memory_free": free.value,
+                "memory_total": total.value,
+            })
+        return found
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((BIND_HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, server_thread, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server_thread.is_alive():
+            return False
+        try:
+            with socket.create_connection((BIND_HOST, port), timeout=1.0):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class Protocol:
+    """Line-delimited JSON on the original stdout; native code's prints are moved to stderr."""
+
+    def __init__(self):
+        sys.stdout.flush()
+        self.out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        self.lock = threading.Lock()
+
+    def send(self, **obj):
+        with self.lock:
+            self.out.write(json.dumps(obj) + "\n")
+            self.out.flush()
+
+
+def write_pidfile(port):
+    os.makedirs(run_dir(), mode=0o700, exist_ok=True)
+    path = os.path.join(run_dir(), "agent-%d.json" % os.getpid())
+    with open(path, "w") as f:
+        json.dump({"pid": os.getpid(), "port": port, "started": time.time()}, f)
+    return path
+
+
+def serve(args):
+    proto = Protocol()
+    try:
+        runtime = Runtime(os.path.join(args.runtime, "lib"))
+    except RuntimeError as err:
+        proto.send(event="error", reason=str(err))
+        return 3
+    devices = runtime.devices()
+    wanted = [d for d in devices if d["type"] == "gpu"] if args.gpu else []
+    if not wanted:
+        wanted = [d for d in devices if d["type"] == "cpu"][:1]
+    if not wanted:
+        proto.send(event="error", reason="the ggml runtime reports no usable device")
+        return 3
+    cache_dir = args.cache or os.path.join(state_dir(), "rpc-cache")
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    port = args.port or free_port()
+    endpoint = ("%s:%d" % (BIND_HOST, port)).encode()
+    handles = (ctypes.c_void_p * len(wanted))(*[d["handle"] for d in wanted])
+    threads = args.threads or os.cpu_count() or 1
+
+    def run_server():
+        runtime.rpc.ggml_backend_rpc_start_server(endpoint, cache_dir.encode(), threads, len(wanted), handles)
+
+    server = threading.Thread(target=run_server, name="ggml-rpc", daemon=True)
+    server.start()
+    if not wait_listening(port, server, timeout=20.0):
+        proto.send(event="error", reason="ggml RPC server did not start listening on %s:%d" % (BIND_HOST, port))
+        return 3
+    pidfile = write_pidfile(port)
+    proto.send(event="ready", port=port, pid=os.getpid(), threads=threads, cache_dir=cache_dir,
+               devices=[{k: v for k, v in d.items() if k != "handle"} for d in wanted])
+    try:
+        # The SSH channel is our lifeline: EOF on stdin means the head is gone.
+        for line in sys.stdin:
+            words = line.split()
+            if words and words[0] == "ping":
+                proto.send(event="pong", seq=words[1] if len(words) > 1 else "")
+    finally:
+        try:
+            os.unlink(pidfile)
+        except OSError:
+            pass
+    # The RPC server thread cannot be stopped cleanly; leave without running finalizers.
+    os._exit(0)
+
+
+# ---------------------------------------------------------------- down
+
+
+def process_cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
+def down():
+    stopped = []
+    folder = run_dir()
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    for name in sorted(names):
+        if not (name.startswith("agent-") and name.endswith(".json")):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path) as f:
+                pid = int(json.load(f)["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pid = None
+        if pid and pid != os.getpid():
+            cmdline = process_cmdline(pid)
+            if cmdline and "meshtui_agent" in cmdline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    stopped.append({"pid": pid, "cmdline": cmdline.strip()})
+                except OSError:
+                    pass
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    print(json.dumps({"stopped": stopped}))
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="meshtui_agent")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("probe")
+    sub.add_parser("down")
+    p_serve = sub.add_parser("serve")
+    p_serve.add_argument("--runtime", required=True)
+    p_serve.add_argument("--port", type=int, default=0)
+    p_serve.add_argument("--threads", type=int, default=0)
+    p_serve.add_argument("--cache", default=None)
+    p_serve.add_argument("--gpu", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "probe":
+        print(json.dumps(probe()))
+        return 0
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "down":
+        return down()
+    parser.print_usage(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from meshtui.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,257 @@
+"""`meshtui` command line: up, plan, down. Expected failures print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TextIO
+
+from meshtui import __version__
+from meshtui import events as ev
+from meshtui.errors import InventoryError, MeshError
+from meshtui.inventory import ModelSpec, load_inventory
+from meshtui.lab import EmbeddedLab
+from meshtui.mesh import Mesh
+from meshtui.units import format_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshtui", description="Run one LLM across the machines you can SSH into.")
+    parser.add_argument("--version", action="version", version=f"meshtui {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("inventory", nargs="?", type=Path,
+                       help="TOML host inventory (default: an embedded lab of local SSH hosts)")
+        p.add_argument("--accept-new", action="store_true",
+                       help="record unknown host keys (like StrictHostKeyChecking=accept-new); changed keys are "
+                            "always refused")
+        p.add_argument("--lab-hosts", type=int, default=2, metavar="N",
+                       help="hosts in the embedded lab when no inventory is given (default 2)")
+        p.add_argument("--model", type=Path, help="GGUF file to use instead of the inventory's model")
+        p.add_argument("--context", type=int, help="context size instead of the inventory's")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    up = sub.add_parser("up", help="bring the mesh up and chat (TUI), or answer once (--headless)")
+    common(up)
+    up.add_argument("--headless", action="store_true", help="no TUI: answer --prompt once, tear down, exit")
+    up.add_argument("--prompt", help="the prompt to answer in headless mode")
+    up.add_argument("--max-tokens", type=int, default=128)
+    up.add_argument("--temperature", type=float, default=0.7)
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+
+    plan = sub.add_parser("plan", help="connect, probe and print the layer split; loads nothing")
+    common(plan)
+
+    down = sub.add_parser("down", help="stop agents left running on the inventory's hosts")
+    down.add_argument("inventory", type=Path)
+    down.add_argument("--accept-new", action="store_true")
+    down.add_argument("--json", action="store_true")
+    return parser
+
+
+@contextlib.asynccontextmanager
+async def _inventory_for(args: argparse.Namespace) -> AsyncIterator[Any]:
+    """The inventory named on the command line, or an embedded lab's (started and stopped here)."""
+    lab: EmbeddedLab | None = None
+    try:
+        if args.inventory is not None:
+            inventory = load_inventory(args.inventory)
+        else:
+            if args.lab_hosts < 1:
+                raise InventoryError("--lab-hosts: expected at least 1")
+            lab = EmbeddedLab(n_hosts=args.lab_hosts)
+            await lab.start()
+            inventory = lab.inventory(ModelSpec(path=None, name="smollm2", context=2048))
+        model = inventory.model
+        if getattr(args, "model", None) is not None:
+            model = dataclasses.replace(model, path=args.model.expanduser().resolve(), name=None)
+        if getattr(args, "context", None) is not None:
+            if args.context < 16:
+                raise InventoryError("--context: expected at least 16")
+            model = dataclasses.replace(model, context=args.context)
+        yield dataclasses.replace(inventory, model=model)
+    finally:
+        if lab is not None:
+            await lab.close()
+
+
+def _stderr_listener(verbose: bool) -> ev.Listener:
+    def listen(event: ev.Event) -> None:
+        if isinstance(event, ev.HostPhaseChanged) and verbose:
+            print(f"  {event.host}: {event.phase} {event.detail}".rstrip(), file=sys.stderr)
+        elif isinstance(event, ev.HostFailed):
+            print(f"  {event.host}: failed during {event.phase}: {event.reason}", file=sys.stderr)
+        elif isinstance(event, ev.LogRecorded) and event.level in ("warning", "error"):
+            print(f"  {event.source}: {event.message}", file=sys.stderr)
+
+    return listen
+
+
+def _print_plan(mesh: Mesh, out: TextIO) -> None:
+    assert mesh.plan is not None and mesh.model is not None
+    print(f"model {mesh.model.name}: {mesh.model.n_layer} layers + output, context {mesh.plan.context}", file=out)
+    for a in mesh.plan.assignments:
+        node = mesh.node(a.name)
+        where = f"layers {a.start:>3}-{a.end - 1:<3}" if a.n_layers else "no layers     "
+        print(f"  {a.name:<12} {node.address:<16} {where} {format_size(a.used_bytes):>10} of "
+              f"{format_size(a.usable_bytes)} usable", file=out)
+    for reason in mesh.plan.reasons:
+        print(f"  - {reason}", file=out)
+
+
+async def cmd_plan(args: argparse.Namespace) -> int:
+    async with _inventory_for(args) as inventory:
+        mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(False))
+        try:
+            mesh.read_model()
+            await mesh.connect_and_probe()
+            plan = mesh.make_plan()
+        finally:
+            await mesh.close()
+        if args.json:
+            print(json.dumps({"plan": plan.to_json(), "reasons": list(plan.reasons),
+                              "n_gpu_layers": plan.n_gpu_layers, "tensor_split": list(plan.tensor_split),
+                              "nodes": [{"name": n.name, "facts": n.facts.to_json() if n.facts else None}
+                                        for n in mesh.nodes]}))
+        else:
+            _print_plan(mesh, sys.stdout)
+    return 0
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    if not args.headless:
+        from meshtui.tui.app import run_tui  # the only place the CLI touches Textual
+
+        async with _inventory_for(args) as inventory:
+            return await run_tui(inventory, accept_new=args.accept_new)
+    if args.prompt is None:
+        raise InventoryError("--headless needs --prompt TEXT")
+    async with _inventory_for(args) as inventory:
+        mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(not args.json))
+        try:
+            await mesh.up()
+            if not args.json:
+                _print_plan(mesh, sys.stderr)
+            text_parts: list[str] = []
+            finished: ev.ReplyFinished | None = None
+            prompt_tokens = 0
+            async for event in mesh.stream(prompt=args.prompt, raw=args.raw, max_tokens=args.max_tokens,
+                                           temperature=args.temperature, seed=args.seed):
+                if isinstance(event, ev.TokenGenerated):
+                    text_parts.append(event.text)
+                    if not args.json:
+                        sys.stdout.write(event.text)
+                        sys.stdout.flush()
+                elif isinstance(event, ev.ReplyStarted):
+                    prompt_tokens = event.prompt_tokens
+                elif isinstance(event, ev.ReplyFinished):
+                    finished = event
+            assert finished is not None
+            summary = mesh.summary()
+        finally:
+            await mesh.close()
+    if args.json:
+        assert mesh.plan is not None
+        print(json.dumps({
+            "text": finished.text,
+            "tokens": list(finished.token_ids),
+            "prompt_tokens": prompt_tokens,
+            "stop_reason": finished.stop_reason,
+            "plan": mesh.plan.to_json(),
+            "placement": mesh.placement,
+            "nodes": summary,
+            "tokens_per_second": finished.tokens_per_second,
+            "seconds": finished.seconds,
+            "load_seconds": mesh.load_seconds,
+            "load_bytes_sent": mesh.load_bytes_sent,
+            "recoveries": [],
+        }))
+    else:
+        print()
+        print(f"{len(finished.token_ids)} tokens, {finished.tokens_per_second:.1f} tok/s", file=sys.stderr)
+    return 0
+
+
+async def cmd_down(args: argparse.Namespace) -> int:
+    from meshtui.hosts import stop_leftover_agents
+    from meshtui.ssh import connect_host
+
+    inventory = load_inventory(args.inventory)
+
+    async def one(host: Any) -> tuple[str, list[dict[str, Any]] | str]:
+        try:
+            conn = await connect_host(host, inventory.ssh, accept_new=args.accept_new)
+        except MeshError as err:
+            return host.name, str(err)
+        try:
+            return host.name, await stop_leftover_agents(conn, host)
+        except MeshError as err:
+            return host.name, str(err)
+        finally:
+            conn.close()
+
+    results = await asyncio.gather(*(one(h) for h in inventory.hosts))
+    failed = False
+    report = {}
+    for name, result in results:
+        if isinstance(result, str):
+            failed = True
+            report[name] = {"error": result}
+            if not args.json:
+                print(f"{result}", file=sys.stderr)
+        else:
+            report[name] = {"stopped": result}
+            if not args.json:
+                if result:
+                    for item in result:
+                        print(f"{name}: stopped agent pid {item['pid']}: {item['cmdline']}")
+                else:
+                    print(f"{name}: nothing to stop")
+    if args.json:
+        print(json.dumps(report))
+    return 1 if failed else 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "up": cmd_up,
+    "plan": cmd_plan,
+    "down": cmd_down,
+}
+
+
+async def _run(args: argparse.Namespace) -> int:
+    """Run a command; SIGTERM cancels it like Ctrl-C so every `finally` tears the mesh down."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    return await COMMANDS[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["up", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return asyncio.run(_run(args))
+    except MeshError as err:
+        print(f"meshtui: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("meshtui: interrupted; the mesh was torn down", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The orchestrator's side of the engine process: start it, load, stream tokens, notice when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from meshtui.errors import EngineError
+
+
+class EngineDied(EngineError):
+    """The engine process exited: usually ggml aborting because a stage went away."""
+
+
+class EngineProcess:
+    def __init__(self, on_log: Callable[[str], None] = lambda line: None) -> None:
+        self.on_log = on_log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=40)
+        self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.pid = 0
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshtui.engine.worker",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=env, limit=16 * 1024 * 1024, start_new_session=True,
+        )
+        self.pid = self.proc.pid
+        self._tasks = [asyncio.create_task(self._read_events()), asyncio.create_task(self._read_stderr())]
+        hello = await self._next_event(timeout=120)
+        if hello.get("ev") != "hello":
+            raise EngineError(f"engine said {hello!r} instead of hello")
+
+    async def _read_events(self) -> None:
+        assert self.proc and self.proc.stdout
+        async for raw in self.proc.stdout:
+            try:
+                self._events.put_nowait(json.loads(raw))
+            except ValueError:
+                self.on_log(f"engine: unparsable line {raw[:120]!r}")
+        self._events.put_nowait(None)
+
+    async def _read_stderr(self) -> None:
+        assert self.proc and self.proc.stderr
+        async for raw in self.proc.stderr:
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            if line:
+                self.stderr_tail.append(line)
+                self.on_log(line)
+
+    def _death_reason(self) -> str:
+        code = self.proc.returncode if self.proc else None
+        interesting = [line for line in self.stderr_tail if "RPC" in line or "error" in line.lower()]
+        detail = (interesting or list(self.stderr_tail) or ["no output"])[-1]
+        return f"engine exited (status {code}): {detail}"
+
+    async def _next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        try:
+            event = await asyncio.wait_for(self._events.get(), timeout)
+        except asyncio.TimeoutError as err:
+            raise EngineError(f"engine did not answer within {timeout:.0f}s") from err
+        if event is None:
+            self._events.put_nowait(None)  # keep reporting death to later callers
+            if self.proc:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), 5)
+                for task in self._tasks[1:]:
+                    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                        await asyncio.wait_for(asyncio.shield(task), 1)
+            raise EngineDied(self._death_reason())
+        return event
+
+    def send(self, **cmd: Any) -> None:
+        if not self.proc or not self.proc.stdin or self.proc.stdin.is_closing():
+            raise EngineDied("engine is not running")
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+
+    async def load(self, **params: Any) -> dict[str, Any]:
+        self.send(op="load", **params)
+        event = await self._next_event(timeout=None)
+        if event.get("ev") == "error":
+            raise EngineError(f"model load failed: {event.get('message')}")
+        if event.get("ev") != "loaded":
+            raise EngineError(f"unexpected engine event during load: {event!r}")
+        return event
+
+    async def generate(self, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """Yields the engine's events for one request: started, token..., then done (or raises)."""
+        self.send(op="generate", **params)
+        while True:
+            event = await self._next_event()
+            kind = event.get("ev")
+            if kind == "error":
+                raise EngineError(str(event.get("message")))
+            yield event
+            if kind == "done":
+                return
+
+    def cancel(self) -> None:
+        with contextlib.suppress(EngineError, OSError, RuntimeError):
+            self.send(op="cancel")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def close(self, timeout: float = 5.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            with contextlib.suppress(EngineError, OSError, RuntimeError):
+                self.send(op="shutdown")
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []

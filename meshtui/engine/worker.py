@@ -1,0 +1,250 @@
+"""The engine process: holds the llama.cpp model with the stages as RPC devices.
+
+Runs as `python -m meshtui.engine.worker`, never inside the TUI's process: ggml aborts whatever process
+holds the model when a stage dies. Commands arrive as JSON lines on stdin; events leave as JSON lines on
+the original stdout (native code's prints are moved to stderr so they cannot corrupt the protocol).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_PLACEMENT = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?),")
+
+
+class Protocol:
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self._out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        self._lock = threading.Lock()
+
+    def send(self, **obj: Any) -> None:
+        with self._lock:
+            self._out.write(json.dumps(obj) + "\n")
+            self._out.flush()
+
+
+class Engine:
+    def __init__(self, proto: Protocol) -> None:
+        self.proto = proto
+        self.llm: Any = None
+        self.placement: dict[int, str] = {}
+        self.cancel = threading.Event()
+        self.decode_calls = 0
+        self.device_endpoints: dict[str, str] = {}  # ggml device name ("RPC0") -> endpoint
+        self._log_cb: Any = None
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _install_log_capture(self, llama_cpp: Any) -> None:
+        def on_log(level: int, text: bytes, user_data: Any) -> None:
+            line = text.decode("utf-8", errors="replace")
+            match = _PLACEMENT.search(line)
+            if match:
+                self.placement[int(match.group(1))] = match.group(2)
+            elif level in (2, 3):  # GGML_LOG_LEVEL_WARN, ERROR
+                sys.stderr.write(line)
+
+        self._log_cb = llama_cpp.llama_log_callback(on_log)
+        llama_cpp.llama_log_set(self._log_cb, ctypes.c_void_p(0))
+
+    def _register_rpc(self, llama_cpp: Any, endpoints: list[str]) -> None:
+        if not endpoints:
+            return
+        if not llama_cpp.llama_supports_rpc():
+            raise RuntimeError(
+                "this llama-cpp-python was built without RPC; rebuild it with CMAKE_ARGS=-DGGML_RPC=on "
+                "(scripts/setup does it)"
+            )
+        # Open the .so.0 names llama.cpp itself links: libggml.so is a separate copy with its own registry.
+        libdir = Path(llama_cpp.__file__).parent / "lib"
+        ggml = ctypes.CDLL(str(libdir / "libggml.so.0"))
+        rpc = ctypes.CDLL(str(libdir / "libggml-rpc.so.0"))
+        rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+        rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_register.restype = None
+        ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+        ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+        ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
+        ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+        for endpoint in endpoints:
+            reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
+            if not reg:
+                raise RuntimeError(f"cannot add RPC server {endpoint}")
+            ggml.ggml_backend_register(reg)
+            for i in range(ggml.ggml_backend_reg_dev_count(reg)):
+                name = ggml.ggml_backend_dev_name(ggml.ggml_backend_reg_dev_get(reg, i)).decode()
+                self.device_endpoints[name] = endpoint
+
+    def load(self, cmd: dict[str, Any]) -> None:
+        import llama_cpp
+
+        self._install_log_capture(llama_cpp)
+        endpoints: list[str] = cmd.get("endpoints") or []
+        self._register_rpc(llama_cpp, endpoints)
+        started = time.perf_counter()
+        kwargs: dict[str, Any] = {
+            "model_path": cmd["model"],
+            "n_ctx": int(cmd["context"]),
+            "n_batch": int(cmd.get("batch", 512)),
+            "n_ubatch": int(cmd.get("batch", 512)),
+            "n_threads": int(cmd.get("threads") or max(1, os.cpu_count() or 1)),
+            "n_gpu_layers": int(cmd.get("n_gpu_layers", 0)),
+            "seed": int(cmd.get("seed", 0)),
+            "verbose": False,
+        }
+        if cmd.get("tensor_split"):
+            kwargs["tensor_split"] = [float(x) for x in cmd["tensor_split"]]
+        self.llm = llama_cpp.Llama(**kwargs)
+        self._install_log_capture(llama_cpp)  # Llama() may have replaced the callback
+        ctx = self.llm._ctx
+        original_decode = ctx.decode
+
+        def counting_decode(batch: Any) -> Any:
+            self.decode_calls += 1
+            return original_decode(batch)
+
+        ctx.decode = counting_decode
+        by_device: dict[str, list[int]] = {}
+        for layer, device in sorted(self.placement.items()):
+            by_device.setdefault(device, []).append(layer)
+        self.proto.send(
+            ev="loaded",
+            seconds=time.perf_counter() - started,
+            placement=by_device,
+            device_endpoints=self.device_endpoints,
+            n_layer=int(self.llm.metadata.get(f"{self.llm.metadata.get('general.architecture')}.block_count", 0)),
+        )
+
+    # -- generation ------------------------------------------------------------------------------
+    def _prompt_tokens(self, cmd: dict[str, Any]) -> list[int]:
+        llm = self.llm
+        if cmd.get("raw"):
+            return list(llm.tokenize(str(cmd["prompt"]).encode("utf-8"), add_bos=True, special=True))
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata.get("tokenizer.chat_template")
+        messages = cmd.get("messages") or [{"role": "user", "content": str(cmd.get("prompt", ""))}]
+        if not template:
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
+        bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
+        formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        rendered = formatter(messages=messages)
+        add_bos = not (bos and rendered.prompt.startswith(bos))
+        return list(llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def generate(self, cmd: dict[str, Any]) -> None:
+        import llama_cpp
+
+        llm = self.llm
+        request_id = cmd.get("id", 0)
+        self.cancel.clear()
+        tokens = self._prompt_tokens(cmd)
+        if len(tokens) >= llm.n_ctx():
+            self.proto.send(ev="error", id=request_id, kind="context",
+                            message=f"prompt is {len(tokens)} tokens; the context holds {llm.n_ctx()}")
+            return
+        max_tokens = int(cmd.get("max_tokens") or 256)
+        max_tokens = min(max_tokens, llm.n_ctx() - len(tokens))
+        temperature = float(cmd.get("temperature", 0.7))
+        llm.set_seed(int(cmd.get("seed", 0)))
+        self.decode_calls = 0
+        self.proto.send(ev="started", id=request_id, prompt_tokens=len(tokens))
+        started = time.perf_counter()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        generated: list[int] = []
+        text_parts: list[str] = []
+        stop_reason = "length"
+        vocab = llm._model.vocab
+        for token in llm.generate(
+            tokens,
+            temp=temperature,
+            top_k=int(cmd.get("top_k", 40)),
+            top_p=float(cmd.get("top_p", 0.95)),
+            min_p=float(cmd.get("min_p", 0.05)),
+            repeat_penalty=float(cmd.get("repeat_penalty", 1.0)),
+            reset=True,
+        ):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                stop_reason = "stop"
+                break
+            piece = llm.detokenize([token], prev_tokens=tokens + generated)
+            generated.append(token)
+            text = decoder.decode(piece)
+            text_parts.append(text)
+            # decode_calls - 1 is the index of the decode call whose logits produced this token.
+            self.proto.send(ev="token", id=request_id, index=len(generated) - 1, token_id=token,
+                            text=text, decode_call=self.decode_calls - 1)
+            if len(generated) >= max_tokens:
+                break
+            if self.cancel.is_set():
+                stop_reason = "cancelled"
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            text_parts.append(tail)
+            self.proto.send(ev="token", id=request_id, index=len(generated) - 1, token_id=-1, text=tail,
+                            decode_call=self.decode_calls - 1)
+        seconds = time.perf_counter() - started
+        self.proto.send(ev="done", id=request_id, stop_reason=stop_reason, tokens=generated,
+                        text="".join(text_parts), seconds=seconds, prompt_tokens=len(tokens))
+
+
+def main() -> int:
+    proto = Protocol()
+    engine = Engine(proto)
+    commands: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def read_commands() -> None:
+        for line in sys.stdin:
+            try:
+                cmd = json.loads(line)
+            except ValueError:
+                proto.send(ev="error", message=f"bad command line: {line[:80]!r}")
+                continue
+            if cmd.get("op") == "cancel":
+                engine.cancel.set()
+            else:
+                commands.put(cmd)
+        commands.put(None)  # stdin closed: the orchestrator is gone
+
+    threading.Thread(target=read_commands, name="commands", daemon=True).start()
+    proto.send(ev="hello", pid=os.getpid())
+    while True:
+        cmd = commands.get()
+        if cmd is None or cmd.get("op") == "shutdown":
+            break
+        op = cmd.get("op")
+        try:
+            if op == "load":
+                engine.load(cmd)
+            elif op == "generate":
+                if engine.llm is None:
+                    proto.send(ev="error", id=cmd.get("id"), message="no model loaded")
+                else:
+                    engine.generate(cmd)
+            else:
+                proto.send(ev="error", message=f"unknown op {op!r}")
+        except (ValueError, RuntimeError, OSError) as err:
+            proto.send(ev="error", id=cmd.get("id"), message=str(err))
+    proto.send(ev="bye")
+    os._exit(0)  # skip ggml's finalizers: remote buffers may already be gone
+
+
+if __name__ == "__main__":
+    sys.exit(main())

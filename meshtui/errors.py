@@ -1,0 +1,43 @@
+"""One error hierarchy. Every expected failure is a MeshError with a one-line message for the user."""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """An expected failure. `str(err)` is the one line shown to the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, host: str | None = None) -> None:
+        self.host = host
+        super().__init__(f"{host}: {message}" if host else message)
+
+
+class InventoryError(MeshError):
+    """The inventory file is missing, unreadable or invalid."""
+
+    exit_code = 2
+
+
+class ModelError(MeshError):
+    """The model file is missing, unreadable or not a usable GGUF."""
+
+    exit_code = 2
+
+
+class PlanError(MeshError):
+    """The model cannot be split over the nodes (it does not fit)."""
+
+    exit_code = 3
+
+
+class HostError(MeshError):
+    """A host could not be reached, authenticated, probed, provisioned or kept alive."""
+
+    exit_code = 4
+
+
+class EngineError(MeshError):
+    """The engine process failed to start, load or generate."""
+
+    exit_code = 5

@@ -1,0 +1,128 @@
+"""Events the core emits, in the past tense. The TUI and the headless CLI only render these."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Provisioning phases of a host, in order.
+PHASES = ("connect", "probe", "push", "launch", "load", "ready")
+
+
+@dataclass(frozen=True)
+class Event:
+    pass
+
+
+@dataclass(frozen=True)
+class HostPhaseChanged(Event):
+    """A host moved to a provisioning phase; `detail` says what happens in it."""
+
+    host: str
+    phase: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class HostProbed(Event):
+    host: str
+    facts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TransferProgressed(Event):
+    """Bytes moved to a host: the runtime push (phase "push") or the model weights (phase "load")."""
+
+    host: str
+    phase: str
+    done_bytes: int
+    total_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class AgentLaunched(Event):
+    host: str
+    port: int
+    pid: int
+    devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostFailed(Event):
+    host: str
+    phase: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlanComputed(Event):
+    plan: Any  # meshtui.planner.Plan (kept loose to avoid an import cycle)
+
+
+@dataclass(frozen=True)
+class ModelLoaded(Event):
+    seconds: float
+    bytes_sent: int
+    placement: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MeshReady(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class ReplyStarted(Event):
+    request_id: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenGenerated(Event):
+    request_id: int
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class StageLatencyMeasured(Event):
+    """One stage's share of one decoded token, measured in the head's tunnel from the RPC framing."""
+
+    host: str
+    token_index: int
+    total_ms: float
+    network_ms: float
+    bytes_up: int
+    bytes_down: int
+
+    @property
+    def compute_ms(self) -> float:
+        return max(0.0, self.total_ms - self.network_ms)
+
+
+@dataclass(frozen=True)
+class ReplyFinished(Event):
+    request_id: int
+    text: str
+    token_ids: tuple[int, ...]
+    seconds: float
+    tokens_per_second: float
+    stop_reason: str  # "stop" | "length" | "cancelled"
+
+
+@dataclass(frozen=True)
+class StageFailed(Event):
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LogRecorded(Event):
+    source: str
+    message: str
+    level: str = "info"
+
+
+Listener = Callable[[Event], None]

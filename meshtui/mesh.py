@@ -1,0 +1,485 @@
+"""The orchestrator: connect, probe, plan, push, launch, tunnel, load, generate, tear down.
+
+Decisions are made by pure functions (the planner); this module performs them and reports every step as
+an event. It never imports the UI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from meshtui import events as ev
+from meshtui.engine.client import EngineDied, EngineProcess
+from meshtui.errors import EngineError, HostError, MeshError
+from meshtui.gguf_facts import ModelFacts, read_model_facts
+from meshtui.hosts import Agent, HostFacts, launch_agent, probe_host, push_runtime
+from meshtui.inventory import HostSpec, Inventory
+from meshtui.models import resolve_model_path
+from meshtui.planner import NODE_OVERHEAD_BYTES, NodeCapacity, Plan, plan_layer_split
+from meshtui.runtime import local_runtime_bundle
+from meshtui.ssh import connect_host
+from meshtui.tunnels import StageTunnel
+
+HEAD_NAME = "head"
+HEAD_RESERVE_BYTES = 512 * 1024**2  # left free on the head for the OS, the TUI and the engine process
+HOST_RESERVE_BYTES = 256 * 1024**2  # left free on each host for the OS and the agent itself
+LATENCY_HISTORY = 256
+
+
+@dataclass
+class Node:
+    """Live state of one node (the head or a host). Mutated only by the orchestrator."""
+
+    name: str
+    address: str
+    is_head: bool = False
+    spec: HostSpec | None = None
+    status: str = "pending"
+    reason: str = ""
+    facts: HostFacts | None = None
+    layers: tuple[int, int] | None = None
+    usable_bytes: int = 0
+    planned_bytes: int = 0
+    conn: asyncssh.SSHClientConnection | None = None
+    agent: Agent | None = None
+    tunnel: StageTunnel | None = None
+    rtt_ms: float | None = None
+    latencies: deque[ev.StageLatencyMeasured] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
+
+    def latency_summary(self) -> dict[str, float | None]:
+        values = sorted(x.total_ms for x in self.latencies)
+        if not values:
+            return {"last": None, "mean": None, "p95": None, "network": self.rtt_ms}
+        p95 = values[min(len(values) - 1, max(0, round(0.95 * len(values)) - 1))]
+        return {
+            "last": self.latencies[-1].total_ms,
+            "mean": statistics.fmean(values),
+            "p95": p95,
+            "network": self.rtt_ms,
+        }
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    seconds: float
+    tokens_per_second: float
+    stop_reason: str
+
+
+class Mesh:
+    def __init__(self, inventory: Inventory, *, accept_new: bool = False,
+                 listener: ev.Listener = lambda event: None) -> None:
+        self.inventory = inventory
+        self.accept_new = accept_new
+        self.listener = listener
+        self.head = Node(name=HEAD_NAME, address="127.0.0.1", is_head=True)
+        self.hosts = [Node(name=h.name, address=h.address, spec=h) for h in inventory.hosts]
+        self.model_path: Path | None = None
+        self.model: ModelFacts | None = None
+        self.plan: Plan | None = None
+        self.engine: EngineProcess | None = None
+        self.load_seconds = 0.0
+        self.load_bytes_sent = 0
+        self.placement: dict[str, list[int]] = {}
+        self._request_ids = 0
+        self._rtt_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.head, *self.hosts]
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def _emit(self, event: ev.Event) -> None:
+        self.listener(event)
+
+    def _log(self, source: str, message: str, level: str = "info") -> None:
+        self._emit(ev.LogRecorded(source=source, message=message, level=level))
+
+    def _phase(self, node: Node, phase: str, detail: str = "") -> None:
+        node.status = phase
+        self._emit(ev.HostPhaseChanged(node.name, phase, detail))
+
+    def _fail(self, node: Node, phase: str, reason: str) -> None:
+        node.status = "failed"
+        node.reason = reason
+        self._emit(ev.HostFailed(node.name, phase, reason))
+
+    # -- step 1: model and hosts -----------------------------------------------------------------
+    def read_model(self) -> ModelFacts:
+        self.model_path = resolve_model_path(self.inventory.model)
+        self.model = read_model_facts(self.model_path)
+        self._log("model", f"{self.model.name}: {self.model.n_layer} layers, {self.model.file_size} bytes")
+        return self.model
+
+    async def connect_and_probe(self) -> None:
+        """Connect to every host and probe it, concurrently. Any failure is fatal and named."""
+        self.head.facts = HostFacts.from_json(_probe_head())
+        self._emit(ev.HostProbed(HEAD_NAME, self.head.facts.to_json()))
+        results = await asyncio.gather(*(self._connect_one(n) for n in self.hosts), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for err in errors:
+            if not isinstance(err, MeshError):
+                raise err
+        if errors:
+            raise errors[0]
+
+    async def _connect_one(self, node: Node) -> None:
+        assert node.spec is not None
+        self._phase(node, "connect", f"{node.address}:{node.spec.port or 22}")
+        try:
+            node.conn = await connect_host(
+                node.spec, self.inventory.ssh, accept_new=self.accept_new,
+                on_key_recorded=lambda msg: self._log(node.name, msg, "warning"),
+            )
+            self._phase(node, "probe")
+            node.facts = await probe_host(node.conn, node.spec)
+        except HostError as err:
+            self._fail(node, node.status, str(err).removeprefix(f"{node.name}: "))
+            raise
+        self._emit(ev.HostProbed(node.name, node.facts.to_json()))
+
+    # -- step 2: plan (pure) ---------------------------------------------------------------------
+    def capacities(self) -> list[NodeCapacity]:
+        assert self.model is not None and self.head.facts is not None
+        head = self.inventory.head
+        if head.compute:
+            usable = self.head.facts.mem_available - HEAD_RESERVE_BYTES
+            if head.max_memory is not None:
+                usable = min(usable, head.max_memory)
+        else:
+            usable = self.model.input_bytes + NODE_OVERHEAD_BYTES  # room for the embeddings only
+        caps = [NodeCapacity(HEAD_NAME, max(0, usable), is_head=True)]
+        for node in self.hosts:
+            assert node.facts is not None and node.spec is not None
+            usable = node.facts.mem_available - HOST_RESERVE_BYTES
+            if node.spec.max_memory is not None:
+                usable = min(usable, node.spec.max_memory)
+            caps.append(NodeCapacity(node.name, max(0, usable)))
+        return caps
+
+    def make_plan(self) -> Plan:
+        assert self.model is not None
+        self.plan = plan_layer_split(self.model, self.capacities(), self.inventory.model.context)
+        for assignment in self.plan.assignments:
+            node = self.node(assignment.name)
+            node.usable_bytes = assignment.usable_bytes
+            node.planned_bytes = assignment.used_bytes
+            node.layers = (assignment.start, assignment.end) if assignment.n_layers else None
+        self._emit(ev.PlanComputed(self.plan))
+        return self.plan
+
+    # -- step 3: launch --------------------------------------------------------------------------
+    async def launch(self) -> None:
+        """Push and start agents on the nodes that hold layers, open tunnels, load the model."""
+        assert self.plan is not None and self.model_path is not None
+        remote = [self.node(a.name) for a in self.plan.remote]
+        for node in self.hosts:
+            if node not in remote:
+                node.status = "idle"
+                self._emit(ev.HostPhaseChanged(node.name, "idle", "holds no layers"))
+        bundle = local_runtime_bundle()
+        results = await asyncio.gather(*(self._start_stage(n, bundle) for n in remote), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for err in errors:
+            if not isinstance(err, MeshError):
+                raise err
+        if errors:
+            raise errors[0]
+        await self._load_engine(remote)
+        self._rtt_task = asyncio.create_task(self._measure_rtt_forever())
+
+    async def _start_stage(self, node: Node, bundle: Any) -> None:
+        assert node.conn is not None and node.spec is not None
+        try:
+            self._phase(node, "push", f"{bundle.total_bytes} bytes")
+            sent = await push_runtime(
+                node.conn, node.spec, bundle,
+                on_progress=lambda done, total: self._emit(ev.TransferProgressed(node.name, "push", done, total)),
+            )
+            self._log(node.name, f"runtime {bundle.digest}: " + (f"pushed {sent} bytes" if sent else "already there"))
+            self._phase(node, "launch")
+            node.agent = await launch_agent(node.conn, node.spec, bundle,
+                                            on_log=lambda line: self._log(node.name, line, "debug"))
+        except HostError as err:
+            self._fail(node, node.status, str(err).removeprefix(f"{node.name}: "))
+            raise
+        devices = tuple(d.get("description") or d.get("name", "") for d in node.agent.devices)
+        self._emit(ev.AgentLaunched(node.name, node.agent.port, node.agent.pid, devices))
+        node.tunnel = StageTunnel(node.conn, node.agent.port,
+                                  on_error=lambda msg: self._log(node.name, msg, "error"))
+        await node.tunnel.start()
+        with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error):
+            node.rtt_ms = await node.agent.ping() * 1000.0
+
+    async def _load_engine(self, remote: Sequence[Node]) -> None:
+        assert self.plan is not None and self.model_path is not None
+        self.engine = EngineProcess(on_log=lambda line: self._log("engine", line, "debug"))
+        await self.engine.start()
+        for node in remote:
+            self._phase(node, "load")
+        self._phase(self.head, "load")
+        progress = asyncio.create_task(self._report_load_progress(remote))
+        started = time.perf_counter()
+        try:
+            loaded = await self.engine.load(
+                model=str(self.model_path),
+                context=self.inventory.model.context,
+                endpoints=[n.tunnel.endpoint for n in remote if n.tunnel],
+                tensor_split=list(self.plan.tensor_split),
+                n_gpu_layers=self.plan.n_gpu_layers,
+                threads=self.inventory.head.threads,
+            )
+        except EngineError as err:
+            failed = self._find_failed_stage()
+            if failed is not None:
+                raise HostError(f"stage failed while loading: {failed.reason}", host=failed.name) from err
+            raise
+        finally:
+            progress.cancel()
+        self.load_seconds = time.perf_counter() - started
+        self.load_bytes_sent = sum(n.tunnel.meter.bytes_up for n in remote if n.tunnel)
+        self.placement = self._placement_by_node(loaded.get("placement") or {},
+                                                 loaded.get("device_endpoints") or {}, remote)
+        self._check_placement()
+        for node in remote:
+            if node.tunnel:
+                self._emit(ev.TransferProgressed(node.name, "load", node.tunnel.meter.bytes_up, None))
+        self._emit(ev.ModelLoaded(self.load_seconds, self.load_bytes_sent, dict(self.placement)))
+        for node in [self.head, *remote]:
+            self._phase(node, "ready")
+        self._emit(ev.MeshReady())
+
+    async def _report_load_progress(self, remote: Sequence[Node]) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            for node in remote:
+                if node.tunnel:
+                    self._emit(ev.TransferProgressed(node.name, "load", node.tunnel.meter.bytes_up,
+                                                     node.planned_bytes or None))
+
+    @staticmethod
+    def _placement_by_node(by_device: dict[str, list[int]], device_endpoints: dict[str, str],
+                           remote: Sequence[Node]) -> dict[str, list[int]]:
+        """llama.cpp's layer -> device log, as layer lists per node name."""
+        endpoint_to_node = {n.tunnel.endpoint: n.name for n in remote if n.tunnel}
+        placement: dict[str, list[int]] = {}
+        for device, layers in by_device.items():
+            if device == "CPU":
+                name = HEAD_NAME
+            else:
+                name = endpoint_to_node.get(device_endpoints.get(device, ""), device)
+            placement.setdefault(name, []).extend(layers)
+        return {k: sorted(v) for k, v in placement.items()}
+
+    def _check_placement(self) -> None:
+        """llama.cpp must have put every layer exactly where the plan said."""
+        assert self.plan is not None
+        expected = {a.name: list(range(a.start, a.end)) for a in self.plan.assignments if a.n_layers}
+        if self.placement and self.placement != expected:
+            raise EngineError(f"llama.cpp placed layers differently from the plan: {self.placement} != {expected}")
+
+    async def _measure_rtt_forever(self, interval: float = 2.0) -> None:
+        while True:
+            for node in self.hosts:
+                if node.agent and node.agent.alive:
+                    with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error, asyncio.CancelledError):
+                        node.rtt_ms = await node.agent.ping() * 1000.0
+            await asyncio.sleep(interval)
+
+    # -- all of it -------------------------------------------------------------------------------
+    async def up(self) -> None:
+        """Everything up to a loaded model; on failure, everything started so far is torn down."""
+        try:
+            self.read_model()
+            await self.connect_and_probe()
+            self.make_plan()
+            await self.launch()
+        except BaseException:
+            await self.close()
+            raise
+
+    # -- generation ------------------------------------------------------------------------------
+    async def stream(
+        self,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[dict[str, str]] | None = None,
+        raw: bool = False,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        seed: int = 0,
+    ) -> AsyncIterator[ev.Event]:
+        """Yields TokenGenerated and StageLatencyMeasured events, then ReplyFinished."""
+        if self.engine is None:
+            raise EngineError("the mesh is not up")
+        self._request_ids += 1
+        request_id = self._request_ids
+        remote = [n for n in self.hosts if n.tunnel is not None and n.layers is not None]
+        for node in remote:
+            assert node.tunnel is not None
+            node.tunnel.meter.reset_rounds()
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        last_token_at = started
+        params: dict[str, Any] = {
+            "id": request_id, "raw": raw, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
+        }
+        if messages is not None:
+            params["messages"] = list(messages)
+        else:
+            params["prompt"] = prompt or ""
+        try:
+            async for event in self.engine.generate(**params):
+                kind = event["ev"]
+                if kind == "started":
+                    yield self._emitted(ev.ReplyStarted(request_id, int(event["prompt_tokens"])))
+                elif kind == "token":
+                    now = time.perf_counter()
+                    if event["token_id"] >= 0:
+                        first_token_at = first_token_at or now
+                        last_token_at = now
+                    index = int(event["index"])
+                    yield self._emitted(ev.TokenGenerated(request_id, index, int(event["token_id"]), event["text"]))
+                    if index >= 1 and event["token_id"] >= 0:
+                        for measured in self._stage_latencies(remote, index, int(event["decode_call"])):
+                            yield self._emitted(measured)
+                elif kind == "done":
+                    tokens = tuple(event["tokens"])
+                    span = last_token_at - (first_token_at or last_token_at)
+                    tps = (len(tokens) - 1) / span if len(tokens) > 1 and span > 0 else 0.0
+                    yield self._emitted(ev.ReplyFinished(
+                        request_id, event["text"], tokens, time.perf_counter() - started, tps,
+                        event["stop_reason"]))
+        except EngineDied as err:
+            failed = self._find_failed_stage()
+            if failed is not None:
+                raise HostError(f"stage lost during generation: {failed.reason}", host=failed.name) from err
+            raise
+
+    def _emitted(self, event: ev.Event) -> ev.Event:
+        self._emit(event)
+        return event
+
+    def _stage_latencies(self, remote: Sequence[Node], index: int, decode_call: int) -> list[ev.StageLatencyMeasured]:
+        measured = []
+        for node in remote:
+            assert node.tunnel is not None
+            rounds = node.tunnel.meter.rounds
+            if decode_call >= len(rounds) or node.tunnel.meter.rounds_since_reset != len(rounds):
+                continue
+            r = rounds[decode_call]
+            sample = ev.StageLatencyMeasured(
+                node.name, index, r.ms, min(node.rtt_ms or 0.0, r.ms), r.bytes_up, r.bytes_down)
+            node.latencies.append(sample)
+            measured.append(sample)
+        return measured
+
+    async def generate(self, **kwargs: Any) -> Reply:
+        prompt_tokens = 0
+        async for event in self.stream(**kwargs):
+            if isinstance(event, ev.ReplyStarted):
+                prompt_tokens = event.prompt_tokens
+            if isinstance(event, ev.ReplyFinished):
+                return Reply(event.text, event.token_ids, prompt_tokens, event.seconds,
+                             event.tokens_per_second, event.stop_reason)
+        raise EngineError("the engine ended the reply without finishing it")
+
+    def cancel(self) -> None:
+        if self.engine is not None:
+            self.engine.cancel()
+
+    def _find_failed_stage(self) -> Node | None:
+        """After the engine died: which stage took it down, and why."""
+        for node in self.hosts:
+            if node.layers is None:
+                continue
+            reason = ""
+            if node.conn is not None and node.conn.is_closed():
+                reason = "SSH connection lost"
+            elif node.agent is not None and not node.agent.alive:
+                tail = node.agent.stderr_tail[-1] if node.agent.stderr_tail else ""
+                reason = "agent exited" + (f": {tail}" if tail else "")
+            if reason:
+                self._fail(node, "serve", reason)
+                self._emit(ev.StageFailed(node.name, reason))
+                return node
+        return None
+
+    # -- reporting -------------------------------------------------------------------------------
+    def summary(self) -> list[dict[str, Any]]:
+        rows = []
+        for node in self.nodes:
+            lat = node.latency_summary()
+            rows.append({
+                "name": node.name,
+                "address": node.address,
+                "status": node.status,
+                "reason": node.reason or None,
+                "layers": list(node.layers) if node.layers else None,
+                "usable_bytes": node.usable_bytes,
+                "planned_bytes": node.planned_bytes,
+                "latency_ms": {"last": lat["last"], "mean": lat["mean"], "p95": lat["p95"]},
+                "network_rtt_ms": lat["network"],
+                "bytes_per_token": (statistics.fmean(x.bytes_up + x.bytes_down for x in node.latencies)
+                                    if node.latencies else None),
+            })
+        return rows
+
+    # -- teardown --------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop the engine, the tunnels, the agents and the connections. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._rtt_task is not None:
+            self._rtt_task.cancel()
+        if self.engine is not None:
+            with contextlib.suppress(MeshError, OSError):
+                await self.engine.close()
+        for node in self.hosts:
+            if node.tunnel is not None:
+                await node.tunnel.close()
+        await asyncio.gather(*(n.agent.close() for n in self.hosts if n.agent is not None),
+                             return_exceptions=True)
+        for node in self.hosts:
+            if node.conn is not None:
+                node.conn.close()
+        await asyncio.gather(*(n.conn.wait_closed() for n in self.hosts if n.conn is not None),
+                             return_exceptions=True)
+        for node in self.nodes:
+            if node.status not in ("failed",):
+                node.status = "stopped"
+
+
+def _probe_head() -> dict[str, Any]:
+    """The head is probed by the same code as the hosts, run in-process."""
+    import importlib.util
+
+    from meshtui.runtime import agent_source_path
+
+    spec = importlib.util.spec_from_file_location("meshtui_agent_local", agent_source_path())
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result: dict[str, Any] = module.probe()
+    return result

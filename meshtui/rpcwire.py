@@ -1,0 +1,130 @@
+"""ggml RPC (protocol v7) framing, observed passively to time each stage's share of every token.
+
+Client to server: 1 byte command, 8 byte little-endian payload size, payload.
+Server to client: 8 byte size and payload, only for commands that answer.
+A stage's time for a token runs from its first frame of that token to its GET_TENSOR reply.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass
+
+CMD_GET_TENSOR = 8
+CMD_GRAPH_COMPUTE = 10
+CMD_HELLO = 14
+CMD_GRAPH_RECOMPUTE = 16
+# Commands the server answers (ggml-rpc.cpp, rpc_serve_client).
+COMMANDS_WITH_REPLY = frozenset({0, 1, 2, 3, 7, 8, 9, 11, 13, 14, 15})
+_SIZE = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class Round:
+    """One graph evaluation on a stage: frames sent, then the GET_TENSOR reply."""
+
+    start: float
+    end: float
+    bytes_up: int
+    bytes_down: int
+    frames: int
+
+    @property
+    def ms(self) -> float:
+        return (self.end - self.start) * 1000.0
+
+
+class RpcMeter:
+    """Incremental parser of both directions of one RPC connection. Never buffers payloads."""
+
+    def __init__(self, max_rounds: int = 4096) -> None:
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.rounds: deque[Round] = deque(maxlen=max_rounds)
+        self.rounds_since_reset = 0
+        self._pending: deque[int] = deque()
+        self._up_header = bytearray()
+        self._up_skip = 0
+        self._down_header = bytearray()
+        self._down_skip = 0
+        self._round_start: float | None = None
+        self._round_up = 0
+        self._round_down = 0
+        self._round_frames = 0
+        self._round_has_graph = False
+
+    def reset_rounds(self) -> None:
+        """Forget the partial round; the next frame starts a new one (called while the engine is idle)."""
+        self._round_start = None
+        self._round_up = self._round_down = self._round_frames = 0
+        self._round_has_graph = False
+        self.rounds.clear()
+        self.rounds_since_reset = 0
+
+    def feed_up(self, data: bytes, now: float | None = None) -> None:
+        n = len(data)
+        self.bytes_up += n
+        self._round_up += n
+        if self._round_start is None:
+            self._round_start = time.perf_counter() if now is None else now
+        view = memoryview(data)
+        pos = 0
+        while pos < n:
+            if self._up_skip:
+                take = min(self._up_skip, n - pos)
+                self._up_skip -= take
+                pos += take
+                continue
+            need = 9 - len(self._up_header)
+            chunk = view[pos : pos + need]
+            self._up_header += chunk
+            pos += len(chunk)
+            if len(self._up_header) == 9:
+                cmd = self._up_header[0]
+                (size,) = _SIZE.unpack_from(self._up_header, 1)
+                self._up_header.clear()
+                self._up_skip = size
+                self._round_frames += 1
+                if cmd in (CMD_GRAPH_COMPUTE, CMD_GRAPH_RECOMPUTE):
+                    self._round_has_graph = True
+                if cmd in COMMANDS_WITH_REPLY:
+                    self._pending.append(cmd)
+
+    def feed_down(self, data: bytes, now: float | None = None) -> None:
+        n = len(data)
+        self.bytes_down += n
+        self._round_down += n
+        view = memoryview(data)
+        pos = 0
+        while pos < n:
+            if self._down_skip:
+                take = min(self._down_skip, n - pos)
+                self._down_skip -= take
+                pos += take
+                if self._down_skip == 0:
+                    self._reply_done(now)
+                continue
+            need = 8 - len(self._down_header)
+            chunk = view[pos : pos + need]
+            self._down_header += chunk
+            pos += len(chunk)
+            if len(self._down_header) == 8:
+                (size,) = _SIZE.unpack_from(self._down_header, 0)
+                self._down_header.clear()
+                self._down_skip = size
+                if size == 0:
+                    self._reply_done(now)
+
+    def _reply_done(self, now: float | None) -> None:
+        cmd = self._pending.popleft() if self._pending else -1
+        if cmd != CMD_GET_TENSOR:
+            return
+        end = time.perf_counter() if now is None else now
+        if self._round_has_graph and self._round_start is not None:
+            self.rounds.append(Round(self._round_start, end, self._round_up, self._round_down, self._round_frames))
+            self.rounds_since_reset += 1
+        self._round_start = None
+        self._round_up = self._round_down = self._round_frames = 0
+        self._round_has_graph = False

@@ -1,0 +1,141 @@
+"""SSH port forwards from the head's loopback to each stage, metering the RPC framing on the way.
+
+Nothing listens on the LAN: the local side binds 127.0.0.1 and the far side is a direct-tcpip channel to
+the agent's 127.0.0.1 port, opened inside the host's SSH connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import asyncssh
+
+from meshtui.rpcwire import RpcMeter
+
+_perf = time.perf_counter
+
+
+class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
+    def __init__(self, local: _LocalSide) -> None:
+        self._local = local
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._local.meter.feed_down(data, _perf())
+        if self._local.transport is not None:
+            self._local.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if self._local.transport is not None and self._local.transport.can_write_eof():
+            self._local.transport.write_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._local.transport is not None:
+            self._local.transport.close()
+
+    def pause_writing(self) -> None:
+        if self._local.transport is not None:
+            self._local.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._local.transport is not None:
+            self._local.transport.resume_reading()
+
+
+class _LocalSide(asyncio.Protocol):
+    def __init__(self, tunnel: StageTunnel) -> None:
+        self.tunnel = tunnel
+        self.meter = tunnel.meter
+        self.transport: asyncio.Transport | None = None
+        self.channel: asyncssh.SSHTCPChannel[bytes] | None = None
+        self._early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.pause_reading()
+        self.tunnel.connections.add(self)
+        task = asyncio.get_running_loop().create_task(self._open_channel())
+        self.tunnel.tasks.add(task)
+        task.add_done_callback(self.tunnel.tasks.discard)
+
+    async def _open_channel(self) -> None:
+        try:
+            channel, _ = await self.tunnel.conn.create_connection(
+                lambda: _ChannelSide(self), "127.0.0.1", self.tunnel.remote_port, encoding=None
+            )
+        except (OSError, asyncssh.Error) as err:
+            self.tunnel.on_error(f"cannot open the forward to the agent: {err}")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.channel = channel
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.meter.feed_up(data, _perf())
+        if self.channel is not None:
+            self.channel.write(data)
+
+    def eof_received(self) -> bool:
+        if self.channel is not None:
+            self.channel.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnel.connections.discard(self)
+        if self.channel is not None:
+            self.channel.close()
+
+    def pause_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_reading()
+
+
+class StageTunnel:
+    """127.0.0.1:<local_port> on the head -> 127.0.0.1:<remote_port> on a host, through its SSH connection."""
+
+    def __init__(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        remote_port: int,
+        on_error: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self.conn = conn
+        self.remote_port = remote_port
+        self.on_error = on_error
+        self.meter = RpcMeter()
+        self.connections: set[_LocalSide] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self.local_port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.local_port}"
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _LocalSide(self), "127.0.0.1", 0)
+        self.local_port = self._server.sockets[0].getsockname()[1]
+        return self.local_port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for side in list(self.connections):
+            if side.transport is not None:
+                side.transport.abort()
+            if side.channel is not None:
+                side.channel.abort()
+        self.connections.clear()
+        for task in list(self.tasks):
+            task.cancel()

@@ -1,0 +1,312 @@
+"""Decide which contiguous layer range each node holds: a pure function of model facts and node memory.
+
+llama.cpp's own rule (src/llama-model.cpp, load_tensors) fixes the shape of every plan: the head's CPU keeps
+the first `n_layer + 1 - n_gpu_layers` layers, the RPC devices take the rest in device order by cumulative
+`tensor_split`, and the output head counts as layer `n_layer`. So a plan is a list of boundaries in node
+order, head first; the engine turns it into `n_gpu_layers` and `tensor_split`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from meshtui.errors import PlanError
+from meshtui.units import format_size
+
+if TYPE_CHECKING:
+    from meshtui.gguf_facts import ModelFacts
+
+NODE_OVERHEAD_BYTES = 128 * 1024**2  # compute buffers etc.: paid by the head always, by others holding layers
+
+# Utilisation is searched in steps of 1/2**32 of each node's usable memory: integer arithmetic, so the same
+# input gives the same plan on every machine.
+_UTILISATION_STEPS = 2**32
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    name: str
+    usable_bytes: int  # memory the planner may use on this node
+    is_head: bool = False
+
+
+@dataclass(frozen=True)
+class NodeAssignment:
+    name: str
+    start: int  # first layer index, inclusive
+    end: int  # exclusive; layer index n_layer is the output layer
+    weight_bytes: int  # weights it will hold (the head's include the token embeddings)
+    kv_bytes: int
+    usable_bytes: int
+    is_head: bool
+
+    @property
+    def n_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def used_bytes(self) -> int:
+        """Weights + KV cache + compute buffers; a node given no layers (other than the head) uses nothing."""
+        if not self.is_head and self.n_layers == 0:
+            return self.weight_bytes + self.kv_bytes
+        return self.weight_bytes + self.kv_bytes + NODE_OVERHEAD_BYTES
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_layer: int  # the model's block count; layers are 0..n_layer, n_layer being the output layer
+    context: int
+    assignments: tuple[NodeAssignment, ...]  # head first, then the other nodes in the given order
+    reasons: tuple[str, ...]
+
+    @property
+    def head(self) -> NodeAssignment:
+        return self.assignments[0]
+
+    @property
+    def n_gpu_layers(self) -> int:
+        """llama.cpp's n_gpu_layers: every layer not on the head's CPU."""
+        return self.n_layer + 1 - self.head.n_layers
+
+    @property
+    def remote(self) -> tuple[NodeAssignment, ...]:
+        """The nodes that become RPC devices, in device order (nodes given no layers are left out)."""
+        return tuple(a for a in self.assignments[1:] if a.n_layers > 0)
+
+    @property
+    def tensor_split(self) -> tuple[float, ...]:
+        return tuple(float(a.n_layers) for a in self.remote)
+
+    def to_json(self) -> list[dict[str, object]]:
+        return [
+            {
+                "name": a.name,
+                "layers": [a.start, a.end],
+                "weight_bytes": a.weight_bytes,
+                "kv_bytes": a.kv_bytes,
+                "usable_bytes": a.usable_bytes,
+            }
+            for a in self.assignments
+        ]
+
+
+def plan_layer_split(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int) -> Plan:
+    """Split layers in proportion to each node's free memory, then make sure every node fits.
+
+    Raises PlanError (one line, naming the shortfall) when no contiguous whole-layer split fits, and
+    ValueError for programming errors (no nodes, the head not first, duplicate names, context < 1).
+    """
+    _check_arguments(nodes, context)
+    costs = model.node_layer_costs(context)
+    prefix = [0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+
+    head_fixed = model.input_bytes + NODE_OVERHEAD_BYTES
+    # Bytes each node can give to layers once its fixed share is paid; negative when it cannot even pay that.
+    room = [node.usable_bytes - NODE_OVERHEAD_BYTES for node in nodes]
+    room[0] = nodes[0].usable_bytes - head_fixed
+
+    if nodes[0].usable_bytes < head_fixed or _greedy_fill(costs, room) is None:
+        raise PlanError(_refusal(model, nodes, context, costs, room))
+
+    smallest = min(costs)
+    shares = [r if r >= max(smallest, 0) else 0 for r in room]
+    boundaries = _proportional_boundaries(prefix, shares)
+    repaired = not all(
+        (start == end and j > 0) or prefix[end] - prefix[start] <= room[j]
+        for j, (start, end) in enumerate(_ranges(boundaries))
+    )
+    if repaired:
+        boundaries = _min_peak_boundaries(costs, nodes, head_fixed)
+
+    assignments = tuple(
+        _assignment(model, node, start, end, context)
+        for node, (start, end) in zip(nodes, _ranges(boundaries), strict=True)
+    )
+    reasons = _reasons(model, context, costs, room, shares, assignments, repaired)
+    return Plan(n_layer=model.n_layer, context=context, assignments=assignments, reasons=reasons)
+
+
+def _check_arguments(nodes: Sequence[NodeCapacity], context: int) -> None:
+    if not nodes:
+        raise ValueError("plan_layer_split needs at least the head node")
+    if not nodes[0].is_head or any(node.is_head for node in nodes[1:]):
+        raise ValueError("plan_layer_split needs exactly one head node, first in the list")
+    names = [node.name for node in nodes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"plan_layer_split got duplicate node names: {names}")
+    if context < 1:
+        raise ValueError(f"context must be at least 1, not {context}")
+
+
+def _ranges(boundaries: Sequence[int]) -> list[tuple[int, int]]:
+    """Node j holds layers [boundaries[j-1], boundaries[j]) with boundaries[-1] taken as 0."""
+    starts = [0, *boundaries[:-1]]
+    return list(zip(starts, boundaries, strict=True))
+
+
+def _greedy_fill(costs: Sequence[int], capacity: Sequence[int]) -> list[int] | None:
+    """Give each node, in order, as many of the next layers as fit; None if layers are left over.
+
+    Filling each node to the brim is the best any contiguous split can do for the nodes after it, so this
+    succeeds exactly when some contiguous split fits.
+    """
+    boundaries = []
+    index = 0
+    for cap in capacity:
+        used = 0
+        while index < len(costs) and used + costs[index] <= cap:
+            used += costs[index]
+            index += 1
+        boundaries.append(index)
+    return boundaries if index == len(costs) else None
+
+
+def _proportional_boundaries(prefix: Sequence[int], shares: Sequence[int]) -> list[int]:
+    """Cumulative boundaries nearest the memory-proportional ideal (ties go to the earlier boundary)."""
+    total_cost = prefix[-1]
+    total_share = sum(shares)
+    boundaries = []
+    low = 0
+    cumulative_share = 0
+    for share in shares:
+        cumulative_share += share
+        # Compare prefix[k] / total_cost with cumulative_share / total_share without dividing.
+        target = total_cost * cumulative_share
+        best = min(range(low, len(prefix)), key=lambda k: (abs(prefix[k] * total_share - target), k))
+        boundaries.append(best)
+        low = best
+    boundaries[-1] = len(prefix) - 1
+    return boundaries
+
+
+def _min_peak_boundaries(costs: Sequence[int], nodes: Sequence[NodeCapacity], head_fixed: int) -> list[int]:
+    """The greedy split under the lowest utilisation ceiling that still fits (binary search)."""
+
+    def capacities(step: int) -> list[int]:
+        caps = []
+        for j, node in enumerate(nodes):
+            fixed = head_fixed if j == 0 else NODE_OVERHEAD_BYTES
+            caps.append(node.usable_bytes * step // _UTILISATION_STEPS - fixed)
+        return caps
+
+    low, high = 0, _UTILISATION_STEPS  # fill(high) succeeds: the caller checked it at full capacity
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _greedy_fill(costs, capacities(middle)) is None:
+            low = middle
+        else:
+            high = middle
+    boundaries = _greedy_fill(costs, capacities(high))
+    assert boundaries is not None  # high is always a feasible ceiling
+    return boundaries
+
+
+def _assignment(model: ModelFacts, node: NodeCapacity, start: int, end: int, context: int) -> NodeAssignment:
+    blocks = range(start, min(end, model.n_layer))
+    weights = sum(model.layer_weight_bytes[i] for i in blocks)
+    if start <= model.n_layer < end:
+        weights += model.output_bytes
+    if node.is_head:
+        weights += model.input_bytes
+    return NodeAssignment(
+        name=node.name,
+        start=start,
+        end=end,
+        weight_bytes=weights,
+        kv_bytes=len(blocks) * model.kv_bytes_per_layer(context),
+        usable_bytes=node.usable_bytes,
+        is_head=node.is_head,
+    )
+
+
+def _refusal(
+    model: ModelFacts,
+    nodes: Sequence[NodeCapacity],
+    context: int,
+    costs: Sequence[int],
+    room: Sequence[int],
+) -> str:
+    head = nodes[0]
+    # Nodes that could take part at all: the head, and any other with more than its compute buffers.
+    taking_part = [head, *(node for node in nodes[1:] if node.usable_bytes > NODE_OVERHEAD_BYTES)]
+    kv_total = model.n_layer * model.kv_bytes_per_layer(context)
+    buffers = NODE_OVERHEAD_BYTES * len(taking_part)
+    need = model.weight_bytes + kv_total + buffers
+    offer = sum(max(0, node.usable_bytes) for node in taking_part)
+    if need > offer:
+        count = f"{len(taking_part)} node" + ("s" if len(taking_part) != 1 else "")
+        return (
+            f"model needs {format_size(need)} (weights {format_size(model.weight_bytes)} + KV cache "
+            f"{format_size(kv_total)} at context {context} + compute buffers {format_size(buffers)}) "
+            f"but the {count} offer {format_size(offer)} usable: short by {format_size(need - offer)}"
+        )
+    head_fixed = model.input_bytes + NODE_OVERHEAD_BYTES
+    if head.usable_bytes < head_fixed:
+        return (
+            f"the head {head.name} must hold the token embeddings ({format_size(model.input_bytes)}) "
+            f"and compute buffers ({format_size(NODE_OVERHEAD_BYTES)}) but offers "
+            f"{format_size(head.usable_bytes)} usable: short by {format_size(head_fixed - head.usable_bytes)}"
+        )
+    biggest = max(range(len(costs)), key=lambda i: (costs[i], -i))
+    roomiest = max(0, *room)
+    if costs[biggest] > roomiest:
+        what = "the output layer" if biggest == model.n_layer else f"layer {biggest}"
+        return (
+            f"{what} alone needs {format_size(costs[biggest])} at context {context} but the most any "
+            f"node can give to layers is {format_size(roomiest)}: "
+            f"short by {format_size(costs[biggest] - roomiest)}"
+        )
+    free = ", ".join(f"{node.name} {format_size(max(0, r))}" for node, r in zip(nodes, room, strict=True))
+    return (
+        f"model fits in total but not as whole layers in node order: the {len(costs)} layers "
+        f"({format_size(sum(costs))} at context {context}) do not fit the room left on each node ({free})"
+    )
+
+
+def _reasons(
+    model: ModelFacts,
+    context: int,
+    costs: Sequence[int],
+    room: Sequence[int],
+    shares: Sequence[int],
+    assignments: Sequence[NodeAssignment],
+    repaired: bool,
+) -> tuple[str, ...]:
+    n_total = len(costs)
+    kv = model.kv_bytes_per_layer(context)
+    blocks = costs[:-1]
+    if min(blocks) == max(blocks):
+        block_text = f"each block needs {format_size(blocks[0])} ({format_size(blocks[0] - kv)} weights + "
+    else:
+        block_text = f"blocks need {format_size(min(blocks))} to {format_size(max(blocks))} each (with "
+    reasons = [
+        f"at context {context} {block_text}{format_size(kv)} KV cache), the output layer "
+        f"{format_size(costs[-1])}; the head also keeps the token embeddings "
+        f"({format_size(model.input_bytes)})"
+    ]
+    total_share = sum(shares)
+    for node_room, share, assignment in zip(room, shares, assignments, strict=True):
+        if share == 0:
+            reasons.append(
+                f"{assignment.name} has {format_size(max(0, node_room))} left after its fixed needs, "
+                f"less than one layer ({format_size(min(costs))}) -> 0 of {n_total} layers"
+            )
+            continue
+        percent = round(100 * share / total_share)
+        reasons.append(
+            f"{assignment.name} offers {format_size(share)} of {format_size(total_share)} usable "
+            f"({percent}%) -> {assignment.n_layers} of {n_total} layers"
+        )
+    if repaired:
+        peak = max(a.used_bytes / a.usable_bytes for a in assignments if a.used_bytes > 0)
+        reasons.append(
+            f"rounding to whole layers overfilled a node, so the split was rebalanced to the lowest "
+            f"peak use: at most {peak:.0%} of any node's usable memory"
+        )
+    output_holder = next(a for a in assignments if a.start <= model.n_layer < a.end)
+    reasons.append(f"the output layer goes to {output_holder.name}, the last node with layers")
+    return tuple(reasons)

@@ -88,8 +88,6 @@ def _stderr_listener(verbose: bool) -> ev.Listener:
     def listen(event: ev.Event) -> None:
         if isinstance(event, ev.HostPhaseChanged) and verbose:
             print(f"  {event.host}: {event.phase} {event.detail}".rstrip(), file=sys.stderr)
-        elif isinstance(event, ev.HostFailed):
-            print(f"  {event.host}: failed during {event.phase}: {event.reason}", file=sys.stderr)
         elif isinstance(event, ev.LogRecorded) and event.level in ("warning", "error"):
             print(f"  {event.source}: {event.message}", file=sys.stderr)
 

@@ -1,0 +1,41 @@
+"""The oracle: llama-cpp-python running a model alone on the head, greedy, with its own public API.
+
+Run as a script so the model lives in its own process:
+    python tests/reference.py MODEL PROMPT MAX_TOKENS CONTEXT  ->  {"text": ..., "tokens": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def reference_greedy(model: Path, prompt: str, max_tokens: int, context: int = 512) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, __file__, str(model), prompt, str(max_tokens), str(context)],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _main() -> None:
+    import llama_cpp
+
+    model, prompt, max_tokens, context = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    llm = llama_cpp.Llama(model_path=model, n_ctx=context, n_threads=1, n_gpu_layers=0, verbose=False)
+    prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+    generated: list[int] = []
+    for token in llm.generate(prompt_tokens, temp=0.0):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(generated) >= max_tokens:
+            break
+        generated.append(token)
+        if len(generated) >= max_tokens:
+            break
+    text = llm.detokenize(generated, prev_tokens=prompt_tokens).decode("utf-8", errors="replace")
+    print(json.dumps({"text": text, "tokens": generated}))
+
+
+if __name__ == "__main__":
+    _main()

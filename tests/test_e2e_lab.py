@@ -1,0 +1,235 @@
+"""End to end on real OpenSSH hosts in network namespaces: the mesh answers exactly like one process would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+
+import asyncssh
+import pytest
+from helpers import SMOLLM2, agent_processes, meshtui, meshtui_json
+from reference import reference_greedy
+
+from meshtui.inventory import load_inventory
+from meshtui.mesh import Mesh
+
+PROMPT = "The three primary colors are"
+MAX_TOKENS = 24
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def _wait_no_agents(lab, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {name: procs for name, procs in agent_processes(lab).items() if procs}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def _connects(lab, host, address: str, port: int) -> bool:
+    """Whether a TCP connect from inside `host`'s namespace to address:port succeeds."""
+    code = (f"import socket\ntry:\n socket.create_connection(({address!r}, {port}), timeout=2).close()\n"
+            f" print('open')\nexcept OSError:\n print('closed')")
+    out = lab.exec_in(host, ["/usr/bin/python3", "-c", code], check=False)
+    return out.stdout.strip() == "open"
+
+
+async def test_mesh_on_sshd_hosts_places_layers_and_matches_single_process(lab, tmp_path: Path) -> None:
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
+    mesh = Mesh(load_inventory(inventory_file))
+    try:
+        await mesh.up()
+        assert mesh.plan is not None
+        # Agents run on every host, as that host's own user.
+        running = agent_processes(lab)
+        assert all(running[h.name] for h in lab.hosts), running
+        # llama.cpp put every layer exactly where the plan said, and every node holds some.
+        planned = {a.name: list(range(a.start, a.end)) for a in mesh.plan.assignments if a.n_layers}
+        assert mesh.placement == planned
+        assert set(planned) == {"head", "h1", "h2"}
+        assert planned["h2"][-1] == mesh.plan.n_layer  # the output layer is on the last stage
+        # Each stage listens on its host's loopback only: reachable there, nowhere else.
+        for node in mesh.hosts:
+            assert node.agent is not None
+            own = lab.host(node.name)
+            assert _connects(lab, own, "127.0.0.1", node.agent.port)
+            assert not _connects(lab, own, node.address, node.agent.port)
+            for other in lab.hosts:
+                if other.name != node.name:
+                    assert not _connects(lab, other, node.address, node.agent.port)
+            with pytest.raises(OSError):
+                socket.create_connection((node.address, node.agent.port), timeout=2).close()
+        reply = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=MAX_TOKENS, temperature=0.0)
+    finally:
+        await mesh.close()
+    assert _wait_no_agents(lab) == {}
+    expected = reference_greedy(SMOLLM2, PROMPT, MAX_TOKENS, context=512)
+    assert list(reply.token_ids) == expected["tokens"]
+    assert reply.text == expected["text"]
+    assert len(reply.token_ids) == MAX_TOKENS
+
+
+def test_cli_synthetic_model_with_other_layer_count_matches_single_process(lab, tmp_path: Path) -> None:
+    from synth import synthetic_model
+
+    model = synthetic_model(n_layer=7, n_ff=4096)  # blocks big enough that every node gets some
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml(f'path = "{model}"'))
+    result = meshtui_json("up", str(inventory_file), "--headless", "--prompt", PROMPT, "--raw",
+                          "--temperature", "0", "--max-tokens", "16")
+    expected = reference_greedy(model, PROMPT, 16, context=512)
+    assert result["tokens"] == expected["tokens"]
+    assert result["text"] == expected["text"]
+    plan = {row["name"]: row["layers"] for row in result["plan"]}
+    assert plan["head"][0] == 0 and plan["h2"][1] == 8  # 7 blocks + the output layer
+    assert plan["head"][1] == plan["h1"][0] and plan["h1"][1] == plan["h2"][0]
+    nodes = {row["name"]: row for row in result["nodes"]}
+    for name in ("h1", "h2"):
+        assert nodes[name]["status"] == "ready"
+        latency = nodes[name]["latency_ms"]
+        assert latency["mean"] > 0 and latency["p95"] >= latency["mean"] * 0.5
+    assert result["tokens_per_second"] > 0
+    assert _wait_no_agents(lab) == {}
+
+
+# ---------------------------------------------------------------- bad input: one line, non-zero, nothing left
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("meshtui: error: ")
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def _run_bad(lab, tmp_path: Path, text: str) -> str:
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(text)
+    result = meshtui("up", str(inventory_file), "--headless", "--prompt", "hi", "--max-tokens", "4", timeout=120)
+    line = _one_error_line(result)
+    assert _wait_no_agents(lab) == {}
+    return line
+
+
+def test_unknown_host_key_is_refused_without_accept_new(lab, tmp_path: Path) -> None:
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    text = lab.inventory_toml('name = "smollm2"').replace(str(lab.known_hosts), str(empty))
+    line = _run_bad(lab, tmp_path, text)
+    assert "unknown host key for 198.51.100." in line and "--accept-new" in line
+    assert line.startswith("meshtui: error: h1: ") or line.startswith("meshtui: error: h2: ")
+
+
+def test_accept_new_records_the_key_then_a_changed_key_is_refused(lab, tmp_path: Path) -> None:
+    recorded = tmp_path / "known_hosts"
+    recorded.write_text("")
+    text = lab.inventory_toml('name = "smollm2"').replace(str(lab.known_hosts), str(recorded))
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(text)
+    result = meshtui("plan", str(inventory_file), "--accept-new", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    keys = recorded.read_text().splitlines()
+    assert len(keys) == 2 and all(line.startswith("198.51.100.") for line in keys)
+    # Now h1's recorded key is replaced by another one: that must be refused, accept-new or not.
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    h1 = lab.host("h1")
+    recorded.write_text("".join(f"{h1.address} {other}\n" if line.startswith(h1.address + " ") else line + "\n"
+                                for line in keys))
+    result = meshtui("plan", str(inventory_file), "--accept-new", timeout=120)
+    line = _one_error_line(result)
+    assert line.startswith("meshtui: error: h1: host key for 198.51.100.")
+    assert "CHANGED" in line
+
+
+def test_refused_authentication_names_the_host(lab, tmp_path: Path) -> None:
+    stranger = tmp_path / "stranger_key"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(stranger))
+    os.chmod(stranger, 0o600)
+    text = lab.inventory_toml('name = "smollm2"').replace(str(lab.client_key), str(stranger))
+    line = _run_bad(lab, tmp_path, text)
+    assert "authentication refused at 198.51.100." in line
+
+
+def test_unreachable_host_names_the_host(lab, tmp_path: Path) -> None:
+    text = lab.inventory_toml('name = "smollm2"').replace(f'"{lab.host("h2").address}"', '"198.51.100.99"')
+    text = text.replace("[ssh]\n", "[ssh]\nconnect_timeout = 3\n")
+    line = _run_bad(lab, tmp_path, text)
+    assert line.startswith("meshtui: error: h2: ")
+    assert "198.51.100.99:22" in line
+
+
+def test_missing_and_non_gguf_models_name_the_file(lab, tmp_path: Path) -> None:
+    line = _run_bad(lab, tmp_path, lab.inventory_toml('path = "/nonexistent/model.gguf"'))
+    assert "/nonexistent/model.gguf" in line
+    text_file = tmp_path / "notes.gguf"
+    text_file.write_text("this is not a model\n")
+    line = _run_bad(lab, tmp_path, lab.inventory_toml(f'path = "{text_file}"'))
+    assert str(text_file) in line and "GGUF" in line
+
+
+def test_model_that_does_not_fit_names_the_shortfall(lab, tmp_path: Path) -> None:
+    text = lab.inventory_toml('name = "smollm2"', {"h1": {"max_memory": "130MiB"}, "h2": {"max_memory": "130MiB"}})
+    text = text.replace("compute = true", 'compute = true\nmax_memory = "150MiB"')
+    line = _run_bad(lab, tmp_path, text)
+    assert "short by" in line
+
+
+def test_agent_that_dies_at_start_is_reported(lab, tmp_path: Path) -> None:
+    h2 = lab.host("h2")
+    wrapper = h2.home / "broken-python"
+    wrapper.write_text('#!/bin/sh\ncase "$*" in *serve*) echo "cannot map the runtime: boom" >&2; exit 1;; esac\n'
+                       'exec /usr/bin/python3 "$@"\n')
+    os.chmod(wrapper, 0o755)
+    text = lab.inventory_toml('name = "smollm2"', {"h2": {"python": str(wrapper)}})
+    # The lab already sets python for every host; the later key would be a TOML duplicate, so replace it.
+    lines = text.splitlines()
+    h2_start = lines.index('name = "h2"')
+    for i in range(h2_start, len(lines)):
+        if lines[i].startswith("python = ") and str(wrapper) not in lines[i]:
+            del lines[i]
+            break
+    line = _run_bad(lab, tmp_path, "\n".join(lines) + "\n")
+    assert line.startswith("meshtui: error: h2: agent exited at start")
+    assert "boom" in line
+    # h1's agent was started too and must be gone as well (checked in _run_bad).
+
+
+def test_down_stops_agents_left_behind(lab, tmp_path: Path) -> None:
+    from meshtui.runtime import local_runtime_bundle
+
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
+
+    async def bring_up_and_down() -> None:
+        mesh = Mesh(load_inventory(inventory_file))
+        try:
+            await mesh.up()  # pushes the runtime to both hosts
+        finally:
+            await mesh.close()
+
+    asyncio.run(bring_up_and_down())
+    # An agent that outlived its head: started by hand, its stdin held open by a pipe nobody closes.
+    h1 = lab.host("h1")
+    runtime = h1.home / local_runtime_bundle().remote_dir
+    script = h1.home / "orphan.sh"
+    script.write_text(f"sleep 300 | /usr/bin/python3 {runtime}/meshtui_agent.py serve --runtime {runtime}\n")
+    orphan = lab.popen_in(h1, ["runuser", "-u", h1.user, "--", "env", f"HOME={h1.home}", "sh", str(script)])
+    deadline = time.monotonic() + 20
+    while not agent_processes(lab)["h1"] or not list((h1.home / ".cache/meshtui/run").glob("agent-*.json")):
+        assert time.monotonic() < deadline, "the orphan agent did not start"
+        time.sleep(0.2)
+    (pid, _cmd), = agent_processes(lab)["h1"]
+    result = meshtui("down", str(inventory_file), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"h1: stopped agent pid {pid}: " in result.stdout
+    assert "h2: nothing to stop" in result.stdout
+    assert _wait_no_agents(lab) == {}
+    orphan.kill()

@@ -1,0 +1,50 @@
+"""`meshtui up` with no inventory: the embedded lab of in-process asyncssh hosts, end to end."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from helpers import SMOLLM2, meshtui, meshtui_json
+from reference import reference_greedy
+
+pytestmark = pytest.mark.slow
+
+
+def lab_agents() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if "meshtui_agent.py serve" in line and "meshtui-lab-" in line]
+
+
+def test_embedded_lab_answers_like_a_single_process_and_leaves_nothing() -> None:
+    before = lab_agents()
+    prompt = "Once upon a time"
+    result = meshtui_json("up", "--headless", "--prompt", prompt, "--raw", "--temperature", "0",
+                          "--max-tokens", "20", "--context", "512", "--lab-hosts", "3")
+    expected = reference_greedy(SMOLLM2, prompt, 20, context=512)
+    assert result["tokens"] == expected["tokens"]
+    assert result["text"] == expected["text"]
+    names = [row["name"] for row in result["plan"]]
+    assert names == ["head", "lab1", "lab2", "lab3"]
+    nodes = {row["name"]: row for row in result["nodes"]}
+    for row in result["plan"]:
+        if row["name"] != "head" and row["layers"][1] > row["layers"][0]:
+            assert nodes[row["name"]]["latency_ms"]["mean"] > 0
+            assert nodes[row["name"]]["bytes_per_token"] > 0
+    assert result["placement"] == {row["name"]: list(range(*row["layers"])) for row in result["plan"]
+                                   if row["layers"][1] > row["layers"][0]}
+    assert lab_agents() == before
+
+
+def test_chat_template_reply_streams_and_stops() -> None:
+    result = meshtui("up", "--headless", "--prompt", "What is 2+2?", "--max-tokens", "12", "--temperature", "0",
+                     "--context", "512")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()  # the reply was streamed to stdout
+    assert "tok/s" in result.stderr.splitlines()[-1]
+
+
+def test_bad_lab_size_is_one_line() -> None:
+    result = meshtui("up", "--headless", "--prompt", "x", "--lab-hosts", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "meshtui: error: --lab-hosts: expected at least 1"

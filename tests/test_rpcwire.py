@@ -1,0 +1,76 @@
+"""The RPC framing meter: rounds are cut exactly at GET_TENSOR replies, whatever the chunking."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshtui.rpcwire import CMD_GET_TENSOR, CMD_GRAPH_RECOMPUTE, CMD_HELLO, RpcMeter
+
+SET_TENSOR, ALLOC_BUFFER = 6, 0
+
+
+def frame(cmd: int, payload: bytes) -> bytes:
+    return bytes([cmd]) + struct.pack("<Q", len(payload)) + payload
+
+
+def reply(payload: bytes) -> bytes:
+    return struct.pack("<Q", len(payload)) + payload
+
+
+def token_exchange(n_set: int, out_size: int) -> tuple[bytes, bytes]:
+    up = b"".join(frame(SET_TENSOR, bytes(40 + i)) for i in range(n_set))
+    up += frame(CMD_GRAPH_RECOMPUTE, bytes(16)) + frame(CMD_GET_TENSOR, bytes(24))
+    return up, reply(bytes(out_size))
+
+
+def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+def feed(meter: RpcMeter, up: bytes, down: bytes, t0: float, t1: float, cuts: list[int]) -> None:
+    for piece in chunks(up, cuts):
+        meter.feed_up(piece, t0)
+    for piece in chunks(down, cuts):
+        meter.feed_down(piece, t1)
+
+
+def test_handshake_and_load_replies_do_not_make_rounds() -> None:
+    meter = RpcMeter()
+    meter.feed_up(frame(CMD_HELLO, bytes(8)), 0.0)
+    meter.feed_down(reply(bytes(12)), 0.1)
+    meter.feed_up(frame(ALLOC_BUFFER, bytes(16)), 0.2)
+    meter.feed_down(reply(bytes(16)), 0.3)
+    # A GET_TENSOR with no graph evaluated before it (reading a tensor back) is not a token.
+    meter.feed_up(frame(CMD_GET_TENSOR, bytes(24)), 0.4)
+    meter.feed_down(reply(bytes(100)), 0.5)
+    assert list(meter.rounds) == []
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=30), st.integers(1, 9))
+def test_rounds_are_exact_under_any_chunking(cuts: list[int], n_set: int) -> None:
+    meter = RpcMeter()
+    meter.feed_up(frame(CMD_HELLO, bytes(8)), 0.0)
+    meter.feed_down(reply(bytes(12)), 0.0)
+    meter.reset_rounds()
+    for i in range(3):
+        up, down = token_exchange(n_set, out_size=2304)
+        feed(meter, up, down, t0=10.0 * i, t1=10.0 * i + 0.25 * (i + 1), cuts=cuts)
+    assert meter.rounds_since_reset == 3
+    assert [r.ms for r in meter.rounds] == [250.0, 500.0, 750.0]
+    up, down = token_exchange(n_set, out_size=2304)
+    assert all(r.bytes_up == len(up) and r.bytes_down == len(down) for r in meter.rounds)
+    assert all(r.frames == n_set + 2 for r in meter.rounds)
+
+
+def test_reset_forgets_a_partial_round() -> None:
+    meter = RpcMeter()
+    up, down = token_exchange(3, 64)
+    meter.feed_up(up[:5], 1.0)  # a half-seen frame header from before the reset...
+    meter.reset_rounds()
+    meter.feed_up(up[5:], 2.0)
+    meter.feed_down(down, 3.0)
+    assert [r.ms for r in meter.rounds] == [1000.0]  # ...the round starts at the first bytes after it

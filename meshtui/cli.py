@@ -88,6 +88,9 @@ def _stderr_listener(verbose: bool) -> ev.Listener:
     def listen(event: ev.Event) -> None:
         if isinstance(event, ev.HostPhaseChanged) and verbose:
             print(f"  {event.host}: {event.phase} {event.detail}".rstrip(), file=sys.stderr)
+        elif isinstance(event, ev.MeshRecovered):
+            print(f"  recovered from losing {event.host} at token {event.token_index} in {event.seconds:.1f}s",
+                  file=sys.stderr)
         elif isinstance(event, ev.LogRecorded) and event.level in ("warning", "error"):
             print(f"  {event.source}: {event.message}", file=sys.stderr)
 
@@ -171,7 +174,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "seconds": finished.seconds,
             "load_seconds": mesh.load_seconds,
             "load_bytes_sent": mesh.load_bytes_sent,
-            "recoveries": [],
+            "recoveries": [r.to_json() for r in mesh.recoveries],
         }))
     else:
         print()

@@ -119,6 +119,21 @@ class StageFailed(Event):
 
 
 @dataclass(frozen=True)
+class MeshRecovering(Event):
+    """A stage was lost; the mesh is being re-planned on the survivors."""
+
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MeshRecovered(Event):
+    host: str
+    token_index: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class LogRecorded(Event):
     source: str
     message: str

@@ -70,6 +70,18 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Recovery:
+    """A stage lost mid-run and the mesh rebuilt without it."""
+
+    node: str
+    token_index: int  # tokens of the reply already generated when it happened
+    seconds: float  # from noticing the loss to the engine loaded again
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "token_index": self.token_index, "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
 class Reply:
     text: str
     token_ids: tuple[int, ...]
@@ -95,6 +107,7 @@ class Mesh:
         self.load_bytes_sent = 0
         self.placement: dict[str, list[int]] = {}
         self._request_ids = 0
+        self.recoveries: list[Recovery] = []
         self._rtt_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -170,6 +183,8 @@ class Mesh:
             usable = self.model.input_bytes + NODE_OVERHEAD_BYTES  # room for the embeddings only
         caps = [NodeCapacity(HEAD_NAME, max(0, usable), is_head=True)]
         for node in self.hosts:
+            if node.status == "failed":
+                continue
             assert node.facts is not None and node.spec is not None
             usable = node.facts.mem_available - HOST_RESERVE_BYTES
             if node.spec.max_memory is not None:
@@ -329,18 +344,15 @@ class Mesh:
         temperature: float = 0.7,
         seed: int = 0,
     ) -> AsyncIterator[ev.Event]:
-        """Yields TokenGenerated and StageLatencyMeasured events, then ReplyFinished."""
+        """Yields ReplyStarted, TokenGenerated and StageLatencyMeasured events, then ReplyFinished.
+
+        If a stage is lost mid-reply, the mesh is re-planned on the survivors, the engine restarts, the
+        conversation and the reply so far are replayed to rebuild the KV cache, and the reply continues.
+        """
         if self.engine is None:
             raise EngineError("the mesh is not up")
         self._request_ids += 1
         request_id = self._request_ids
-        remote = [n for n in self.hosts if n.tunnel is not None and n.layers is not None]
-        for node in remote:
-            assert node.tunnel is not None
-            node.tunnel.meter.reset_rounds()
-        started = time.perf_counter()
-        first_token_at: float | None = None
-        last_token_at = started
         params: dict[str, Any] = {
             "id": request_id, "raw": raw, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
         }
@@ -348,33 +360,102 @@ class Mesh:
             params["messages"] = list(messages)
         else:
             params["prompt"] = prompt or ""
-        try:
-            async for event in self.engine.generate(**params):
-                kind = event["ev"]
-                if kind == "started":
-                    yield self._emitted(ev.ReplyStarted(request_id, int(event["prompt_tokens"])))
-                elif kind == "token":
-                    now = time.perf_counter()
-                    if event["token_id"] >= 0:
-                        first_token_at = first_token_at or now
-                        last_token_at = now
-                    index = int(event["index"])
-                    yield self._emitted(ev.TokenGenerated(request_id, index, int(event["token_id"]), event["text"]))
-                    if index >= 1 and event["token_id"] >= 0:
-                        for measured in self._stage_latencies(remote, index, int(event["decode_call"])):
-                            yield self._emitted(measured)
-                elif kind == "done":
-                    tokens = tuple(event["tokens"])
-                    span = last_token_at - (first_token_at or last_token_at)
-                    tps = (len(tokens) - 1) / span if len(tokens) > 1 and span > 0 else 0.0
-                    yield self._emitted(ev.ReplyFinished(
-                        request_id, event["text"], tokens, time.perf_counter() - started, tps,
-                        event["stop_reason"]))
-        except EngineDied as err:
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        last_token_at = started
+        generated: list[int] = []
+        text_parts: list[str] = []
+        stop_reason = "length"
+        announced = False
+        while True:
+            remote = [n for n in self.hosts if n.tunnel is not None and n.layers is not None]
+            for node in remote:
+                assert node.tunnel is not None
+                node.tunnel.meter.reset_rounds()
+            first_of_attempt = True
+            try:
+                assert self.engine is not None
+                async for event in self.engine.generate(**params, resume_tokens=list(generated)):
+                    kind = event["ev"]
+                    if kind == "started" and not announced:
+                        announced = True
+                        yield self._emitted(ev.ReplyStarted(request_id, int(event["prompt_tokens"])))
+                    elif kind == "token":
+                        token_id = int(event["token_id"])
+                        index = int(event["index"])
+                        if token_id >= 0:
+                            now = time.perf_counter()
+                            first_token_at = first_token_at or now
+                            last_token_at = now
+                            generated.append(token_id)
+                        text_parts.append(event["text"])
+                        yield self._emitted(ev.TokenGenerated(request_id, index, token_id, event["text"]))
+                        # The first token of an attempt comes out of the prompt's prefill, not a decode.
+                        if token_id >= 0 and not first_of_attempt:
+                            for measured in self._stage_latencies(remote, index, int(event["decode_call"])):
+                                yield self._emitted(measured)
+                        first_of_attempt = first_of_attempt and token_id < 0
+                    elif kind == "done":
+                        stop_reason = str(event["stop_reason"])
+                break
+            except EngineDied as err:
+                failed = await self._wait_for_failed_stage()
+                if failed is None:
+                    raise
+                await self._recover(failed, token_index=len(generated), cause=err)
+        span = last_token_at - (first_token_at or last_token_at)
+        tps = (len(generated) - 1) / span if len(generated) > 1 and span > 0 else 0.0
+        yield self._emitted(ev.ReplyFinished(request_id, "".join(text_parts), tuple(generated),
+                                             time.perf_counter() - started, tps, stop_reason))
+
+    async def _wait_for_failed_stage(self, timeout: float = 10.0) -> Node | None:
+        """The engine died: give the stage's own signals (channel closed, agent exited) a moment to arrive."""
+        deadline = time.monotonic() + timeout
+        while True:
             failed = self._find_failed_stage()
-            if failed is not None:
-                raise HostError(f"stage lost during generation: {failed.reason}", host=failed.name) from err
-            raise
+            if failed is not None or time.monotonic() > deadline:
+                return failed
+            await asyncio.sleep(0.1)
+
+    async def _recover(self, failed: Node, *, token_index: int, cause: BaseException) -> None:
+        """Drop the failed node, re-plan on the survivors, restart the engine on the new split."""
+        started = time.perf_counter()
+        self._emit(ev.MeshRecovering(failed.name, failed.reason))
+        self._log("mesh", f"{failed.name} lost ({failed.reason}); re-planning on the survivors", "warning")
+        await self._drop_node(failed)
+        if self.engine is not None:
+            with contextlib.suppress(MeshError, OSError):
+                await self.engine.close()
+            self.engine = None
+        try:
+            self.make_plan()
+        except MeshError as err:
+            raise MeshError(f"{failed.name} was lost ({failed.reason}) and the remaining nodes cannot hold the "
+                            f"model: {err}") from cause
+        remote = [self.node(a.name) for a in self.plan.remote] if self.plan else []
+        newcomers = [n for n in remote if n.agent is None or not n.agent.alive]
+        results = await asyncio.gather(*(self._start_stage(n, local_runtime_bundle()) for n in newcomers),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        await self._load_engine(remote)
+        recovery = Recovery(failed.name, token_index, time.perf_counter() - started)
+        self.recoveries.append(recovery)
+        self._emit(ev.MeshRecovered(failed.name, token_index, recovery.seconds))
+
+    async def _drop_node(self, node: Node) -> None:
+        node.layers = None
+        if node.tunnel is not None:
+            await node.tunnel.close()
+            node.tunnel = None
+        if node.agent is not None:
+            with contextlib.suppress(Exception):  # the agent is gone already; nothing to report
+                await node.agent.close(timeout=1.0)
+            node.agent = None
+        if node.conn is not None:
+            node.conn.abort()
+            node.conn = None
 
     def _emitted(self, event: ev.Event) -> ev.Event:
         self._emit(event)
@@ -411,7 +492,7 @@ class Mesh:
     def _find_failed_stage(self) -> Node | None:
         """After the engine died: which stage took it down, and why."""
         for node in self.hosts:
-            if node.layers is None:
+            if node.layers is None or node.status == "failed":
                 continue
             reason = ""
             if node.conn is not None and node.conn.is_closed():

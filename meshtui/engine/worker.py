@@ -154,23 +154,38 @@ class Engine:
         llm = self.llm
         request_id = cmd.get("id", 0)
         self.cancel.clear()
-        tokens = self._prompt_tokens(cmd)
+        prompt_tokens = self._prompt_tokens(cmd)
+        # After a stage was lost the orchestrator resumes a reply: what was generated already is replayed
+        # as part of the prompt, which rebuilds the KV cache, and generation continues after it.
+        resume = [int(t) for t in cmd.get("resume_tokens") or []]
+        tokens = prompt_tokens + resume
         if len(tokens) >= llm.n_ctx():
             self.proto.send(ev="error", id=request_id, kind="context",
                             message=f"prompt is {len(tokens)} tokens; the context holds {llm.n_ctx()}")
             return
         max_tokens = int(cmd.get("max_tokens") or 256)
-        max_tokens = min(max_tokens, llm.n_ctx() - len(tokens))
+        max_tokens = min(max_tokens, llm.n_ctx() - len(prompt_tokens))
         temperature = float(cmd.get("temperature", 0.7))
         llm.set_seed(int(cmd.get("seed", 0)))
         self.decode_calls = 0
-        self.proto.send(ev="started", id=request_id, prompt_tokens=len(tokens))
+        self.proto.send(ev="started", id=request_id, prompt_tokens=len(prompt_tokens))
         started = time.perf_counter()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        generated: list[int] = []
+        generated: list[int] = list(resume)
         text_parts: list[str] = []
         stop_reason = "length"
+        if len(generated) >= max_tokens:
+            self.proto.send(ev="done", id=request_id, stop_reason="length", tokens=generated, text="",
+                            seconds=0.0, prompt_tokens=len(prompt_tokens))
+            return
         vocab = llm._model.vocab
+        if resume:
+            # Rebuild the KV cache exactly as the first attempt built it: the prompt in one batch, then each
+            # token already generated on its own, so greedy decoding continues bit for bit the same.
+            llm.reset()
+            llm.eval(prompt_tokens)
+            for token in resume:
+                llm.eval([token])
         for token in llm.generate(
             tokens,
             temp=temperature,
@@ -183,7 +198,7 @@ class Engine:
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 stop_reason = "stop"
                 break
-            piece = llm.detokenize([token], prev_tokens=tokens + generated)
+            piece = llm.detokenize([token], prev_tokens=prompt_tokens + generated)
             generated.append(token)
             text = decoder.decode(piece)
             text_parts.append(text)
@@ -202,7 +217,7 @@ class Engine:
                             decode_call=self.decode_calls - 1)
         seconds = time.perf_counter() - started
         self.proto.send(ev="done", id=request_id, stop_reason=stop_reason, tokens=generated,
-                        text="".join(text_parts), seconds=seconds, prompt_tokens=len(tokens))
+                        text="".join(text_parts), seconds=seconds, prompt_tokens=len(prompt_tokens))
 
 
 def main() -> int:

@@ -1,0 +1,1 @@
+"""Test hosts for end-to-end tests: real OpenSSH sshd in Linux network namespaces (see netns.py)."""

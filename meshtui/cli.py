@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", type=Path, help="GGUF file to use instead of the inventory's model")
         p.add_argument("--context", type=int, help="context size instead of the inventory's")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("-v", "--verbose", action="store_true", help="print each host's progress to stderr")
 
     up = sub.add_parser("up", help="bring the mesh up and chat (TUI), or answer once (--headless)")
     common(up)
@@ -137,7 +138,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise InventoryError("--headless needs --prompt TEXT")
     async with _inventory_for(args) as inventory:
-        mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(not args.json))
+        mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(args.verbose))
         try:
             await mesh.up()
             if not args.json:

@@ -165,6 +165,8 @@ class Agent:
     async def _read_stdout(self) -> None:
         try:
             async for line in self.process.stdout:
+                if not line.strip():
+                    continue
                 try:
                     msg = json.loads(line)
                 except ValueError:
@@ -185,9 +187,7 @@ class Agent:
         finally:
             self.exited.set()
             if not self._ready.done():
-                detail = self.stderr_tail[-1] if self.stderr_tail else "no output"
-                self._ready.set_exception(HostError(f"agent exited at start: {_oneline(detail)}",
-                                                    host=self.host.name))
+                self._ready.set_result({"event": "exited"})
             for future in self._pongs.values():
                 if not future.done():
                     future.cancel()
@@ -205,6 +205,12 @@ class Agent:
             msg = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except asyncio.TimeoutError as err:
             raise HostError(f"agent did not become ready within {timeout:.0f}s", host=self.host.name) from err
+        if msg.get("event") == "exited":
+            # Its last words may still be on their way on stderr.
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._tasks[1]), 2.0)
+            detail = self.stderr_tail[-1] if self.stderr_tail else "no output"
+            raise HostError(f"agent exited at start: {_oneline(detail)}", host=self.host.name)
         if msg.get("event") == "error":
             raise HostError(f"agent cannot serve: {msg.get('reason')}", host=self.host.name)
         self.port = int(msg["port"])

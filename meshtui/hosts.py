@@ -76,16 +76,34 @@ def _oneline(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec) -> HostFacts:
-    """Run the agent's probe by feeding the script on stdin: nothing is written to the host."""
-    command = f"{shlex.quote(host.python)} - probe"
+async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
+                     timeout: float = PROBE_TIMEOUT) -> HostFacts:
+    """Run the agent's probe by feeding the script on stdin: nothing is written to the host.
+
+    The shell prints its pid before it becomes the probe, so a probe that hangs can be killed (with its
+    process group) instead of being left running on the host.
+    """
+    command = f'echo "meshtui-pid $$"; exec {shlex.quote(host.python)} - probe'
+    pid: int | None = None
     try:
-        result = await conn.run(command, input=agent_source_path().read_text(), check=False,
-                                timeout=PROBE_TIMEOUT)
-    except asyncssh.TimeoutError as err:
-        raise HostError(f"probe did not answer within {PROBE_TIMEOUT:.0f}s", host=host.name) from err
+        process = await conn.create_process(command, encoding="utf-8", errors="replace")
     except (OSError, asyncssh.Error) as err:
         raise HostError(f"probe failed: {err}", host=host.name) from err
+    try:
+        process.stdin.write(agent_source_path().read_text())
+        process.stdin.write_eof()
+        first = await asyncio.wait_for(process.stdout.readline(), timeout)
+        if first.startswith("meshtui-pid "):
+            pid = int(first.split()[1])
+        result = await asyncio.wait_for(process.wait(check=False), timeout)
+    except (asyncio.TimeoutError, asyncssh.TimeoutError) as err:
+        await _kill_remote_group(conn, pid)
+        raise HostError(f"probe did not answer within {timeout:.0f}s", host=host.name) from err
+    except (OSError, asyncssh.Error, ValueError) as err:
+        await _kill_remote_group(conn, pid)
+        raise HostError(f"probe failed: {err}", host=host.name) from err
+    finally:
+        process.close()
     stdout = str(result.stdout or "")
     stderr = str(result.stderr or "")
     if result.exit_status == 127:
@@ -101,6 +119,13 @@ async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec) -> Host
         return HostFacts.from_json(data)
     except (KeyError, TypeError, ValueError) as err:
         raise HostError(f"probe answered something unexpected: {_oneline(stdout)}", host=host.name) from err
+
+
+async def _kill_remote_group(conn: asyncssh.SSHClientConnection, pid: int | None) -> None:
+    if pid is None or pid <= 1:
+        return
+    with contextlib.suppress(OSError, asyncssh.Error, asyncio.TimeoutError):
+        await conn.run(f"kill -9 -- -{pid} {pid} 2>/dev/null", check=False, timeout=5)
 
 
 async def push_runtime(

@@ -165,7 +165,8 @@ class Mesh:
                 on_key_recorded=lambda msg: self._log(node.name, msg, "warning"),
             )
             self._phase(node, "probe")
-            node.facts = await probe_host(node.conn, node.spec)
+            # A host that answers SSH but hangs in the probe is as good as unreachable.
+            node.facts = await probe_host(node.conn, node.spec, timeout=2 * self.inventory.ssh.connect_timeout)
         except HostError as err:
             self._fail(node, node.status, str(err).removeprefix(f"{node.name}: "))
             raise

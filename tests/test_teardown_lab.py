@@ -1,0 +1,159 @@
+"""Nothing is left behind: signals to the head, hung or babbling hosts, and a soak of up/down cycles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, agent_processes, meshtui
+
+from meshtui.inventory import load_inventory
+from meshtui.mesh import Mesh
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def _engines() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if "meshtui.engine.worker" in line]
+
+
+def _host_wrapper(lab, host_name: str, body: str) -> str:
+    """A stand-in `python` for one host: `body` handles some agent commands, the rest go to python3."""
+    host = lab.host(host_name)
+    wrapper = host.home / "wrapped-python"
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in\n{body}\nesac\nexec /usr/bin/python3 "$@"\n')
+    os.chmod(wrapper, 0o755)
+    return str(wrapper)
+
+
+def _inventory_with_python(lab, tmp_path: Path, host_name: str, python: str, extra_ssh: str = "") -> Path:
+    lines = lab.inventory_toml('name = "smollm2"').splitlines()
+    start = lines.index(f'name = "{host_name}"')
+    for i in range(start, len(lines)):
+        if lines[i].startswith("python = "):
+            lines[i] = f'python = "{python}"'
+            break
+    text = "\n".join(lines) + "\n"
+    if extra_ssh:
+        text = text.replace("[ssh]\n", f"[ssh]\n{extra_ssh}\n")
+    path = tmp_path / "inventory.toml"
+    path.write_text(text)
+    return path
+
+
+def _start_head(inventory: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshtui", "up", str(inventory), "--headless", "--raw", "--temperature", "0",
+         "--prompt", "Tell me a very long story about", "--max-tokens", "2000"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_head_killed_or_stopped_mid_reply_leaves_no_agent(lab, tmp_path: Path, sig: signal.Signals) -> None:
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(lab.inventory_toml('name = "smollm2"'))
+    engines_before = _engines()
+    head = _start_head(inventory)
+    try:
+        assert _wait(lambda: all(agent_processes(lab).values()) and head.stdout is not None, 120), head.stderr
+        assert head.stdout.read(1)  # the first token arrived: the reply is under way
+        head.send_signal(sig)
+        code = head.wait(timeout=30)
+    finally:
+        if head.poll() is None:
+            head.kill()
+    if sig != signal.SIGKILL:
+        assert code == 130
+        assert head.stderr is not None and "torn down" in head.stderr.read()
+    # Agents notice their SSH channel is gone; the engine notices its orchestrator is gone.
+    assert _wait(lambda: not any(agent_processes(lab).values()), 10), agent_processes(lab)
+    assert _wait(lambda: _engines() == engines_before, 10), _engines()
+
+
+def test_host_whose_agent_prints_garbage_is_named(lab, tmp_path: Path) -> None:
+    python = _host_wrapper(lab, "h2", '*probe*) cat >/dev/null; echo "Welcome to the jungle"; exit 0;;')
+    inventory = _inventory_with_python(lab, tmp_path, "h2", python)
+    result = meshtui("up", str(inventory), "--headless", "--prompt", "hi", timeout=120)
+    assert result.returncode == 4
+    assert result.stderr.strip() == "meshtui: error: h2: probe failed: Welcome to the jungle"
+    assert not any(agent_processes(lab).values())
+
+
+def test_host_that_hangs_in_probe_times_out_and_is_cleaned_up(lab, tmp_path: Path) -> None:
+    python = _host_wrapper(lab, "h1", "*probe*) sleep 300;;")
+    inventory = _inventory_with_python(lab, tmp_path, "h1", python, extra_ssh="connect_timeout = 2")
+    started = time.monotonic()
+    result = meshtui("up", str(inventory), "--headless", "--prompt", "hi", timeout=120)
+    assert result.returncode == 4
+    assert result.stderr.strip() == "meshtui: error: h1: probe did not answer within 4s"
+    assert time.monotonic() - started < 60
+    sleepers = lambda: [p for p in lab.processes_of(lab.host("h1")) if "sleep 300" in p[1]]  # noqa: E731
+    assert _wait(lambda: not sleepers(), 10), sleepers()
+
+
+def _listening_ports() -> set[str]:
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    ports.add(fields[1])
+    return ports
+
+
+def _children() -> list[str]:
+    out = subprocess.run(["ps", "-o", "pid,args", "--ppid", str(os.getpid())], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()[1:] if " ps " not in line]
+
+
+async def test_soak_up_down_cycles_and_a_long_conversation_leak_nothing(lab, tmp_path: Path) -> None:
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"').replace("context = 512", "context = 2048"))
+    inventory = load_inventory(inventory_file)
+    host_procs_before = {h.name: len(lab.processes_of(h)) for h in lab.hosts}
+
+    def head_state() -> tuple[int, set[str], list[str]]:
+        return len(os.listdir("/proc/self/fd")), _listening_ports(), _children()
+
+    async def cycle(turns: int) -> int:
+        mesh = Mesh(inventory)
+        replies = 0
+        try:
+            await mesh.up()
+            messages: list[dict[str, str]] = []
+            for turn in range(turns):
+                messages.append({"role": "user", "content": f"Say the number {turn}."})
+                reply = await mesh.generate(messages=messages, max_tokens=6, temperature=0.0)
+                messages.append({"role": "assistant", "content": reply.text})
+                replies += 1
+        finally:
+            await mesh.close()
+        return replies
+
+    assert await cycle(1) == 1  # warm-up: imports, caches, the runtime pushed
+    fds, ports, children = head_state()
+    for turns in (1, 1, 50):
+        assert await cycle(turns) == turns
+        assert _wait(lambda: not any(agent_processes(lab).values()), 10)
+        now_fds, now_ports, now_children = head_state()
+        assert now_fds <= fds, (fds, now_fds)
+        assert now_ports <= ports, now_ports - ports
+        assert now_children == children
+    host_procs_after = {h.name: len(lab.processes_of(h)) for h in lab.hosts}
+    assert host_procs_after == host_procs_before

@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("-v", "--verbose", action="store_true", help="print each host's progress to stderr")
 
+    def api_options(p: argparse.ArgumentParser, default_port: int | None) -> None:
+        p.add_argument("--api-host", default="127.0.0.1", metavar="H",
+                       help="address to serve the API on (default 127.0.0.1; others need --api-key)")
+        p.add_argument("--api-port", type=int, default=default_port, metavar="P",
+                       help="port of the OpenAI-compatible API"
+                            + (f" (default {default_port})" if default_port else ""))
+        p.add_argument("--api-key", metavar="K",
+                       help="bearer key clients must send (default: $MESHTUI_API_KEY)")
+
     up = sub.add_parser("up", help="bring the mesh up and chat (TUI), or answer once (--headless)")
     common(up)
     up.add_argument("--headless", action="store_true", help="no TUI: answer --prompt once, tear down, exit")
@@ -48,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--temperature", type=float, default=0.7)
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    api_options(up, default_port=None)
+
+    serve = sub.add_parser("serve", help="bring the mesh up and serve an OpenAI-compatible API until stopped")
+    common(serve)
+    api_options(serve, default_port=8000)
 
     plan = sub.add_parser("plan", help="connect, probe and print the layer split; loads nothing")
     common(plan)
@@ -141,6 +155,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(args.verbose))
         try:
             await mesh.up()
+            mesh.enable_auto_rejoin()
             if not args.json:
                 _print_plan(mesh, sys.stderr)
             text_parts: list[str] = []
@@ -223,8 +238,25 @@ async def cmd_down(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from meshtui.api import check_api_options, request_logger, resolve_api_key, serve_forever
+
+    api_key = resolve_api_key(args.api_key)
+    check_api_options(args.api_host, api_key)
+    async with _inventory_for(args) as inventory:
+        listener = request_logger(_stderr_listener(args.verbose))
+        mesh = Mesh(inventory, accept_new=args.accept_new, listener=listener)
+        try:
+            await mesh.up()
+            await serve_forever(mesh, host=args.api_host, port=args.api_port, api_key=api_key)
+        finally:
+            await mesh.close()
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "up": cmd_up,
+    "serve": cmd_serve,
     "plan": cmd_plan,
     "down": cmd_down,
 }

@@ -134,6 +134,13 @@ class MeshRecovered(Event):
 
 
 @dataclass(frozen=True)
+class HostRejoined(Event):
+    """A failed host is back in the mesh (a new plan and engine include it)."""
+
+    host: str
+
+
+@dataclass(frozen=True)
 class LogRecorded(Event):
     source: str
     message: str

@@ -20,7 +20,7 @@ import asyncssh
 
 from meshtui import events as ev
 from meshtui.engine.client import EngineDied, EngineProcess
-from meshtui.errors import EngineError, HostError, MeshError
+from meshtui.errors import EngineError, HostError, MeshError, PlanError
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.hosts import Agent, HostFacts, launch_agent, probe_host, push_runtime
 from meshtui.inventory import HostSpec, Inventory
@@ -82,6 +82,16 @@ class Recovery:
 
 
 @dataclass(frozen=True)
+class RejoinPolicy:
+    """How failed hosts are retried: first after `first_delay`, then doubling up to `max_delay`."""
+
+    first_delay: float = 5.0
+    max_delay: float = 60.0
+    max_attempts: int | None = None  # None: keep trying while the mesh is up
+    poll_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
 class Reply:
     text: str
     token_ids: tuple[int, ...]
@@ -108,6 +118,9 @@ class Mesh:
         self.placement: dict[str, list[int]] = {}
         self._request_ids = 0
         self.recoveries: list[Recovery] = []
+        self.rejoin_policy: RejoinPolicy | None = None
+        self._rejoin_task: asyncio.Task[None] | None = None
+        self._rejoinable: set[str] = set()
         self._rtt_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -350,6 +363,8 @@ class Mesh:
         If a stage is lost mid-reply, the mesh is re-planned on the survivors, the engine restarts, the
         conversation and the reply so far are replayed to rebuild the KV cache, and the reply continues.
         """
+        if self._rejoinable:
+            await self._rejoin_ready_hosts()
         if self.engine is None:
             raise EngineError("the mesh is not up")
         self._request_ids += 1
@@ -429,10 +444,21 @@ class Mesh:
                 await self.engine.close()
             self.engine = None
         try:
-            self.make_plan()
-        except MeshError as err:
+            await self._replan_and_reload()
+        except PlanError as err:
             raise MeshError(f"{failed.name} was lost ({failed.reason}) and the remaining nodes cannot hold the "
                             f"model: {err}") from cause
+        recovery = Recovery(failed.name, token_index, time.perf_counter() - started)
+        self.recoveries.append(recovery)
+        self._emit(ev.MeshRecovered(failed.name, token_index, recovery.seconds))
+
+    async def _replan_and_reload(self) -> None:
+        """Plan over the nodes that are not failed, start agents where needed, load a fresh engine."""
+        if self.engine is not None:
+            with contextlib.suppress(MeshError, OSError):
+                await self.engine.close()
+            self.engine = None
+        self.make_plan()
         remote = [self.node(a.name) for a in self.plan.remote] if self.plan else []
         newcomers = [n for n in remote if n.agent is None or not n.agent.alive]
         results = await asyncio.gather(*(self._start_stage(n, local_runtime_bundle()) for n in newcomers),
@@ -441,9 +467,68 @@ class Mesh:
             if isinstance(result, BaseException):
                 raise result
         await self._load_engine(remote)
-        recovery = Recovery(failed.name, token_index, time.perf_counter() - started)
-        self.recoveries.append(recovery)
-        self._emit(ev.MeshRecovered(failed.name, token_index, recovery.seconds))
+
+    # -- rejoin ----------------------------------------------------------------------------------
+    async def rejoin(self, name: str) -> None:
+        """Bring a failed host back (between replies): reconnect, probe, re-plan with it, reload."""
+        node = self.node(name)
+        if node.is_head or node.status != "failed":
+            raise MeshError(f"{name} has not failed; nothing to rejoin")
+        await self._drop_node(node)
+        await self._connect_one(node)  # marks the node failed again, with the reason, if it still can't
+        node.reason = ""
+        self._log("mesh", f"{name} is reachable again; re-planning with it", "warning")
+        await self._replan_and_reload()
+        self._emit(ev.HostRejoined(name))
+
+    def enable_auto_rejoin(self, policy: RejoinPolicy | None = None) -> None:
+        """Keep retrying failed hosts in the background; a reachable one rejoins before the next reply."""
+        self.rejoin_policy = policy or RejoinPolicy()
+        if self._rejoin_task is None:
+            self._rejoin_task = asyncio.create_task(self._watch_failed_hosts())
+
+    async def _watch_failed_hosts(self) -> None:
+        assert self.rejoin_policy is not None
+        policy = self.rejoin_policy
+        attempts: dict[str, int] = {}
+        next_try: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(policy.poll_seconds)
+            for node in self.hosts:
+                if node.status != "failed" or node.name in self._rejoinable:
+                    attempts.pop(node.name, None)
+                    next_try.pop(node.name, None)
+                    continue
+                now = time.monotonic()
+                if node.name not in next_try:
+                    next_try[node.name] = now + policy.first_delay
+                    continue
+                if now < next_try[node.name]:
+                    continue
+                count = attempts[node.name] = attempts.get(node.name, 0) + 1
+                if policy.max_attempts is not None and count > policy.max_attempts:
+                    continue
+                assert node.spec is not None
+                try:
+                    conn = await connect_host(node.spec, self.inventory.ssh, accept_new=self.accept_new)
+                    conn.close()
+                except HostError as err:
+                    delay = min(policy.max_delay, policy.first_delay * 2**count)
+                    next_try[node.name] = time.monotonic() + delay
+                    self._log(node.name, f"rejoin attempt {count} failed: {err}; next in {delay:.0f}s", "debug")
+                    continue
+                self._rejoinable.add(node.name)
+                self._log(node.name, "reachable again; it rejoins before the next reply", "warning")
+
+    async def _rejoin_ready_hosts(self) -> None:
+        for name in sorted(self._rejoinable):
+            self._rejoinable.discard(name)
+            try:
+                await self.rejoin(name)
+            except MeshError as err:
+                self._log(name, f"rejoin failed: {err}", "warning")
+                if self.engine is None:  # the failed rejoin took the engine down: rebuild without it
+                    await self._replan_and_reload()
 
     async def _drop_node(self, node: Node) -> None:
         node.layers = None
@@ -533,8 +618,9 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
-        if self._rtt_task is not None:
-            self._rtt_task.cancel()
+        for task in (self._rtt_task, self._rejoin_task):
+            if task is not None:
+                task.cancel()
         if self.engine is not None:
             with contextlib.suppress(MeshError, OSError):
                 await self.engine.close()

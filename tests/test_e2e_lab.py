@@ -293,3 +293,34 @@ async def test_host_link_down_mid_reply_the_reply_completes_identically(lab, tmp
     assert [a.name for a in plan.assignments] == ["head", "h1"]
     # Once the link is back, h2's sshd learns the session is gone and its agent exits with it.
     assert _wait_no_agents(lab, timeout=60) == {}
+
+
+async def test_failed_host_rejoins_automatically_before_the_next_reply(lab, tmp_path: Path) -> None:
+    from meshtui import events as ev
+    from meshtui.mesh import RejoinPolicy
+
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
+    seen: list[ev.Event] = []
+    mesh = Mesh(load_inventory(inventory_file), listener=seen.append)
+    try:
+        await mesh.up()
+        mesh.enable_auto_rejoin(RejoinPolicy(first_delay=0.2, poll_seconds=0.1))
+        clean = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=16, temperature=0.0)
+        ((pid, _),) = agent_processes(lab)["h1"]
+        os.kill(pid, 9)
+        # The loss is noticed by the next reply, which completes on the survivors.
+        after_loss = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=16, temperature=0.0)
+        assert [a.name for a in mesh.plan.assignments] == ["head", "h2"]
+        deadline = time.monotonic() + 30
+        while "h1" not in mesh._rejoinable:
+            assert time.monotonic() < deadline, "h1 was never found reachable again"
+            await asyncio.sleep(0.1)
+        rejoined = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=16, temperature=0.0)
+        assert [a.name for a in mesh.plan.assignments] == ["head", "h1", "h2"]
+        assert mesh.node("h1").status == "ready"
+        assert any(isinstance(e, ev.HostRejoined) and e.host == "h1" for e in seen)
+    finally:
+        await mesh.close()
+    assert after_loss.token_ids == clean.token_ids == rejoined.token_ids
+    assert _wait_no_agents(lab) == {}

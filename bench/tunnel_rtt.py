@@ -1,0 +1,118 @@
+"""Round-trip cost of meshtui's SSH tunnel against plain TCP, on the namespace lab (run as root).
+
+Mimics one stage's traffic for one token: the client sends a burst of small frames (~3 KB), the server answers
+with the activations (~2.3 KB) once it has them all. Prints the mean and median round trip per path.
+
+    sudo .venv/bin/python bench/tunnel_rtt.py [--rounds 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from lab.netns import Lab  # noqa: E402
+
+from meshtui.tunnels import StageTunnel  # noqa: E402
+
+UP, DOWN = 3000, 2304
+SERVER = f"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(4)
+while True:
+    c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        got = 0
+        while got < {UP}:
+            d = c.recv(65536)
+            if not d: break
+            got += len(d)
+        if got < {UP}: break
+        c.sendall(({DOWN} - 8).to_bytes(8, "little") + bytes({DOWN} - 8))
+    c.close()
+"""
+
+
+async def measure(port: int, host: str, rounds: int) -> list[float]:
+    reader, writer = await asyncio.open_connection(host, port)
+    import struct
+
+    def frame(cmd: int, size: int) -> bytes:
+        return bytes([cmd]) + struct.pack("<Q", size) + bytes(size)
+
+    # 8 SET_TENSOR, 1 GRAPH_RECOMPUTE, 1 GET_TENSOR: the frames of one decode step, UP bytes in all.
+    frames = [frame(6, 300)] * 8 + [frame(16, 16)]
+    frames.append(frame(8, UP - sum(map(len, frames)) - 9))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for frame in frames:
+            writer.write(frame)
+        await reader.readexactly(DOWN)
+        times.append(time.perf_counter() - start)
+    writer.close()
+    return times
+
+
+def measure_in_child(host: str, port: int, rounds: int) -> list[float]:
+    """The client runs in its own process, as the engine does, so it doesn't share the tunnel's event loop."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--client", host, str(port), str(rounds)],
+                         capture_output=True, text=True, check=True).stdout
+    return list(json.loads(out))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3000)
+    parser.add_argument("--client", nargs=3, metavar=("HOST", "PORT", "ROUNDS"))
+    args = parser.parse_args()
+    if args.client:
+        import json
+
+        await measure(int(args.client[1]), args.client[0], 200)
+        print(json.dumps(await measure(int(args.client[1]), args.client[0], int(args.client[2]))))
+        return
+    with Lab(n_hosts=1) as lab:
+        host = lab.hosts[0]
+        script = host.home / "echo_server.py"
+        script.write_text(SERVER)
+        loop_srv = lab.popen_in(host, ["/usr/bin/python3", str(script), "127.0.0.1", "7001"])
+        lan_srv = lab.popen_in(host, ["/usr/bin/python3", str(script), host.address, "7002"])
+        await asyncio.sleep(1.0)
+        try:
+            from meshtui.inventory import HostSpec, SSHSpec
+            from meshtui.ssh import connect_host
+
+            spec = HostSpec(name=host.name, address=host.address, user=host.user, port=host.port,
+                            identity_file=host.identity_file)
+            async with await connect_host(spec, SSHSpec(known_hosts=lab.known_hosts)) as conn:
+                tunnel = StageTunnel(conn, 7001)
+                await tunnel.start()
+                results = {}
+                for label, target in (("plain TCP", (host.address, 7002)), ("meshtui tunnel", ("127.0.0.1",
+                                                                                            tunnel.local_port))):
+                    times = await asyncio.get_running_loop().run_in_executor(
+                        None, measure_in_child, target[0], target[1], args.rounds)
+                    results[label] = times
+                    print(f"{label:>15}: mean {statistics.fmean(times) * 1e6:7.1f} us, "
+                          f"median {statistics.median(times) * 1e6:7.1f} us over {len(times)} rounds")
+                await tunnel.close()
+                overhead = statistics.median(results["meshtui tunnel"]) - statistics.median(results["plain TCP"])
+                print(f"tunnel adds {overhead * 1e6:.1f} us per round trip (median)")
+        finally:
+            loop_srv.kill()
+            lan_srv.kill()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

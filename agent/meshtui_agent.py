@@ -129,7 +129,7 @@ class Runtime:
             try:
                 self.libs[name] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError as err:
-                raise RuntimeError("cannot load %s: %s" % (name, err))
+                raise RuntimeError("cannot load %s: %s" % (name, err)) from err
         ggml = self.libs["libggml.so.0"]
         ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
         ggml.ggml_backend_dev_get.restype = ctypes.c_void_p

@@ -1,3 +1,5 @@
-from meshtui.cli import main
 import sys
+
+from meshtui.cli import main
+
 sys.exit(main())

@@ -218,7 +218,7 @@ async def cmd_down(args: argparse.Namespace) -> int:
 
     results = await asyncio.gather(*(one(h) for h in inventory.hosts))
     failed = False
-    report = {}
+    report: dict[str, dict[str, Any]] = {}
     for name, result in results:
         if isinstance(result, str):
             failed = True
@@ -248,6 +248,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         mesh = Mesh(inventory, accept_new=args.accept_new, listener=listener)
         try:
             await mesh.up()
+            mesh.enable_auto_rejoin()
             await serve_forever(mesh, host=args.api_host, port=args.api_port, api_key=api_key)
         finally:
             await mesh.close()

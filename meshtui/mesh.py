@@ -26,7 +26,8 @@ from meshtui.hosts import Agent, HostFacts, launch_agent, probe_host, push_runti
 from meshtui.inventory import HostSpec, Inventory
 from meshtui.models import resolve_model_path
 from meshtui.planner import NODE_OVERHEAD_BYTES, NodeCapacity, Plan, plan_layer_split
-from meshtui.runtime import local_runtime_bundle
+from meshtui.rpcwire import rpc_hello
+from meshtui.runtime import expected_rpc_protocol, local_runtime_bundle
 from meshtui.ssh import connect_host
 from meshtui.tunnels import StageTunnel
 
@@ -54,6 +55,7 @@ class Node:
     agent: Agent | None = None
     tunnel: StageTunnel | None = None
     rtt_ms: float | None = None
+    rpc_protocol: tuple[int, int, int] | None = None
     latencies: deque[ev.StageLatencyMeasured] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
 
     def latency_summary(self) -> dict[str, float | None]:
@@ -121,6 +123,8 @@ class Mesh:
         self.rejoin_policy: RejoinPolicy | None = None
         self._rejoin_task: asyncio.Task[None] | None = None
         self._rejoinable: set[str] = set()
+        self._streaming_request: int | None = None
+        self._recovering = False
         self._rtt_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -260,8 +264,25 @@ class Mesh:
         with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error):
             node.rtt_ms = await node.agent.ping() * 1000.0
 
+    async def _check_protocols(self, remote: Sequence[Node]) -> None:
+        """Every stage must speak the head's RPC protocol: ggml aborts on a mismatch, so ask first."""
+        expected = expected_rpc_protocol()
+        for node in remote:
+            assert node.tunnel is not None
+            try:
+                got = await rpc_hello("127.0.0.1", node.tunnel.local_port)
+            except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as err:
+                raise HostError(f"the stage does not answer the RPC handshake through its tunnel: {err}",
+                                host=node.name) from err
+            node.rpc_protocol = got
+            if expected is not None and got[0] != expected[0]:
+                version = ".".join(map(str, got))
+                raise HostError(f"the stage speaks ggml RPC v{version} but the head speaks v"
+                                f"{'.'.join(map(str, expected))}; use the runtime meshtui pushes", host=node.name)
+
     async def _load_engine(self, remote: Sequence[Node]) -> None:
         assert self.plan is not None and self.model_path is not None
+        await self._check_protocols(remote)
         self.engine = EngineProcess(on_log=lambda line: self._log("engine", line, "debug"))
         await self.engine.start()
         for node in remote:
@@ -313,10 +334,7 @@ class Mesh:
         endpoint_to_node = {n.tunnel.endpoint: n.name for n in remote if n.tunnel}
         placement: dict[str, list[int]] = {}
         for device, layers in by_device.items():
-            if device == "CPU":
-                name = HEAD_NAME
-            else:
-                name = endpoint_to_node.get(device_endpoints.get(device, ""), device)
+            name = HEAD_NAME if device == "CPU" else endpoint_to_node.get(device_endpoints.get(device, ""), device)
             placement.setdefault(name, []).extend(layers)
         return {k: sorted(v) for k, v in placement.items()}
 
@@ -369,6 +387,7 @@ class Mesh:
             raise EngineError("the mesh is not up")
         self._request_ids += 1
         request_id = self._request_ids
+        self._streaming_request = request_id
         params: dict[str, Any] = {
             "id": request_id, "raw": raw, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
         }
@@ -436,18 +455,22 @@ class Mesh:
     async def _recover(self, failed: Node, *, token_index: int, cause: BaseException) -> None:
         """Drop the failed node, re-plan on the survivors, restart the engine on the new split."""
         started = time.perf_counter()
-        self._emit(ev.MeshRecovering(failed.name, failed.reason))
-        self._log("mesh", f"{failed.name} lost ({failed.reason}); re-planning on the survivors", "warning")
-        await self._drop_node(failed)
-        if self.engine is not None:
-            with contextlib.suppress(MeshError, OSError):
-                await self.engine.close()
-            self.engine = None
+        self._recovering = True
         try:
-            await self._replan_and_reload()
-        except PlanError as err:
-            raise MeshError(f"{failed.name} was lost ({failed.reason}) and the remaining nodes cannot hold the "
-                            f"model: {err}") from cause
+            self._emit(ev.MeshRecovering(failed.name, failed.reason))
+            self._log("mesh", f"{failed.name} lost ({failed.reason}); re-planning on the survivors", "warning")
+            await self._drop_node(failed)
+            if self.engine is not None:
+                with contextlib.suppress(MeshError, OSError):
+                    await self.engine.close()
+                self.engine = None
+            try:
+                await self._replan_and_reload()
+            except PlanError as err:
+                raise MeshError(f"{failed.name} was lost ({failed.reason}) and the remaining nodes cannot hold the "
+                                f"model: {err}") from cause
+        finally:
+            self._recovering = False
         recovery = Recovery(failed.name, token_index, time.perf_counter() - started)
         self.recoveries.append(recovery)
         self._emit(ev.MeshRecovered(failed.name, token_index, recovery.seconds))
@@ -572,8 +595,14 @@ class Mesh:
         raise EngineError("the engine ended the reply without finishing it")
 
     def cancel(self) -> None:
+        """Stop the reply under way (the stream then ends with stop_reason "cancelled")."""
         if self.engine is not None:
-            self.engine.cancel()
+            self.engine.cancel(self._streaming_request)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a reply can start now: the model is loaded and no recovery is under way."""
+        return self.engine is not None and self.engine.alive and not self._recovering
 
     def _find_failed_stage(self) -> Node | None:
         """After the engine died: which stage took it down, and why."""

@@ -19,6 +19,20 @@ AGENT_FILE = "meshtui_agent.py"
 REMOTE_ROOT = ".cache/meshtui/runtime"  # relative to the host user's home
 
 
+# The ggml RPC protocol of each llama-cpp-python release meshtui supports (its vendored ggml-rpc.h).
+RPC_PROTOCOL_BY_LLAMA_CPP_PYTHON = {"0.3.36": (7, 0, 0)}
+
+
+def expected_rpc_protocol() -> tuple[int, int, int] | None:
+    """The protocol the head's own llama.cpp speaks, or None for a release not in the table."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return RPC_PROTOCOL_BY_LLAMA_CPP_PYTHON.get(version("llama_cpp_python"))
+    except PackageNotFoundError:
+        return None
+
+
 def agent_source_path() -> Path:
     """The agent script: `agent/` in a checkout, `meshtui/_agent/` in an installed wheel."""
     here = Path(__file__).resolve().parent

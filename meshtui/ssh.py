@@ -90,7 +90,7 @@ async def connect_host(
         if known_hosts is None:
             # asyncssh reads ~/.ssh/known_hosts itself when given (); a missing file means "all unknown".
             raise asyncssh.HostKeyNotVerifiable("no known_hosts file")
-        return await asyncssh.connect(host.address, **_options(host, ssh, known_hosts))  # type: ignore[arg-type]
+        return await asyncssh.connect(host.address, **_options(host, ssh, known_hosts))
     except asyncssh.HostKeyNotVerifiable as err:
         if host_is_known(kh_path, host.address, port):
             raise HostError(
@@ -108,7 +108,7 @@ async def connect_host(
         raise HostError(describe_ssh_error(err, host), host=host.name) from err
     # accept-new: the host is not in known_hosts at all; trust this first key and record it.
     try:
-        conn = await asyncssh.connect(host.address, **_options(host, ssh, None))  # type: ignore[arg-type]
+        conn = await asyncssh.connect(host.address, **_options(host, ssh, None))
     except (OSError, asyncssh.Error, asyncio.TimeoutError) as err:
         raise HostError(describe_ssh_error(err, host), host=host.name) from err
     key = conn.get_server_host_key()

@@ -14,6 +14,10 @@ from typing import Any
 from meshtui.errors import EngineError
 
 
+class ContextOverflow(EngineError):
+    """The prompt does not fit in the context."""
+
+
 class EngineDied(EngineError):
     """The engine process exited: usually ggml aborting because a stage went away."""
 
@@ -101,14 +105,17 @@ class EngineProcess:
             event = await self._next_event()
             kind = event.get("ev")
             if kind == "error":
+                if event.get("kind") == "context":
+                    raise ContextOverflow(str(event.get("message")))
                 raise EngineError(str(event.get("message")))
             yield event
             if kind == "done":
                 return
 
-    def cancel(self) -> None:
+    def cancel(self, request_id: int | None = None) -> None:
+        """Stop a reply: the one under way, or (with an id) that request even if it has not started yet."""
         with contextlib.suppress(EngineError, OSError, RuntimeError):
-            self.send(op="cancel")
+            self.send(op="cancel", id=request_id)
 
     @property
     def alive(self) -> bool:

@@ -40,7 +40,8 @@ class Engine:
         self.proto = proto
         self.llm: Any = None
         self.placement: dict[int, str] = {}
-        self.cancel = threading.Event()
+        self.cancel = threading.Event()  # cancel the reply under way, whichever it is
+        self.cancelled_ids: set[Any] = set()  # cancel these requests, even before they start
         self.decode_calls = 0
         self.device_endpoints: dict[str, str] = {}  # ggml device name ("RPC0") -> endpoint
         self._log_cb: Any = None
@@ -207,7 +208,7 @@ class Engine:
                             text=text, decode_call=self.decode_calls - 1)
             if len(generated) >= max_tokens:
                 break
-            if self.cancel.is_set():
+            if self.cancel.is_set() or request_id in self.cancelled_ids:
                 stop_reason = "cancelled"
                 break
         tail = decoder.decode(b"", final=True)
@@ -233,7 +234,10 @@ def main() -> int:
                 proto.send(ev="error", message=f"bad command line: {line[:80]!r}")
                 continue
             if cmd.get("op") == "cancel":
-                engine.cancel.set()
+                if cmd.get("id") is None:
+                    engine.cancel.set()
+                else:
+                    engine.cancelled_ids.add(cmd["id"])
             else:
                 commands.put(cmd)
         commands.put(None)  # stdin closed: the orchestrator is gone

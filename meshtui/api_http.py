@@ -1,0 +1,118 @@
+"""Just enough HTTP/1.1 for the API, on asyncio streams: one request per connection, then `Connection: close`.
+
+Request bodies need a Content-Length (every OpenAI client sends one) and are capped; responses are JSON with a
+Content-Length, or a server-sent event stream that ends when the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from meshtui.api_openai import ApiError
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # the StreamReader limit start_server is given
+SERVER = "meshtui"
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-cased names
+    body: bytes = b""
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except (UnicodeDecodeError, ValueError) as err:  # the client sent something that is not JSON
+            raise ApiError(400, f"We could not parse the JSON body of your request: {err}") from err
+
+
+class ClientGone(Exception):
+    """The client closed the connection before sending a whole request: there is no one to answer."""
+
+
+async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       max_body: int = MAX_BODY_BYTES) -> Request:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError as err:
+        raise ApiError(431, "request headers too large") from err
+    except asyncio.IncompleteReadError as err:
+        raise ClientGone() from err
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ApiError(400, "malformed HTTP request line")
+    method, target, _version = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise ApiError(400, "malformed HTTP header line")
+        headers[name.lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        raise ApiError(411, "chunked request bodies are not supported; send a Content-Length")
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError as err:
+        raise ApiError(400, "Content-Length is not a number") from err
+    if length < 0:
+        raise ApiError(400, "Content-Length is negative")
+    if length > max_body:
+        raise ApiError(413, f"the request body is {length} bytes; at most {max_body} are accepted",
+                       code="request_too_large")
+    if length and headers.get("expect", "").lower() == "100-continue":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    try:
+        body = await reader.readexactly(length) if length else b""
+    except asyncio.IncompleteReadError as err:
+        raise ClientGone() from err
+    return Request(method.upper(), unquote(urlsplit(target).path), headers, body)
+
+
+def _head(status: int, headers: Sequence[tuple[str, str]]) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:  # a status http.HTTPStatus does not name
+        reason = "Unknown"
+    lines = [f"HTTP/1.1 {status} {reason}", f"Server: {SERVER}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def write_json(writer: asyncio.StreamWriter, status: int, obj: Any,
+                     headers: Sequence[tuple[str, str]] = ()) -> None:
+    body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    writer.write(_head(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                *headers]) + body)
+    await writer.drain()
+
+
+async def write_error(writer: asyncio.StreamWriter, err: ApiError) -> None:
+    await write_json(writer, err.status, err.body(), err.headers)
+
+
+async def start_events(writer: asyncio.StreamWriter) -> None:
+    writer.write(_head(200, [("Content-Type", "text/event-stream; charset=utf-8"),
+                             ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]))
+    await writer.drain()
+
+
+async def write_event(writer: asyncio.StreamWriter, obj: Any) -> None:
+    writer.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
+    await writer.drain()
+
+
+async def end_events(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"data: [DONE]\n\n")
+    await writer.drain()

@@ -1,0 +1,310 @@
+"""The OpenAI-compatible API on a real mesh (the embedded lab), called with the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import pytest_asyncio
+from helpers import REPO
+
+from meshtui import events as ev
+from meshtui.api import ApiRequestRecord, ApiServer
+from meshtui.api_openai import StopScanner
+from meshtui.inventory import ModelSpec
+from meshtui.lab import EmbeddedLab
+from meshtui.mesh import Mesh
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+KEY = "sk-test-meshtui"
+CHAT = [{"role": "user", "content": "What is 2+2?"}]
+CONTEXT = 512
+
+
+@dataclass
+class Served:
+    mesh: Mesh
+    server: ApiServer
+    events: list[ev.Event] = field(default_factory=list)
+    records: list[ApiRequestRecord] = field(default_factory=list)
+
+    def client(self, api_key: str = KEY, port: int | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port or self.server.port}/v1", api_key=api_key,
+                                  max_retries=0, timeout=60)
+
+    async def direct(self, **params: Any) -> Any:
+        """What the chat pane gets: Mesh.generate, in turn with the API's requests."""
+        async with self.server.requests.lock:
+            return await self.mesh.generate(**params)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served() -> AsyncIterator[Served]:
+    lab = EmbeddedLab(n_hosts=1)
+    await lab.start()
+    events: list[ev.Event] = []
+    mesh = Mesh(lab.inventory(ModelSpec(path=None, name="smollm2", context=CONTEXT)), listener=events.append)
+    try:
+        await mesh.up()
+        records: list[ApiRequestRecord] = []
+        server = ApiServer(mesh, port=0, api_key=KEY, on_request=records.append)
+        await server.start()
+        try:
+            yield Served(mesh, server, events, records)
+        finally:
+            await server.close()
+    finally:
+        await mesh.close()
+        await lab.close()
+
+
+async def http(port: int, method: str, path: str, body: bytes = b"",
+               headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+    """One raw HTTP/1.1 exchange; the JSON body parsed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = {"Host": f"127.0.0.1:{port}", "Content-Length": str(len(body)), "Authorization": f"Bearer {KEY}",
+            **(headers or {})}
+    writer.write(f"{method} {path} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items())
+                 .encode() + b"\r\n" + body)
+    data = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    status_head, _, payload = data.partition(b"\r\n\r\n")
+    lines = status_head.decode().split("\r\n")
+    response_headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in response_headers.items()}, json.loads(payload)
+
+
+def assert_error_shape(body: Any, code: str | None = None) -> None:
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code
+
+
+async def test_models_lists_the_loaded_model(served: Served) -> None:
+    async with served.client() as client:
+        models = await client.models.list()
+        assert [m.id for m in models.data] == [served.mesh.model.name]
+        assert models.data[0].owned_by == "meshtui"
+        assert (await client.models.retrieve("meshtui")).id == served.mesh.model.name
+
+
+async def test_chat_answers_like_the_chat_pane(served: Served) -> None:
+    async with served.client() as client:
+        reply = await client.chat.completions.create(model="meshtui", messages=CHAT, max_tokens=12,
+                                                      temperature=0)
+    direct = await served.direct(messages=CHAT, max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == direct.text and direct.text
+    assert choice.finish_reason == ("length" if direct.stop_reason == "length" else "stop")
+    assert reply.model == served.mesh.model.name and reply.object == "chat.completion"
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == direct.prompt_tokens
+    assert reply.usage.completion_tokens == len(direct.token_ids)
+    assert reply.usage.total_tokens == direct.prompt_tokens + len(direct.token_ids)
+    record = served.records[-1]
+    assert (record.method, record.path, record.status) == ("POST", "/v1/chat/completions", 200)
+    logged = [e for e in served.events if isinstance(e, ev.LogRecorded) and e.source == "api"]
+    assert "POST /v1/chat/completions 200" in logged[-1].message
+
+
+async def test_streamed_chat_is_the_same_text(served: Served) -> None:
+    async with served.client() as client:
+        whole = await client.chat.completions.create(model=served.mesh.model.name, messages=CHAT,
+                                                      max_completion_tokens=12, temperature=0)
+        stream = await client.chat.completions.create(model="meshtui", messages=CHAT, max_tokens=12,
+                                                       temperature=0, stream=True,
+                                                       stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == whole.choices[0].message.content
+    assert with_choices[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
+
+
+async def test_completions_are_raw_streamed_or_not_and_stop(served: Served) -> None:
+    prompt = "Once upon a time"
+    direct = await served.direct(prompt=prompt, raw=True, max_tokens=10, temperature=0)
+    async with served.client() as client:
+        whole = await client.completions.create(model="meshtui", prompt=prompt, max_tokens=10, temperature=0)
+        stream = await client.completions.create(model="meshtui", prompt=prompt, max_tokens=10, temperature=0,
+                                                 stream=True)
+        chunks = [chunk async for chunk in stream]
+        stop = direct.text.split()[2]
+        stopped = await client.completions.create(model="meshtui", prompt=prompt, max_tokens=10,
+                                                  temperature=0, stop=[stop])
+    assert whole.object == "text_completion"
+    assert whole.choices[0].text == direct.text
+    assert whole.usage is not None
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (direct.prompt_tokens,
+                                                                          len(direct.token_ids))
+    assert "".join(c.choices[0].text for c in chunks) == direct.text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert stopped.choices[0].text == direct.text[:direct.text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+async def test_two_requests_at_once_take_turns(served: Served) -> None:
+    async with served.client() as client:
+        replies = await asyncio.gather(*(
+            client.chat.completions.create(model="meshtui", messages=[{"role": "user", "content": text}],
+                                           max_tokens=8, temperature=0)
+            for text in ("Name a colour.", "Name a fruit.")))
+    for reply in replies:
+        assert reply.choices[0].message.content
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+async def test_auth_model_and_context_errors(served: Served) -> None:
+    async with served.client(api_key="wrong") as client:
+        with pytest.raises(openai.AuthenticationError) as denied:
+            await client.models.list()
+    assert denied.value.code == "invalid_api_key"
+    async with served.client() as client:
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=4)
+        assert missing.value.code == "model_not_found"
+        with pytest.raises(openai.BadRequestError) as overflow:
+            await client.completions.create(model="meshtui", prompt="word " * 600, max_tokens=4)
+        assert overflow.value.code == "context_length_exceeded"
+        # The mesh still answers after refusing.
+        assert (await client.completions.create(model="meshtui", prompt="Hi", max_tokens=2)).choices[0].text
+
+
+async def test_http_errors_have_the_openai_shape(served: Served) -> None:
+    port = served.server.port
+    status, _, body = await http(port, "POST", "/v1/chat/completions", b"{not json")
+    assert status == 400
+    assert_error_shape(body)
+    status, _, body = await http(port, "POST", "/v1/chat/completions", b'{"model": "meshtui"}')
+    assert status == 400 and body["error"]["param"] == "messages"
+    status, _, body = await http(port, "GET", "/v1/nothing")
+    assert status == 404
+    assert_error_shape(body)
+    status, headers, body = await http(port, "GET", "/v1/chat/completions")
+    assert status == 405 and headers["allow"] == "POST"
+    assert_error_shape(body)
+    too_long = {"Content-Length": str(2 * 1024**2)}
+    status, _, body = await http(port, "POST", "/v1/completions", headers=too_long)
+    assert status == 413
+    status, _, body = await http(port, "GET", "/v1/models", headers={"Authorization": ""})
+    assert status == 401
+    assert_error_shape(body, "invalid_api_key")
+
+
+async def test_not_ready_is_503_with_retry_after_and_no_key_means_local_only(served: Served) -> None:
+    ready = True
+    local = ApiServer(served.mesh, port=0, requests=served.server.requests, ready=lambda: ready)
+    await local.start()
+    try:
+        status, _, _ = await http(local.port, "GET", "/v1/models")
+        assert status == 200
+        status, _, body = await http(local.port, "GET", "/v1/models", headers={"Host": "evil.example:80"})
+        assert status == 403
+        status, _, body = await http(local.port, "POST", "/v1/completions", b'{"prompt": "x"}',
+                                     headers={"Origin": "https://evil.example"})
+        assert status == 403
+        ready = False
+        async with served.client(port=local.port) as client:
+            with pytest.raises(openai.InternalServerError) as unavailable:
+                await client.chat.completions.create(model="meshtui", messages=CHAT, max_tokens=4)
+        assert unavailable.value.status_code == 503
+        assert unavailable.value.response.headers["retry-after"] == "5"
+        assert unavailable.value.code == "mesh_not_ready"
+    finally:
+        await local.close()
+
+
+async def test_client_hanging_up_cancels_the_reply(served: Served) -> None:
+    body = json.dumps({"messages": CHAT, "max_tokens": 400, "temperature": 0, "stream": True}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.server.port)
+    writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    seen = b""
+    while seen.count(b"data: ") < 3:  # the role chunk and two tokens
+        seen += await asyncio.wait_for(reader.read(4096), 30)
+    assert seen.startswith(b"HTTP/1.1 200")
+    writer.close()
+    deadline = time.monotonic() + 20
+    finished: list[ev.ReplyFinished] = []
+    while not finished and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        finished = [e for e in served.events[-1000:] if isinstance(e, ev.ReplyFinished)
+                    and e.stop_reason == "cancelled"]
+    assert finished and len(finished[-1].token_ids) < 400
+    # The next reply starts on a clean engine.
+    direct = await served.direct(messages=CHAT, max_tokens=6, temperature=0)
+    async with served.client() as client:
+        reply = await client.chat.completions.create(model="meshtui", messages=CHAT, max_tokens=6,
+                                                      temperature=0)
+    assert reply.choices[0].message.content == direct.text
+
+
+async def test_stop_scanner_holds_back_only_a_possible_stop() -> None:
+    scanner = StopScanner(["\n\n", "END"])
+    assert scanner.feed("Hello E") == "Hello "
+    assert scanner.feed("ND of it") == ""
+    assert scanner.stopped
+    plain = StopScanner([])
+    assert plain.feed("abc") == "abc" and plain.flush() == ""
+
+
+async def test_serve_command_serves_until_sigterm(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "MESHTUI_API_KEY")}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshtui", "serve", "--api-port", str(port), "--lab-hosts", "1",
+            "--context", str(CONTEXT), cwd=REPO, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        async with client:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.returncode is None, log.read_text()
+                try:
+                    models = await client.models.list()
+                    break
+                except openai.APIConnectionError:
+                    assert time.monotonic() < deadline, log.read_text()
+                    await asyncio.sleep(0.5)
+            reply = await client.chat.completions.create(model=models.data[0].id, messages=CHAT, max_tokens=4)
+            assert reply.choices[0].message.content
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) in (0, 130)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = log.read_text()
+    assert f"meshtui: serving {models.data[0].id} on http://127.0.0.1:{port}/v1" in text
+    assert "POST /v1/chat/completions 200" in text
+
+
+async def test_serve_refuses_the_network_without_a_key() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MESHTUI_API_KEY"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshtui", "serve", "--api-host", "0.0.0.0", cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert len(err.decode().strip().splitlines()) == 1 and "--api-key" in err.decode()

@@ -95,6 +95,24 @@ def nvidia_gpus():
     return gpus
 
 
+def memory_bandwidth(size=32 * 1024 * 1024, rounds=3):
+    """Bytes per second one core copies: decoding on a CPU is bound by it, so it predicts token time."""
+    try:
+        src = bytearray(b"\x01") * size
+        dst = bytearray(size)
+        dst[:] = src  # fault the pages in first
+        best = 0.0
+        for _ in range(rounds):
+            start = time.perf_counter()
+            dst[:] = src
+            elapsed = time.perf_counter() - start
+            if elapsed > 0:
+                best = max(best, size / elapsed)
+        return int(best)
+    except MemoryError:
+        return None
+
+
 def probe():
     mem = read_meminfo()
     return {
@@ -109,6 +127,7 @@ def probe():
         "mem_total": mem.get("MemTotal", 0),
         "mem_available": mem.get("MemAvailable", mem.get("MemFree", 0)),
         "gpus": nvidia_gpus(),
+        "mem_bandwidth": memory_bandwidth(),
         "nvcc": any(os.access(os.path.join(d, "nvcc"), os.X_OK)
                     for d in os.environ.get("PATH", "").split(os.pathsep) if d),
     }

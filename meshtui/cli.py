@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="connect, probe and print the layer split; loads nothing")
     common(plan)
 
+    bench = sub.add_parser("bench", help="measure speed: the head alone, the mesh over SSH, plain TCP stages")
+    common(bench)
+    bench.add_argument("--out", type=Path, metavar="DIR", help="write bench.json and bench.svg into DIR")
+    bench.add_argument("--prompts", type=int, default=3, metavar="N", help="fixed prompts to run (default 3)")
+    bench.add_argument("--max-tokens", type=int, default=48, metavar="N", help="tokens per prompt (default 48)")
+    bench.add_argument("--tcp-stages", metavar="NAME=HOST:PORT,...",
+                       help="plain TCP ggml RPC servers you started, one per stage: adds the 'tcp' baseline")
+
     down = sub.add_parser("down", help="stop agents left running on the inventory's hosts")
     down.add_argument("inventory", type=Path)
     down.add_argument("--accept-new", action="store_true")
@@ -122,6 +130,12 @@ def _print_plan(mesh: Mesh, out: TextIO) -> None:
               f"{format_size(a.usable_bytes)} usable", file=out)
     for reason in mesh.plan.reasons:
         print(f"  - {reason}", file=out)
+    prediction = mesh.predict()
+    if prediction is not None:
+        parts = ", ".join(f"{n.name} {n.compute_ms:.1f} ms" + (f" + {n.network_ms:.1f} ms network" if n.network_ms
+                                                               else "") for n in prediction.nodes)
+        network_note = "" if any(n.network_ms for n in prediction.nodes) else " before network round trips"
+        print(f"  predicted decode: {prediction.tokens_per_second:.1f} tok/s{network_note} ({parts})", file=out)
 
 
 async def cmd_plan(args: argparse.Namespace) -> int:
@@ -174,6 +188,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
                     finished = event
             assert finished is not None
             summary = mesh.summary()
+            prediction = mesh.predict()
         finally:
             await mesh.close()
     if args.json:
@@ -191,10 +206,12 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "load_seconds": mesh.load_seconds,
             "load_bytes_sent": mesh.load_bytes_sent,
             "recoveries": [r.to_json() for r in mesh.recoveries],
+            "prediction": prediction.to_json() if prediction else None,
         }))
     else:
         print()
-        print(f"{len(finished.token_ids)} tokens, {finished.tokens_per_second:.1f} tok/s", file=sys.stderr)
+        predicted = f" (predicted {prediction.tokens_per_second:.1f})" if prediction else ""
+        print(f"{len(finished.token_ids)} tokens, {finished.tokens_per_second:.1f} tok/s{predicted}", file=sys.stderr)
     return 0
 
 
@@ -255,11 +272,35 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_bench(args: argparse.Namespace) -> int:
+    from meshtui.bench import BenchOptions, parse_tcp_stages, render_table, run_bench, write_outputs
+
+    options = BenchOptions(prompts=args.prompts, max_tokens=args.max_tokens,
+                           tcp_stages=parse_tcp_stages(args.tcp_stages) if args.tcp_stages else {})
+
+    def progress(line: str) -> None:
+        if args.verbose or not args.json:
+            print(f"  bench: {line}", file=sys.stderr)
+
+    async with _inventory_for(args) as inventory:
+        report = await run_bench(inventory, options, accept_new=args.accept_new,
+                                 listener=_stderr_listener(args.verbose), progress=progress)
+    paths = write_outputs(report, args.out) if args.out is not None else ()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(render_table(report))
+        for path in paths:
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "up": cmd_up,
     "serve": cmd_serve,
     "plan": cmd_plan,
     "down": cmd_down,
+    "bench": cmd_bench,
 }
 
 

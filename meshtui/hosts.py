@@ -37,6 +37,7 @@ class HostFacts:
     mem_total: int
     mem_available: int
     gpus: tuple[dict[str, Any], ...]
+    mem_bandwidth: int | None = None  # bytes/s one core copies (agent's probe)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HostFacts:
@@ -50,13 +51,14 @@ class HostFacts:
             mem_total=int(data["mem_total"]),
             mem_available=int(data["mem_available"]),
             gpus=tuple(data.get("gpus") or ()),
+            mem_bandwidth=int(data["mem_bandwidth"]) if data.get("mem_bandwidth") else None,
         )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "hostname": self.hostname, "os": self.os, "arch": self.arch, "python": self.python,
             "glibc": self.glibc, "cores": self.cores, "mem_total": self.mem_total,
-            "mem_available": self.mem_available, "gpus": list(self.gpus),
+            "mem_available": self.mem_available, "gpus": list(self.gpus), "mem_bandwidth": self.mem_bandwidth,
         }
 
 

@@ -26,6 +26,7 @@ from meshtui.hosts import Agent, HostFacts, launch_agent, probe_host, push_runti
 from meshtui.inventory import HostSpec, Inventory
 from meshtui.models import resolve_model_path
 from meshtui.planner import NODE_OVERHEAD_BYTES, NodeCapacity, Plan, plan_layer_split
+from meshtui.predict import Prediction, predict_decode
 from meshtui.rpcwire import rpc_hello
 from meshtui.runtime import expected_rpc_protocol, local_runtime_bundle
 from meshtui.ssh import connect_host
@@ -622,6 +623,13 @@ class Mesh:
         return None
 
     # -- reporting -------------------------------------------------------------------------------
+    def predict(self) -> Prediction | None:
+        """Predicted decode speed of the current plan from probed bandwidth and measured round trips."""
+        if self.plan is None or self.model is None:
+            return None
+        bandwidth = {n.name: (n.facts.mem_bandwidth if n.facts else None) for n in self.nodes}
+        return predict_decode(self.plan, self.model, bandwidth, {n.name: n.rtt_ms for n in self.nodes})
+
     def summary(self) -> list[dict[str, Any]]:
         rows = []
         for node in self.nodes:

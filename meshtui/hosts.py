@@ -99,6 +99,8 @@ async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
             pid = int(first.split()[1])
         result = await asyncio.wait_for(process.wait(check=False), timeout)
     except (asyncio.TimeoutError, asyncssh.TimeoutError) as err:
+        with contextlib.suppress(OSError, asyncssh.Error):
+            process.kill()  # a signal request on the channel, where sshd supports it
         await _kill_remote_group(conn, pid)
         raise HostError(f"probe did not answer within {timeout:.0f}s", host=host.name) from err
     except (OSError, asyncssh.Error, ValueError) as err:
@@ -127,7 +129,7 @@ async def _kill_remote_group(conn: asyncssh.SSHClientConnection, pid: int | None
     if pid is None or pid <= 1:
         return
     with contextlib.suppress(OSError, asyncssh.Error, asyncio.TimeoutError):
-        await conn.run(f"kill -9 -- -{pid} {pid} 2>/dev/null", check=False, timeout=5)
+        await conn.run(f"kill -9 -{pid} {pid} 2>/dev/null; kill -9 -- -{pid} 2>/dev/null", check=False, timeout=20)
 
 
 async def push_runtime(

@@ -20,7 +20,7 @@ from lab.netns import Lab  # noqa: E402
 
 from meshtui.tunnels import StageTunnel  # noqa: E402
 
-UP, DOWN = 3000, 2304
+UP, DOWN = 3000, int(__import__("os").environ.get("DOWN", 2304))
 SERVER = f"""
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -95,7 +95,9 @@ async def main() -> None:
             spec = HostSpec(name=host.name, address=host.address, user=host.user, port=host.port,
                             identity_file=host.identity_file)
             async with await connect_host(spec, SSHSpec(known_hosts=lab.known_hosts)) as conn:
-                tunnel = StageTunnel(conn, 7001)
+                import os
+
+                tunnel = StageTunnel(conn, 7001, max_pktsize=int(os.environ.get("PKT", 32768)))
                 await tunnel.start()
                 results = {}
                 for label, target in (("plain TCP", (host.address, 7002)), ("meshtui tunnel", ("127.0.0.1",

@@ -64,7 +64,8 @@ class _LocalSide(asyncio.Protocol):
     async def _open_channel(self) -> None:
         try:
             channel, _ = await self.tunnel.conn.create_connection(
-                lambda: _ChannelSide(self), "127.0.0.1", self.tunnel.remote_port, encoding=None
+                lambda: _ChannelSide(self), "127.0.0.1", self.tunnel.remote_port, encoding=None,
+                window=self.tunnel.window, max_pktsize=self.tunnel.max_pktsize,
             )
         except (OSError, asyncssh.Error) as err:
             self.tunnel.on_error(f"cannot open the forward to the agent: {err}")
@@ -107,11 +108,16 @@ class StageTunnel:
         conn: asyncssh.SSHClientConnection,
         remote_port: int,
         on_error: Callable[[str], None] = lambda message: None,
+        *,
+        window: int = 8 * 1024 * 1024,
+        max_pktsize: int = 32768,
     ) -> None:
         self.conn = conn
         self.remote_port = remote_port
         self.on_error = on_error
         self.meter = RpcMeter()
+        self.window = window
+        self.max_pktsize = max_pktsize
         self.connections: set[_LocalSide] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.base_events.Server | None = None

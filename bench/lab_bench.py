@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Benchmark meshtui on the namespace lab: the head alone, the mesh over SSH, and plain TCP stages.
+
+Builds a 2-host lab (tests/lab/netns.py: real OpenSSH sshd hosts in network namespaces), starts one plain
+TCP ggml RPC server per host on the host's own lab address (bench/tcp_stage.py, run as the host's user),
+then runs `meshtui bench` for SmolLM2 and for a synthetic f16 model of about 2.3 GB (tests/synth.py's
+LARGE_SHAPE, whose every block matrix is over ggml's 10 MB RPC-cache threshold). Every process uses one
+thread, so the head and two stages never fight over the cores of a small machine.
+
+    sudo .venv/bin/python bench/lab_bench.py --out out/bench
+
+Writes DIR/<model>/bench.json and DIR/<model>/bench.svg and prints where they are. Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import pwd
+import select
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from lab import netns  # noqa: E402  (tests/ is not a package)
+from synth import LARGE_SHAPE, synthetic_model  # noqa: E402
+
+from meshtui.runtime import local_runtime_bundle  # noqa: E402
+
+STAGE_SCRIPT = Path(__file__).resolve().parent / "tcp_stage.py"
+STAGE_PORT = 50052
+STAGE_DIR = "meshtui-tcp-stage"  # in each lab user's home
+NODE_MEMORY = "2 GiB"  # max_memory of every node: equal, stable shares, so both loads get the same plan
+# (label, model line of the inventory, default tokens per prompt)
+MODELS = {
+    "smollm2": ('name = "smollm2"', 64),
+    "synthetic": (None, 24),  # path filled in once the file exists
+}
+
+
+def install_stage(lab: netns.Lab, host: netns.LabHost) -> Path:
+    """Copy the ggml runtime (the libraries meshtui pushes to agents) and tcp_stage.py into the host's home."""
+    folder = host.home / STAGE_DIR
+    (folder / "lib").mkdir(parents=True, exist_ok=True)
+    for rel, path in local_runtime_bundle().files:
+        if rel.startswith("lib/"):
+            shutil.copy2(path, folder / rel)
+    shutil.copy2(STAGE_SCRIPT, folder / STAGE_SCRIPT.name)
+    user = pwd.getpwnam(host.user)
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return folder
+
+
+@contextlib.contextmanager
+def tcp_stages(lab: netns.Lab, log_dir: Path, port: int) -> Iterator[dict[str, str]]:
+    """One plain TCP stage server per lab host, as that host's user, on its lab address; all stopped after."""
+    procs: list[subprocess.Popen[bytes]] = []
+    endpoints: dict[str, str] = {}
+    try:
+        for host in lab.hosts:
+            folder = install_stage(lab, host)
+            log = open(log_dir / f"tcp-stage-{host.name}.log", "ab")  # noqa: SIM115 - closed with the process
+            proc = lab.popen_in(host, [
+                "runuser", "-u", host.user, "--", str(netns.SYSTEM_PYTHON), str(folder / STAGE_SCRIPT.name),
+                "--runtime", str(folder), "--host", host.address, "--port", str(port), "--threads", "1",
+            ], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+            log.close()
+            procs.append(proc)
+            ready = _read_line(proc, timeout=30.0)
+            if ready.get("event") != "ready":
+                raise RuntimeError(f"tcp stage on {host.name} did not start: {ready}")
+            endpoints[host.name] = f"{host.address}:{port}"
+        yield endpoints
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    readable, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not readable:
+        return {"event": "timeout"}
+    line = proc.stdout.readline()
+    try:
+        parsed: dict[str, Any] = json.loads(line)
+    except ValueError:
+        return {"event": "unparsable", "line": line[:200].decode(errors="replace"), "status": proc.poll()}
+    return parsed
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Close the lifeline; kill the whole group if the server does not leave on its own."""
+    with contextlib.suppress(OSError):
+        if proc.stdin is not None:
+            proc.stdin.close()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def write_inventory(lab: netns.Lab, model_line: str, path: Path) -> Path:
+    per_host = {h.name: {"threads": 1, "max_memory": NODE_MEMORY} for h in lab.hosts}
+    text = lab.inventory_toml(model_line, extra_host_keys=per_host)
+    head = "[head]\ncompute = true\n"
+    assert text.count(head) == 1, text
+    path.write_text(text.replace(head, f'{head}threads = 1\nmax_memory = "{NODE_MEMORY}"\n'))
+    return path
+
+
+def run_bench(inventory: Path, endpoints: dict[str, str], out: Path, prompts: int, max_tokens: int) -> dict[str, Any]:
+    stages = ",".join(f"{name}={endpoint}" for name, endpoint in endpoints.items())
+    cmd = [sys.executable, "-m", "meshtui", "bench", str(inventory), "--tcp-stages", stages, "--json", "-v",
+           "--out", str(out), "--prompts", str(prompts), "--max-tokens", str(max_tokens)]
+    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+    result = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=3600, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"meshtui bench failed with status {result.returncode}")
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def headline(label: str, report: dict[str, Any]) -> str:
+    runs = {r["mode"]: r for r in report["runs"]}
+    speeds = ", ".join(f"{mode} {run['decode_tokens_per_second']:.1f}" for mode, run in runs.items())
+    ratio = report.get("ssh_over_tcp_decode_ratio")
+    return (f"{label}: decode tok/s {speeds}; ssh/tcp {ratio:.2f}; load over ssh "
+            f"{runs['ssh']['load_bytes_sent'] / 1e6:.1f} MB, reload {report['reload_bytes_sent'] / 1e6:.1f} MB"
+            if ratio is not None else f"{label}: decode tok/s {speeds}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "bench", help="output folder (default out/bench)")
+    parser.add_argument("--models", default="smollm2,synthetic", help="comma-separated: smollm2, synthetic")
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, help="tokens per prompt (default 64 for smollm2, 24 synthetic)")
+    args = parser.parse_args()
+    reason = netns.lab_unavailable_reason()
+    if reason is not None:
+        print(f"lab_bench: the namespace lab cannot run here: {reason}", file=sys.stderr)
+        return 2
+    labels = [m.strip() for m in args.models.split(",") if m.strip()]
+    for label in labels:
+        if label not in MODELS:
+            parser.error(f"unknown model {label!r} (known: {', '.join(MODELS)})")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    netns.cleanup_stale()
+    reports: dict[str, dict[str, Any]] = {}
+    with netns.Lab(n_hosts=2) as lab:
+        for index, label in enumerate(labels):
+            model_line, default_tokens = MODELS[label]
+            if model_line is None:
+                print("preparing the synthetic model (about 2.3 GB, cached in ~/.cache/meshtui/models)",
+                      file=sys.stderr, flush=True)
+                model_line = f'path = "{synthetic_model(**dataclasses.asdict(LARGE_SHAPE))}"'
+            inventory = write_inventory(lab, model_line, lab.root / f"inventory-{label}.toml")
+            # A new port per run: ggml's server does not set SO_REUSEADDR.
+            with tcp_stages(lab, out, STAGE_PORT + index) as endpoints:
+                reports[label] = run_bench(inventory, endpoints, out / label, args.prompts,
+                                           args.max_tokens or default_tokens)
+    print()
+    for label, report in reports.items():
+        print(headline(label, report))
+        print(f"  {out / label / 'bench.json'}\n  {out / label / 'bench.svg'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -55,7 +55,8 @@ class Node:
     conn: asyncssh.SSHClientConnection | None = None
     agent: Agent | None = None
     tunnel: StageTunnel | None = None
-    rtt_ms: float | None = None
+    rtt_ms: float | None = None  # the minimum of recent pings: a busy moment only ever adds to a round trip
+    rtt_samples: deque[float] = field(default_factory=lambda: deque(maxlen=10))
     rpc_protocol: tuple[int, int, int] | None = None
     latencies: deque[ev.StageLatencyMeasured] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
 
@@ -263,7 +264,8 @@ class Mesh:
                                   on_error=lambda msg: self._log(node.name, msg, "error"))
         await node.tunnel.start()
         with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error):
-            node.rtt_ms = await node.agent.ping() * 1000.0
+            node.rtt_samples.append(await node.agent.ping() * 1000.0)
+            node.rtt_ms = min(node.rtt_samples)
 
     async def _check_protocols(self, remote: Sequence[Node]) -> None:
         """Every stage must speak the head's RPC protocol: ggml aborts on a mismatch, so ask first."""
@@ -350,8 +352,9 @@ class Mesh:
         while True:
             for node in self.hosts:
                 if node.agent and node.agent.alive:
-                    with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error, asyncio.CancelledError):
-                        node.rtt_ms = await node.agent.ping() * 1000.0
+                    with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error):
+                        node.rtt_samples.append(await node.agent.ping() * 1000.0)
+                        node.rtt_ms = min(node.rtt_samples)
             await asyncio.sleep(interval)
 
     # -- all of it -------------------------------------------------------------------------------

@@ -240,7 +240,9 @@ def main() -> int:
                     engine.cancelled_ids.add(cmd["id"])
             else:
                 commands.put(cmd)
-        commands.put(None)  # stdin closed: the orchestrator is gone
+        # stdin closed: the orchestrator is gone, and nobody is left to read what we would say. Leave now,
+        # even in the middle of a reply (the main thread may be blocked on a half-closed RPC socket).
+        os._exit(0)
 
     threading.Thread(target=read_commands, name="commands", daemon=True).start()
     proto.send(ev="hello", pid=os.getpid())

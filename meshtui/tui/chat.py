@@ -1,0 +1,247 @@
+"""The conversation: every turn sends the whole history; the reply streams in as tokens arrive.
+
+A prompt submitted while a reply is still streaming is refused with a notice (the text stays in the input),
+so the history the model sees is always the one on screen.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.reactive import reactive
+from textual.visual import visualize
+from textual.widgets import Input, Static
+from textual.worker import Worker, WorkerState
+
+from meshtui import events as ev
+from meshtui.errors import MeshError
+from meshtui.tui.protocol import MeshLike
+from meshtui.tui.throttle import Throttle
+
+REPLY_REDRAW_INTERVAL = 0.1  # seconds: at most 10 redraws of a streaming reply a second
+
+
+class ChatMessage(Static):
+    """One turn on screen: the user's prompt, the assistant's reply, or an error."""
+
+    def __init__(self, role: str, text: str = "") -> None:
+        super().__init__(Text(text), classes=f"message -{role}")
+        self.role = role
+        self.text = text
+
+    def set_text(self, text: str) -> bool:
+        """Show `text`; True when it changed the widget's height (which costs a layout of the screen)."""
+        self.text = text
+        content = Text(text)
+        width = self.size.width
+        # the measure Textual's own layout uses (Widget.get_content_height passes its styles the same way)
+        height = visualize(self, content).get_height(self.styles, width) if width else None  # type: ignore[arg-type]
+        relayout = height is None or height != self.size.height
+        self.update(content, layout=relayout)
+        return relayout
+
+
+class ChatPane(Vertical):
+    ready: reactive[bool] = reactive(False)
+    """The mesh is up and can answer."""
+    down_reason: reactive[str] = reactive("")
+    """Why the mesh cannot answer (empty while it is coming up)."""
+
+    class ReplyGrew(Message):
+        """The reply so far. A later one for the same turn supersedes it, so a busy UI skips ahead."""
+
+        def __init__(self, turn: int, text: str) -> None:
+            super().__init__()
+            self.turn = turn
+            self.text = text
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, ChatPane.ReplyGrew) and message.turn == self.turn
+
+    class ReplyEnded(Message):
+        def __init__(self, turn: int, finished: ev.ReplyFinished | None, error: str = "") -> None:
+            super().__init__()
+            self.turn = turn
+            self.finished = finished
+            self.error = error
+
+    def __init__(self, mesh: MeshLike, *, max_tokens: int = 256, temperature: float = 0.7,
+                 id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.mesh = mesh
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.messages: list[dict[str, str]] = []
+        self.stopping = False
+        self._turn = 0  # the turn on screen; bumped by clearing so late messages of the old one are dropped
+        self._streaming_turn: int | None = None
+        self._reply: ChatMessage | None = None
+        self._reply_text = ""
+        self._reply_throttle = Throttle(self, REPLY_REDRAW_INTERVAL, self._show_reply)
+
+    def compose(self) -> ComposeResult:
+        yield VerticalScroll(id="transcript")
+        yield Static("", id="chat-status")
+        yield Input(placeholder="waiting for the mesh…", id="prompt", disabled=True)
+
+    def on_mount(self) -> None:
+        self.border_title = "Chat"
+        self._set_status("the chat opens when the mesh is ready")
+
+    # -- readiness -------------------------------------------------------------------------------
+    def watch_ready(self, ready: bool) -> None:
+        prompt = self.query_one("#prompt", Input)
+        prompt.disabled = not ready
+        if ready:
+            prompt.placeholder = "ask something; Enter sends"
+            self._set_status("ready · Enter sends · Esc stops a reply · Ctrl+L clears")
+            prompt.focus()
+
+    def watch_down_reason(self, reason: str) -> None:
+        if reason:
+            self.query_one("#prompt", Input).placeholder = "the mesh is down"
+            self._set_status(f"the mesh is down: {reason}", error=True)
+
+    # -- sending ---------------------------------------------------------------------------------
+    @on(Input.Submitted, "#prompt")
+    def _on_submit(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if not self.ready:
+            self.notify("The mesh is not ready.", severity="warning")
+            return
+        if self.streaming:
+            self.notify("A reply is still streaming: wait for it, or press Esc to stop it.", severity="warning")
+            return
+        event.input.clear()
+        self.send(text)
+
+    def send(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        self._turn += 1
+        self._reply_text = ""
+        self._reply = ChatMessage("assistant", "…")
+        transcript = self.query_one("#transcript", VerticalScroll)
+        transcript.mount_all([ChatMessage("user", text), self._reply])
+        transcript.scroll_end(animate=False)
+        self._streaming_turn = self._turn
+        self.stopping = False
+        self._set_status("streaming… Esc stops the reply")
+        self._stream_reply(self._turn, list(self.messages))
+
+    @work(exclusive=True, exit_on_error=False, group="chat")
+    async def _stream_reply(self, turn: int, messages: list[dict[str, str]]) -> None:
+        """Consume the mesh's stream for one reply; the UI only hears about it through messages."""
+        text = ""
+        finished: ev.ReplyFinished | None = None
+        try:
+            async for event in self.mesh.stream(messages=messages, max_tokens=self.max_tokens,
+                                                temperature=self.temperature):
+                if isinstance(event, ev.TokenGenerated):
+                    text += event.text
+                    self.post_message(self.ReplyGrew(turn, text))
+                elif isinstance(event, ev.ReplyFinished):
+                    finished = event
+        except MeshError as err:
+            self.post_message(self.ReplyEnded(turn, None, str(err)))
+            return
+        self.post_message(self.ReplyEnded(turn, finished, "" if finished else "the reply ended unfinished"))
+
+    @on(Worker.StateChanged)
+    def _on_worker_state(self, event: Worker.StateChanged) -> None:
+        """A bug in the stream (not a MeshError, which the worker reports itself) must still end the turn."""
+        if event.worker.group == "chat" and event.state == WorkerState.ERROR and self._streaming_turn is not None:
+            error = event.worker.error
+            self.post_message(self.ReplyEnded(self._streaming_turn, None,
+                                              f"internal error: {type(error).__name__}: {error}"))
+
+    @on(ReplyGrew)
+    def _on_reply_grew(self, message: ReplyGrew) -> None:
+        if message.turn == self._turn:
+            self._reply_text = message.text
+            self._reply_throttle.poke()
+
+    def _show_reply(self) -> None:
+        if self._reply is not None and self._reply_text and self._reply.set_text(self._reply_text):
+            self._follow()
+
+    @on(ReplyEnded)
+    def _on_reply_ended(self, message: ReplyEnded) -> None:
+        if message.turn == self._streaming_turn:
+            self._streaming_turn = None
+        if message.turn != self._turn:
+            return  # a reply stopped by clearing the conversation: forget it
+        reply, self._reply = self._reply, None
+        finished = message.finished
+        text = (finished.text if finished else "") or self._reply_text
+        unanswered = bool(self.messages) and self.messages[-1]["role"] == "user"
+        if unanswered and (finished is None or not text):
+            # no answer to keep: drop the prompt from the history (not the screen) so turns keep alternating
+            self.messages.pop()
+        if finished is None:
+            if reply is not None:
+                reply.set_text(self._reply_text or "(no reply)")
+                reply.add_class("-failed")
+                reply.border_subtitle = "failed"
+            self.query_one("#transcript").mount(ChatMessage("error", message.error))
+            self._set_status(f"the reply failed: {message.error}", error=True)
+        else:
+            if reply is not None:
+                reply.set_text(text or "(empty reply)")
+                reply.border_subtitle = describe_reply(finished)
+            if text:
+                self.messages.append({"role": "assistant", "content": text})
+            self._set_status(f"{describe_reply(finished)} · Enter sends · Ctrl+L clears")
+        self._follow()
+
+    # -- actions the app binds -------------------------------------------------------------------
+    def stop(self) -> bool:
+        """Stop the streaming reply; False when none is streaming."""
+        if not self.streaming:
+            return False
+        if not self.stopping:
+            self.stopping = True
+            self.mesh.cancel()
+            self._set_status("stopping the reply…")
+        return True
+
+    def clear(self) -> None:
+        self.stop()
+        self._turn += 1  # whatever is still in flight belongs to the forgotten conversation
+        self._reply = None
+        self.messages.clear()
+        self.query_one("#transcript").remove_children()
+        self._set_status("conversation cleared")
+
+    def focus_prompt(self) -> None:
+        self.query_one("#prompt", Input).focus()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def streaming(self) -> bool:
+        """A reply is in flight (including one being stopped)."""
+        return self._streaming_turn is not None
+
+    def _follow(self) -> None:
+        transcript = self.query_one("#transcript", VerticalScroll)
+        transcript.scroll_end(animate=False)
+
+    def _set_status(self, text: str, *, error: bool = False) -> None:
+        status = self.query_one("#chat-status", Static)
+        status.update(Text(text))
+        status.set_class(error, "-error")
+
+
+def describe_reply(finished: ev.ReplyFinished) -> str:
+    count = len(finished.token_ids)
+    tokens = f"{count} token{'s' if count != 1 else ''}"
+    text = f"{finished.tokens_per_second:.1f} tok/s · {tokens} · {finished.seconds:.2f} s"
+    if finished.stop_reason == "cancelled":
+        text += " · stopped"
+    elif finished.stop_reason == "length":
+        text += " · hit the token limit"
+    return text

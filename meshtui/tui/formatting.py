@@ -1,0 +1,91 @@
+"""Pure text helpers shared by the views: how layers, bytes and latencies read in a cell."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from meshtui.events import StageLatencyMeasured
+from meshtui.units import format_size
+
+NOT_MEASURED = "—"
+
+
+def layer_range(layers: tuple[int, int] | Sequence[int] | None, n_layer: int | None) -> str:
+    """`(25, 31)` with 30 blocks reads "25–29+out": layer index n_layer is llama.cpp's output layer."""
+    if not layers:
+        return NOT_MEASURED
+    start, end = int(layers[0]), int(layers[1])
+    if end <= start:
+        return NOT_MEASURED
+    last = end - 1
+    if n_layer is not None and last == n_layer:
+        if last == start:
+            return "out"
+        return f"{start}+out" if last - 1 == start else f"{start}–{last - 1}+out"
+    return str(start) if last == start else f"{start}–{last}"
+
+
+def latency_split(total_ms: float, network_ms: float) -> str:
+    """"7.4 (6.3+1.1)": the total, then compute + network (the node's round trip, at most the total)."""
+    network = min(max(network_ms, 0.0), total_ms)
+    return f"{total_ms:.1f} ({total_ms - network:.1f}+{network:.1f})"
+
+
+def latency_columns(samples: Sequence[StageLatencyMeasured]) -> list[str]:
+    """Last, mean and p95 per-token latency of one stage, each split as the core measured it.
+
+    The p95 sample is picked the way `Node.latency_summary` picks it, so the totals agree with the core's.
+    """
+    if not samples:
+        return [NOT_MEASURED] * 3
+    last = samples[-1]
+    ordered = sorted(samples, key=lambda s: s.total_ms)
+    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
+    mean_total = statistics.fmean(s.total_ms for s in samples)
+    mean_network = statistics.fmean(min(s.network_ms, s.total_ms) for s in samples)
+    return [
+        latency_split(last.total_ms, last.network_ms),
+        latency_split(mean_total, mean_network),
+        latency_split(p95.total_ms, p95.network_ms),
+    ]
+
+
+def memory_use(planned_bytes: int, usable_bytes: int) -> str:
+    if not usable_bytes:
+        return NOT_MEASURED
+    return f"{format_size(planned_bytes)} / {format_size(usable_bytes)}"
+
+
+def bytes_or_dash(n: float | None) -> str:
+    return NOT_MEASURED if n is None else format_size(round(n))
+
+
+def transfer(done: int, total: int | None) -> str:
+    """"1.20 MiB / 2.60 MiB 46%", or just the bytes moved when the total is unknown."""
+    if not total:
+        return format_size(done)
+    percent = min(100, round(100 * done / total))
+    return f"{format_size(done)} / {format_size(total)} {percent}%"
+
+
+def proportional_widths(weights: Sequence[int], width: int) -> list[int]:
+    """Split `width` cells in proportion to `weights` (largest remainder), every positive weight >= 1 cell."""
+    total = sum(w for w in weights if w > 0)
+    if total <= 0 or width <= 0:
+        return [0 for _ in weights]
+    exact = [width * w / total if w > 0 else 0.0 for w in weights]
+    cells = [int(x) for x in exact]
+    for i, w in enumerate(weights):
+        if w > 0 and cells[i] == 0 and sum(cells) < width:
+            cells[i] = 1
+    order = sorted(range(len(weights)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    for i in order:
+        if sum(cells) >= width:
+            break
+        if weights[i] > 0:
+            cells[i] += 1
+    while sum(cells) > width:  # the >= 1 rule overshot: take from the widest
+        widest = max(range(len(cells)), key=lambda i: cells[i])
+        cells[widest] -= 1
+    return cells

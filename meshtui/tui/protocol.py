@@ -1,0 +1,37 @@
+"""The surface of `meshtui.mesh.Mesh` the UI uses, so tests can hand the app a scripted fake."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+from meshtui import events as ev
+from meshtui.inventory import Inventory
+from meshtui.mesh import Node
+
+
+class MeshLike(Protocol):
+    @property
+    def nodes(self) -> list[Node]: ...
+
+    plan: Any  # meshtui.planner.Plan | None
+
+    async def up(self) -> None: ...
+
+    def stream(self, *, messages: Sequence[dict[str, str]] | None = None, max_tokens: int = 256,
+               temperature: float = 0.7, seed: int = 0) -> AsyncIterator[ev.Event]: ...
+
+    def cancel(self) -> None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def rejoin(self, name: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def summary(self) -> list[dict[str, Any]]: ...
+
+
+class MeshFactory(Protocol):
+    def __call__(self, inventory: Inventory, *, accept_new: bool, listener: ev.Listener) -> MeshLike: ...

@@ -1,0 +1,205 @@
+"""Provisioning: one line per node through connect, probe, push, launch, load and ready, failures in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import DataTable, Static
+
+from meshtui import events as ev
+from meshtui.tui.formatting import transfer
+from meshtui.tui.protocol import MeshLike
+from meshtui.tui.splitbar import SplitBar
+from meshtui.tui.tables import TableSync
+from meshtui.tui.throttle import Throttle
+from meshtui.units import format_size
+
+HEAD_SKIPS = ("connect", "push", "launch")  # the head runs in this process: nothing to connect, push or launch
+TRANSFER_PHASES = ("push", "load")
+STAGE_STATUS = {
+    "connect": "connecting to the hosts…",
+    "probe": "probing the hosts…",
+    "push": "pushing the runtime to the hosts…",
+    "launch": "launching the agents…",
+    "load": "loading the model: weights travel through the SSH tunnels…",
+}
+
+
+@dataclass
+class HostProgress:
+    """What one node's provisioning line says; updated from events, rendered per phase."""
+
+    name: str
+    address: str
+    is_head: bool = False
+    phase: str | None = None  # the last phase entered
+    probed: bool = False
+    facts: str = ""
+    launched: str = ""
+    idle: bool = False
+    failed_phase: str | None = None
+    reason: str = ""
+    transfers: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+
+    def apply(self, event: ev.Event) -> None:
+        match event:
+            case ev.HostPhaseChanged(phase="idle"):
+                self.idle = True
+            case ev.HostPhaseChanged(phase=phase):
+                self.phase = phase
+            case ev.HostProbed(facts=facts):
+                self.probed = True
+                self.facts = describe_facts(facts)
+            case ev.TransferProgressed(phase=phase, done_bytes=done, total_bytes=total):
+                known_total = total if total is not None else self.transfers.get(phase, (0, None))[1]
+                self.transfers[phase] = (done, known_total)
+            case ev.AgentLaunched(port=port, pid=pid):
+                self.launched = f"agent pid {pid}, port {port}"
+            case ev.HostFailed(phase=phase, reason=reason):
+                # a phase outside PHASES ("serve") means it was lost after it was up
+                self.failed_phase = phase if phase in ev.PHASES else "ready"
+                self.reason = reason
+            case ev.StageFailed(reason=reason):
+                self.failed_phase = self.failed_phase or "ready"
+                self.reason = reason
+
+    def state(self, phase: str) -> str:
+        """done | active | pending | failed | skipped."""
+        if self.failed_phase == phase:
+            return "failed"
+        if (self.is_head and phase in HEAD_SKIPS) or (self.idle and phase in ("push", "launch", "load", "ready")):
+            return "skipped"
+        order = ev.PHASES.index(phase)
+        reached = ev.PHASES.index(self.phase) if self.phase in ev.PHASES else -1
+        if phase == "probe" and self.probed:
+            return "done"
+        if self.failed_phase is not None and order > ev.PHASES.index(self.failed_phase):
+            return "pending"
+        if order < reached or self.phase == "ready":
+            return "done"
+        if order == reached:
+            return "active"
+        return "pending"
+
+    def cell(self, phase: str) -> tuple[str, str]:
+        """(text, state) for the phase's column."""
+        state = self.state(phase)
+        moved = self.transfers.get(phase)
+        if state == "failed":
+            return "✗ failed", state
+        if state == "skipped":
+            return ("local" if self.is_head else "—"), state
+        if state == "done":
+            if phase in TRANSFER_PHASES and moved:
+                return f"✓ {format_size(moved[0])}", state
+            return "✓", state
+        if state == "active":
+            if phase in TRANSFER_PHASES and moved:
+                return f"◐ {transfer(*moved)}", state
+            return "◐ …", state
+        return "·", state
+
+    def detail(self) -> tuple[str, str]:
+        if self.reason:
+            return self.reason, "failed"
+        if self.idle:
+            return "holds no layers", "skipped"
+        if self.phase in ("launch", "load", "ready") and self.launched:
+            return self.launched, "pending"
+        return self.facts, "pending"
+
+
+def describe_facts(facts: dict[str, Any]) -> str:
+    parts = [str(facts.get("hostname", "")), f"{facts.get('cores', '?')} cores"]
+    if facts.get("mem_available"):
+        parts.append(f"{format_size(int(facts['mem_available']))} free")
+    if facts.get("gpus"):
+        parts.append(f"{len(facts['gpus'])} GPU")
+    return " · ".join(p for p in parts if p)
+
+
+class ProvisioningView(Vertical):
+    """Bringing the mesh up: per node a row of phases, the planned split, and how it ended."""
+
+    COMPONENT_CLASSES = {
+        "provisioning--done", "provisioning--active", "provisioning--pending",
+        "provisioning--failed", "provisioning--skipped", "provisioning--node",
+    }
+
+    class EventArrived(Message):
+        """A core event about provisioning. Byte counts of one transfer supersede each other."""
+
+        def __init__(self, event: ev.Event) -> None:
+            super().__init__()
+            self.event = event
+
+        def can_replace(self, message: Message) -> bool:
+            mine, other = self.event, getattr(message, "event", None)
+            return (isinstance(mine, ev.TransferProgressed) and isinstance(other, ev.TransferProgressed)
+                    and (mine.host, mine.phase) == (other.host, other.phase))
+
+    def __init__(self, mesh: MeshLike, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.mesh = mesh
+        self.progress = {n.name: HostProgress(n.name, n.address, n.is_head) for n in mesh.nodes}
+        self._throttle = Throttle(self, 0.1, self._redraw)
+        self._stage = -1  # the furthest phase any node reached, for the status line
+
+    def compose(self) -> ComposeResult:
+        yield DataTable(id="provisioning-table", cursor_type="none", zebra_stripes=False)
+        yield SplitBar(self.mesh, id="provisioning-split")
+        yield Static("", id="provisioning-status")
+
+    def on_mount(self) -> None:
+        self.border_title = "Bringing the mesh up"
+        columns = [("node", "node"), *((phase, phase) for phase in ev.PHASES), ("detail", "detail")]
+        self._rows = TableSync(self.query_one(DataTable), columns)
+        self._redraw()
+        self.set_status("reading the model…")
+
+    @on(EventArrived)
+    def _on_event(self, message: EventArrived) -> None:
+        event = message.event
+        if isinstance(event, ev.PlanComputed):
+            self.query_one(SplitBar).refresh()
+            return
+        if isinstance(event, ev.ModelLoaded):
+            self.set_status(f"model loaded: {format_size(event.bytes_sent)} sent to the hosts in "
+                            f"{event.seconds:.1f} s")
+            return
+        if isinstance(event, ev.HostPhaseChanged) and event.phase in STAGE_STATUS:
+            stage = ev.PHASES.index(event.phase)
+            if stage > self._stage:
+                self._stage = stage
+                self.set_status(STAGE_STATUS[event.phase])
+        host = getattr(event, "host", None)
+        if host in self.progress:
+            self.progress[host].apply(event)
+            if isinstance(event, ev.HostFailed | ev.StageFailed):
+                self.query_one(SplitBar).refresh()
+            self._throttle.poke()
+
+    def set_status(self, text: str, *, failed: bool = False) -> None:
+        status = self.query_one("#provisioning-status", Static)
+        status.update(Text(text))
+        status.set_class(failed, "-failed")
+
+    def _redraw(self) -> None:
+        for name in self.progress:
+            self._rows.show(name, self._cells(name))
+
+    def _cells(self, name: str) -> list[Text]:
+        progress = self.progress[name]
+        cells = [Text(name, style=self.get_component_rich_style("provisioning--node"))]
+        for phase in ev.PHASES:
+            text, state = progress.cell(phase)
+            cells.append(Text(text, style=self.get_component_rich_style(f"provisioning--{state}")))
+        text, state = progress.detail()
+        cells.append(Text(text, style=self.get_component_rich_style(f"provisioning--{state}")))
+        return cells

@@ -1,0 +1,49 @@
+"""One line showing which node holds which layers, each node's share as wide as its share of the layers."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widget import Widget
+
+from meshtui.tui.formatting import layer_range, proportional_widths
+from meshtui.tui.protocol import MeshLike
+
+NODE_COLOURS = 6  # tcss defines .splitbar--node-0 .. -5; node i uses colour i % NODE_COLOURS
+
+
+class SplitBar(Widget):
+    COMPONENT_CLASSES = {
+        *(f"splitbar--node-{i}" for i in range(NODE_COLOURS)),
+        "splitbar--failed",
+        "splitbar--empty",
+    }
+
+    def __init__(self, mesh: MeshLike, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.mesh = mesh
+
+    def render(self) -> Text:
+        plan = self.mesh.plan
+        width = self.size.width
+        if plan is None:
+            return Text("layer split: waiting for the plan", style=self.get_component_rich_style("splitbar--empty"))
+        index = {node.name: i for i, node in enumerate(self.mesh.nodes)}
+        status = {node.name: node.status for node in self.mesh.nodes}
+        held = [a for a in plan.assignments if a.n_layers > 0]
+        widths = proportional_widths([a.n_layers for a in held], width)
+        bar = Text(no_wrap=True, overflow="crop")
+        for assignment, cells in zip(held, widths, strict=True):
+            if cells <= 0:
+                continue
+            if status.get(assignment.name) == "failed":
+                style = self.get_component_rich_style("splitbar--failed")
+                mark = "✗ "
+            else:
+                colour = index.get(assignment.name, 0) % NODE_COLOURS
+                style = self.get_component_rich_style(f"splitbar--node-{colour}")
+                mark = ""
+            label = f" {mark}{assignment.name} {layer_range((assignment.start, assignment.end), plan.n_layer)}"
+            if len(label) > cells:
+                label = f" {mark}{assignment.name}"
+            bar.append(label[:cells].ljust(cells), style=style)
+        return bar

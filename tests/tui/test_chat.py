@@ -1,0 +1,105 @@
+"""The chat pane against a scripted mesh: streaming, stopping, refusing, clearing."""
+
+from __future__ import annotations
+
+from pilot_helpers import wait_until
+from textual.widgets import Input
+
+from meshtui.tui.chat import ChatMessage
+
+SIZE = (120, 36)
+
+
+def transcript(app) -> list[tuple[str, str]]:
+    return [(m.role, m.text) for m in app.chat.query(ChatMessage)]
+
+
+async def test_a_reply_streams_in_exactly_and_shows_its_speed(build_app):
+    app = build_app(reply=["Hello", " there", "!"], tokens_per_second=42.5)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        assert isinstance(app.focused, Input)
+        await pilot.press(*"hi", "enter")
+        await wait_until(pilot, lambda: not app.chat.streaming and len(app.chat.messages) == 2, what="reply")
+        assert transcript(app) == [("user", "hi"), ("assistant", "Hello there!")]
+        reply = app.chat.query(ChatMessage).last()
+        assert reply.border_subtitle.startswith("42.5 tok/s · 3 tokens")
+        assert app.mesh.stream_calls == [[{"role": "user", "content": "hi"}]]
+
+        await pilot.press(*"again", "enter")  # the second turn carries the whole conversation
+        await wait_until(pilot, lambda: len(app.chat.messages) == 4, what="second reply")
+        assert app.mesh.stream_calls[-1] == [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello there!"},
+            {"role": "user", "content": "again"},
+        ]
+
+
+async def test_escape_stops_a_reply_mid_way_and_a_second_prompt_is_refused(build_app):
+    app = build_app(reply=["one", " two", " three", " four"], hold_after=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        await pilot.press(*"count", "enter")
+        reply = lambda: app.chat.query(ChatMessage).last().text  # noqa: E731
+        await wait_until(pilot, lambda: reply() == "one two", what="the first two tokens")
+        assert app.chat.streaming
+
+        await pilot.press(*"next", "enter")  # refused while streaming: the text stays in the input
+        await pilot.pause()
+        assert app.query_one("#prompt", Input).value == "next"
+        assert len(app.mesh.stream_calls) == 1
+        assert any("still streaming" in str(n.message) for n in app._notifications)
+
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.chat.streaming, what="the reply to stop")
+        assert app.mesh.cancelled
+        assert reply() == "one two"
+        assert app.chat.query(ChatMessage).last().border_subtitle.endswith("stopped")
+        assert app.chat.messages[-1] == {"role": "assistant", "content": "one two"}
+
+
+async def test_ctrl_l_clears_the_conversation(build_app):
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        await pilot.press(*"hi", "enter")
+        await wait_until(pilot, lambda: len(app.chat.messages) == 2, what="reply")
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert app.chat.messages == []
+        assert transcript(app) == []
+        await pilot.press(*"fresh", "enter")
+        await wait_until(pilot, lambda: len(app.chat.messages) == 2, what="reply after clearing")
+        assert app.mesh.stream_calls[-1] == [{"role": "user", "content": "fresh"}]
+
+
+async def test_quitting_mid_reply_stops_it_and_tears_the_mesh_down(build_app):
+    app = build_app(reply=["one", " two", " three"], hold_after=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        await pilot.press(*"count", "enter")
+        await wait_until(pilot, lambda: app.chat.query(ChatMessage).last().text == "one", what="a token")
+        await pilot.press("ctrl+c")
+        await wait_until(pilot, lambda: not app.is_running, what="quit")
+    assert app.mesh.cancelled and app.mesh.closed
+
+
+async def test_a_stream_that_breaks_ends_the_turn_with_the_error(build_app):
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+
+        async def broken_stream(**kwargs):
+            raise RuntimeError("boom")
+            yield  # an async generator that fails on first use
+
+        app.mesh.stream = broken_stream
+        await pilot.press(*"hi", "enter")
+        await wait_until(pilot, lambda: not app.chat.streaming, what="the turn to end")
+        roles = [m.role for m in app.chat.query(ChatMessage)]
+        assert roles == ["user", "assistant", "error"]
+        assert "RuntimeError: boom" in app.chat.query(ChatMessage).last().text
+        del app.mesh.stream  # the scripted stream again
+        await pilot.press(*"again", "enter")  # the chat is usable again; the failed prompt left the history
+        await wait_until(pilot, lambda: len(app.chat.messages) == 2, what="retry")
+        assert app.mesh.stream_calls == [[{"role": "user", "content": "again"}]]

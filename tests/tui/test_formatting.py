@@ -1,0 +1,46 @@
+"""Pure helpers of the views: how layers, latencies and provisioning states read."""
+
+from __future__ import annotations
+
+from meshtui import events as ev
+from meshtui.tui.formatting import latency_columns, layer_range, proportional_widths
+from meshtui.tui.provisioning import HostProgress
+
+
+def test_layer_ranges_name_the_output_layer():
+    assert layer_range((0, 13), 30) == "0–12"
+    assert layer_range((25, 31), 30) == "25–29+out"
+    assert layer_range((29, 31), 30) == "29+out"
+    assert layer_range((30, 31), 30) == "out"
+    assert layer_range(None, 30) == "—"
+
+
+def test_latency_columns_split_compute_and_network_per_sample():
+    samples = [ev.StageLatencyMeasured("a", i, total, 2.0, 1, 1) for i, total in enumerate((10.0, 20.0, 1.5))]
+    last, mean, p95 = latency_columns(samples)
+    assert last == "1.5 (0.0+1.5)"  # network never exceeds the total
+    assert mean == "10.5 (8.7+1.8)"
+    assert p95 == "20.0 (18.0+2.0)"
+    assert latency_columns([]) == ["—", "—", "—"]
+
+
+def test_proportional_widths_fill_the_bar_exactly():
+    assert proportional_widths([13, 12, 6], 100) == [42, 39, 19]
+    assert sum(proportional_widths([1, 1000], 10)) == 10 and proportional_widths([1, 1000], 10)[0] == 1
+    assert proportional_widths([0, 5], 7) == [0, 7]
+
+
+def test_host_progress_marks_phases_done_active_failed():
+    host = HostProgress("lab1", "10.0.0.2")
+    for event in (ev.HostPhaseChanged("lab1", "connect"), ev.HostPhaseChanged("lab1", "probe"),
+                  ev.HostProbed("lab1", {"hostname": "h", "cores": 4, "mem_available": 2**30}),
+                  ev.HostPhaseChanged("lab1", "push"), ev.TransferProgressed("lab1", "push", 512, 1024)):
+        host.apply(event)
+    assert [host.state(p) for p in ev.PHASES] == ["done", "done", "active", "pending", "pending", "pending"]
+    assert host.cell("push") == ("◐ 512 B / 1.00 KiB 50%", "active")
+    host.apply(ev.HostFailed("lab1", "push", "disk full"))
+    assert host.cell("push") == ("✗ failed", "failed")
+    assert host.detail() == ("disk full", "failed")
+    head = HostProgress("head", "127.0.0.1", is_head=True)
+    head.apply(ev.HostProbed("head", {"cores": 2}))
+    assert [head.cell(p)[0] for p in ev.PHASES] == ["local", "✓", "local", "local", "·", "·"]

@@ -1,0 +1,78 @@
+"""The mesh table and provisioning view against a scripted mesh: readiness, latencies, failures."""
+
+from __future__ import annotations
+
+from pilot_helpers import node_row, provisioning_row, wait_until
+from textual.widgets import ContentSwitcher, Sparkline
+
+from meshtui.errors import HostError
+
+SIZE = (120, 36)
+
+
+async def test_ready_mesh_shows_layers_and_split_latency_with_the_head_unmeasured(build_app):
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        assert app.query_one("#views", ContentSwitcher).current == "nodes"
+        await pilot.press(*"hi", "enter")
+        await wait_until(pilot, lambda: len(app.chat.messages) == 2, what="reply")
+        await wait_until(pilot, lambda: node_row(app, "lab2")[5] != "—", what="latencies")
+        head, lab1, lab2 = (node_row(app, n) for n in ("head", "lab1", "lab2"))
+        assert head[:4] == ["head", "127.0.0.1", "ready", "0–12"]
+        assert head[5:] == ["—", "—", "—", "—"]  # the head is not measured through a tunnel
+        assert lab1[3] == "13–24" and lab2[3] == "25–29+out"
+        # 2 latency samples per host (tokens 1 and 2); lab2's last is 12.6 ms with a 3.4 ms round trip
+        assert lab2[5] == "12.6 (9.2+3.4)"
+        assert lab1[6] == "7.5 (6.3+1.2)"  # mean of 6.9 and 8.1
+        assert list(app.query_one("#spark-2", Sparkline).data) == [9.8, 12.6]
+
+
+async def test_a_stage_lost_after_ready_turns_its_row_failed_with_the_reason(build_app):
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        app.mesh.lose_stage("lab2", "agent exited: Segmentation fault")
+        await wait_until(pilot, lambda: node_row(app, "lab2")[2].startswith("failed"), what="the failed row")
+        assert node_row(app, "lab2")[2] == "failed: agent exited: Segmentation fault"
+        assert node_row(app, "lab1")[2] == "ready"
+        assert not app.chat.ready
+        assert "agent exited" in app.chat.down_reason
+        await wait_until(pilot, lambda: provisioning_row(app, "lab2")[6] == "✗ failed", what="provisioning")
+        assert provisioning_row(app, "lab2")[-1] == "agent exited: Segmentation fault"
+
+
+async def test_after_a_recovery_the_chat_reopens_and_r_rejoins_the_failed_host(build_app):
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        app.mesh.lose_stage("lab2", "SSH connection lost")
+        await wait_until(pilot, lambda: not app.chat.ready, what="the chat to close")
+        app.mesh.recover_from("lab2")
+        await wait_until(pilot, lambda: app.chat.ready, what="the chat to reopen after the recovery")
+        assert node_row(app, "lab2")[2] == "failed: SSH connection lost"
+        app.chat.query_one("Input").blur()
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.mesh.rejoined == ["lab2"], what="the rejoin")
+        await wait_until(pilot, lambda: node_row(app, "lab2")[2] == "ready", what="the row back to ready")
+        assert app.chat.ready and "lab2" not in app.lost
+
+
+async def test_a_failed_bring_up_is_shown_in_place_and_q_quits_with_its_exit_code(build_app):
+    app = build_app(until="push", fail_up=HostError("disk full while pushing the runtime", host="lab2"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: bool(app.up_error), what="the failure")
+        await wait_until(pilot, lambda: provisioning_row(app, "lab2")[3] == "✗ failed", what="the failed row")
+        assert app.up_error == "lab2: disk full while pushing the runtime"
+        assert app.query_one("#views", ContentSwitcher).current == "provisioning"
+        row = provisioning_row(app, "lab2")
+        assert row[3] == "✗ failed" and row[-1] == "disk full while pushing the runtime"
+        assert provisioning_row(app, "lab1")[3].startswith("◐")  # the other host is left as it was
+        status = str(app.provisioning.query_one("#provisioning-status").render())
+        assert "disk full" in status and "q to quit" in status
+        await pilot.pause(0.2)
+        assert app.is_running  # the app stays open so the error can be read
+        await pilot.press("q")
+        await wait_until(pilot, lambda: not app.is_running, what="quit")
+    assert app.mesh.closed
+    assert app.return_code == HostError.exit_code

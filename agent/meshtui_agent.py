@@ -5,7 +5,9 @@ Stdlib only, Python 3.8+. Commands:
 
   probe                      print one JSON object describing this host (memory, cores, arch, OS, glibc, GPUs)
   serve --runtime DIR ...    load the ggml runtime from DIR/lib and serve layers with ggml's RPC server,
-                             bound to 127.0.0.1 only; exit as soon as stdin (the SSH channel) closes
+                             bound to 127.0.0.1 only; exit as soon as stdin (the SSH channel) closes.
+                             DIR/lib holds either the head's llama-cpp-python ggml libraries or the portable
+                             build of native/build_runtime.py, whose best CPU variant for this host is loaded
   down                       stop agents of this user left over from earlier runs, print what was stopped
 
 Protocol with the head: one JSON object per line on stdout. Everything native code prints goes to stderr.
@@ -24,8 +26,12 @@ import threading
 import time
 
 AGENT_VERSION = "1"
-# The order matters: each library's dependencies are loaded before it, by full path.
+# The head's llama-cpp-python libraries; the order matters: each one's dependencies are loaded before it.
 RUNTIME_LIBS = ("libggml-base.so.0", "libggml-cpu.so.0", "libggml-rpc.so.0", "libggml.so.0")
+# The portable build (native/build_runtime.py), recognised by its manifest.
+PORTABLE_MANIFEST = "meshtui-runtime.json"
+PORTABLE_CORE_LIBS = ("libggml-base.so.0", "libggml.so.0")
+PORTABLE_RPC_LIB = "libggml-rpc.so"
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
 BIND_HOST = "127.0.0.1"  # never configurable: a stage is reachable only through SSH
@@ -137,19 +143,22 @@ def probe():
 
 
 class Runtime:
-    """The ggml libraries, loaded from one folder."""
+    """The ggml libraries, loaded from one folder.
+
+    Two layouts. The head's own llama-cpp-python libraries (RUNTIME_LIBS, one CPU backend built for the head's
+    CPU). Or the portable build of native/build_runtime.py, marked by PORTABLE_MANIFEST: ggml with loadable
+    backends, where this host's CPU picks the best of several CPU backend variants.
+    """
 
     def __init__(self, libdir):
-        self.libs = {}
-        for name in RUNTIME_LIBS:
-            path = os.path.join(libdir, name)
-            if not os.path.exists(path):
-                raise RuntimeError("runtime file missing: %s" % path)
-            try:
-                self.libs[name] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            except OSError as err:
-                raise RuntimeError("cannot load %s: %s" % (name, err)) from err
-        ggml = self.libs["libggml.so.0"]
+        self.kind = "head-build"
+        self.cpu_variant = None
+        manifest = read_manifest(libdir)
+        if manifest is not None:
+            self.kind = "portable"
+            ggml, rpc = self._load_portable(libdir, manifest)
+        else:
+            ggml, rpc = self._load_head_build(libdir)
         ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
         ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
         ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -162,12 +171,39 @@ class Runtime:
         ggml.ggml_backend_dev_memory.restype = None
         ggml.ggml_backend_dev_memory.argtypes = [
             ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-        rpc = self.libs["libggml-rpc.so.0"]
         rpc.ggml_backend_rpc_start_server.restype = None
         rpc.ggml_backend_rpc_start_server.argtypes = [
             ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
         self.ggml = ggml
         self.rpc = rpc
+
+    def _load_head_build(self, libdir):
+        # The order matters: each library's dependencies are loaded before it, by full path.
+        libs = {}
+        for name in RUNTIME_LIBS:
+            libs[name] = load_library(libdir, name, ctypes.RTLD_GLOBAL)
+        return libs["libggml.so.0"], libs["libggml-rpc.so.0"]
+
+    def _load_portable(self, libdir, manifest):
+        arch = manifest.get("arch")
+        if arch and arch != platform.machine():
+            raise RuntimeError("this runtime is built for %s, the host is %s" % (arch, platform.machine()))
+        needed, have = manifest.get("min_glibc"), glibc_version()
+        if needed and have and version_tuple(have) < version_tuple(needed):
+            raise RuntimeError("this runtime needs glibc >= %s, the host has %s" % (needed, have))
+        ggml = None
+        for name in manifest.get("core_libs") or PORTABLE_CORE_LIBS:
+            ggml = load_library(libdir, name, ctypes.RTLD_GLOBAL)  # libggml-base, then libggml
+        ggml.ggml_backend_load.restype = ctypes.c_void_p
+        ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+        variant, path = pick_cpu_variant(libdir)
+        # ggml loads it again (the same mapping) and registers its CPU device.
+        if not ggml.ggml_backend_load(path.encode()):
+            raise RuntimeError("ggml could not register the CPU backend %s" % os.path.basename(path))
+        self.cpu_variant = variant
+        # Loaded locally: only its start function is needed, not its backend registration.
+        rpc = load_library(libdir, manifest.get("rpc_lib") or PORTABLE_RPC_LIB, ctypes.RTLD_LOCAL)
+        return ggml, rpc
 
     def devices(self):
         found = []
@@ -178,15 +214,93 @@ class Runtime:
                 continue
             free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
             self.ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-            found.append({
+            device = {
                 "handle": dev,
                 "name": self.ggml.ggml_backend_dev_name(dev).decode(errors="replace"),
                 "description": self.ggml.ggml_backend_dev_description(dev).decode(errors="replace"),
                 "type": "cpu" if kind == GGML_BACKEND_DEVICE_TYPE_CPU else "gpu",
                 "memory_free": free.value,
                 "memory_total": total.value,
-            })
+            }
+            if kind == GGML_BACKEND_DEVICE_TYPE_CPU and self.cpu_variant:
+                device["variant"] = self.cpu_variant
+            found.append(device)
         return found
+
+
+def read_manifest(libdir):
+    """The portable build's manifest, or None for the head-build layout."""
+    path = os.path.join(libdir, PORTABLE_MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise RuntimeError("unreadable runtime manifest %s: %s" % (path, err)) from err
+    if not isinstance(manifest, dict) or manifest.get("layout") != "ggml-backend-dl":
+        raise RuntimeError("runtime manifest %s describes an unknown layout" % path)
+    return manifest
+
+
+def version_tuple(text):
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def load_library(libdir, name, mode):
+    path = os.path.join(libdir, name)
+    if not os.path.exists(path):
+        raise RuntimeError("runtime file missing: %s" % path)
+    try:
+        return ctypes.CDLL(path, mode=mode)
+    except OSError as err:
+        raise RuntimeError("cannot load %s: %s" % (name, err)) from err
+
+
+def pick_cpu_variant(libdir):
+    """The CPU backend variant that scores highest on this CPU, as ggml's own loader would pick it.
+
+    Each libggml-cpu-<variant>.so says with ggml_backend_score() whether this CPU has the instructions it was
+    compiled for (0: it lacks some) and how many. The score code is compiled without the variant's instruction
+    flags, and ggml's own ggml_backend_load_best loads every variant to ask it the same way.
+    """
+    prefix, suffix = "libggml-cpu-", ".so"
+    names = sorted(n for n in os.listdir(libdir) if n.startswith(prefix) and n.endswith(suffix))
+    if not names:
+        raise RuntimeError("the runtime in %s has no CPU backend (%s*%s)" % (libdir, prefix, suffix))
+    best, best_score, tried = None, 0, []
+    for name in names:
+        variant = name[len(prefix):-len(suffix)]
+        path = os.path.join(libdir, name)
+        try:
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+            lib.ggml_backend_score.restype = ctypes.c_int
+            lib.ggml_backend_score.argtypes = []
+            score = lib.ggml_backend_score()
+        except (OSError, AttributeError) as err:
+            tried.append("%s: %s" % (variant, err))
+            continue
+        tried.append("%s: %s" % (variant, "score %d" % score if score else "needs instructions this CPU lacks"))
+        if score > best_score:
+            best, best_score = (variant, path), score
+        unload(lib)
+    if best is None:
+        raise RuntimeError("no CPU backend of the runtime runs on this host (%s)" % "; ".join(tried))
+    return best
+
+
+def unload(lib):
+    """Let go of a library loaded only to be asked something (best effort: CPython's private dlclose)."""
+    try:
+        import _ctypes
+
+        _ctypes.dlclose(lib._handle)
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 def free_port():
@@ -261,7 +375,7 @@ def serve(args):
         proto.send(event="error", reason="ggml RPC server did not start listening on %s:%d" % (BIND_HOST, port))
         return 3
     pidfile = write_pidfile(port)
-    proto.send(event="ready", port=port, pid=os.getpid(), threads=threads, cache_dir=cache_dir,
+    proto.send(event="ready", port=port, pid=os.getpid(), threads=threads, cache_dir=cache_dir, runtime=runtime.kind,
                devices=[{k: v for k, v in d.items() if k != "handle"} for d in wanted])
     try:
         # The SSH channel is our lifeline: EOF on stdin means the head is gone.

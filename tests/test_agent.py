@@ -75,13 +75,13 @@ def test_serve_binds_loopback_only_speaks_the_heads_protocol_and_exits_on_eof(tm
 
 def test_serve_reports_a_runtime_that_cannot_load(tmp_path: Path) -> None:
     runtime = install_bundle(tmp_path / "runtime")
-    (runtime / "lib" / "libggml-cpu.so.0").write_bytes(b"not a library")
+    (runtime / "lib" / "libggml-base.so.0").write_bytes(b"not a library")  # loaded first by both layouts
     result = subprocess.run([sys.executable, str(runtime / "meshtui_agent.py"), "serve", "--runtime", str(runtime)],
                             input="", capture_output=True, text=True, timeout=30, env={"HOME": str(tmp_path)})
     assert result.returncode == 3
     message = json.loads(result.stdout)
     assert message["event"] == "error"
-    assert message["reason"].startswith("cannot load libggml-cpu.so.0: ")
+    assert message["reason"].startswith("cannot load libggml-base.so.0: ")
 
 
 def test_down_stops_only_meshtui_agents(tmp_path: Path) -> None:

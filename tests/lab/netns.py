@@ -30,6 +30,7 @@ import os
 import pwd
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -101,6 +102,7 @@ class _HostState:
     sshd: subprocess.Popen[bytes] | None = None
     user_created: bool = False
     namespace_created: bool = False
+    hidden_libs: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -385,6 +387,25 @@ def _cleanup_stale_locked(prefix: str) -> list[str]:
     return removed
 
 
+def _check_hide_libs(
+    hide_libs: Mapping[str, Sequence[str | os.PathLike[str]]], n_hosts: int
+) -> dict[str, tuple[str, ...]]:
+    names = {f"h{i}" for i in range(1, n_hosts + 1)}
+    unknown = sorted(set(hide_libs) - names)
+    if unknown:
+        raise ValueError(f"hide_libs names unknown hosts {unknown} (have h1..h{n_hosts})")
+    checked: dict[str, tuple[str, ...]] = {}
+    for host, libs in hide_libs.items():
+        paths = tuple(os.fspath(lib) for lib in libs)
+        for path in paths:
+            if not os.path.isabs(path) or not os.path.exists(path):
+                raise ValueError(f"hide_libs[{host!r}]: {path} is not an existing absolute path")
+        if paths and shutil.which("unshare") is None:
+            raise LabError("hide_libs needs `unshare` (util-linux)")
+        checked[host] = paths
+    return checked
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -414,12 +435,17 @@ class Lab:
         workdir: Path | None = None,
         *,
         sshd_start_timeout: float = 10.0,
+        hide_libs: Mapping[str, Sequence[str | os.PathLike[str]]] | None = None,
     ) -> None:
+        """``hide_libs`` maps a host name ("h2") to library files that host must lack: its sshd, and so every
+        session on it, runs in its own mount namespace where each of those files is an empty file (dlopen
+        fails with "file too short"), e.g. ``{"h2": ["/usr/lib/x86_64-linux-gnu/libgomp.so.1"]}``."""
         prefix = DEFAULT_PREFIX if prefix is None else prefix
         if not re.fullmatch(rf"[a-z][a-z0-9]{{0,{_MAX_PREFIX - 1}}}", prefix):
             raise ValueError(f"prefix must be 1-{_MAX_PREFIX} lowercase letters/digits, got {prefix!r}")
         if not 1 <= n_hosts <= _MAX_HOSTS:
             raise ValueError(f"n_hosts must be 1..{_MAX_HOSTS}, got {n_hosts}")
+        self._hide_libs = _check_hide_libs(hide_libs or {}, n_hosts)
         self.prefix = prefix
         self.suffix = secrets.token_hex(_SUFFIX_LEN // 2)
         self.stem = prefix + self.suffix
@@ -483,6 +509,7 @@ class Lab:
                 directory=self.root / f"h{i}",
                 sshd_config=self.root / f"h{i}" / "sshd_config",
                 sshd_log=self.root / f"h{i}" / "sshd.log",
+                hidden_libs=self._hide_libs.get(f"h{i}", ()),
             )
             self._states.append(state)
             state.directory.mkdir(mode=0o700)
@@ -605,14 +632,28 @@ class Lab:
     def _spawn_sshd(self, state: _HostState) -> None:
         log = open(state.sshd_log, "ab")  # noqa: SIM115 - kept open for sshd's lifetime
         self._logs.append(log)
-        # `ip netns exec` execs in place, so the Popen pid is sshd's own pid.
+        sshd = [str(SSHD), "-D", "-e", "-f", str(state.sshd_config)]
+        if state.hidden_libs:
+            sshd = self._hiding_libs(state, sshd)
+        # `ip netns exec` (and unshare, and sh's exec) exec in place, so the Popen pid is sshd's own pid.
         state.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", state.namespace, str(SSHD), "-D", "-e", "-f", str(state.sshd_config)],
+            ["ip", "netns", "exec", state.namespace, *sshd],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    @staticmethod
+    def _hiding_libs(state: _HostState, sshd: list[str]) -> list[str]:
+        """Wrap sshd's command: a private mount namespace where each hidden library is an empty file."""
+        empty = state.directory / "hidden-library"
+        empty.write_bytes(b"")
+        empty.chmod(0o644)
+        mounts = " && ".join(f"mount --bind {shlex.quote(str(empty))} {shlex.quote(lib)}"
+                             for lib in state.hidden_libs)
+        script = f"{mounts} && exec {' '.join(shlex.quote(a) for a in sshd)}"
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
 
     def _await_sshd(self, state: _HostState) -> None:
         assert state.sshd is not None

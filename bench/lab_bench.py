@@ -53,9 +53,8 @@ def install_stage(lab: netns.Lab, host: netns.LabHost) -> Path:
     """Copy the ggml runtime (the libraries meshtui pushes to agents) and tcp_stage.py into the host's home."""
     folder = host.home / STAGE_DIR
     (folder / "lib").mkdir(parents=True, exist_ok=True)
-    for rel, path in local_runtime_bundle().files:
-        if rel.startswith("lib/"):
-            shutil.copy2(path, folder / rel)
+    for rel, path in local_runtime_bundle().files:  # the agent script too: tcp_stage.py loads with its code
+        shutil.copy2(path, folder / rel)
     shutil.copy2(STAGE_SCRIPT, folder / STAGE_SCRIPT.name)
     user = pwd.getpwnam(host.user)
     for path in [folder, *folder.rglob("*")]:

@@ -8,7 +8,8 @@ Stdlib + ctypes only (the lab hosts run it with Debian's system python3):
 
     tcp_stage.py --runtime DIR --host ADDR --port N [--threads 1] [--cache DIR]
 
-DIR is a meshtui runtime folder (DIR/lib/libggml*.so.0). Prints one JSON line `{"event": "ready", ...}` on
+DIR is a meshtui runtime folder (DIR/meshtui_agent.py and DIR/lib/); the libraries are loaded by the agent's
+own code, so the baseline runs the very runtime the stages run. Prints one JSON line `{"event": "ready", ...}` on
 stdout once the server accepts connections; exits when stdin closes (the caller's lifeline) or on SIGTERM.
 """
 
@@ -21,21 +22,17 @@ import sys
 import threading
 import time
 
-# Each library's dependencies are loaded before it, by full path (same order as the agent).
-RUNTIME_LIBS = ("libggml-base.so.0", "libggml-cpu.so.0", "libggml-rpc.so.0", "libggml.so.0")
-GGML_BACKEND_DEVICE_TYPE_CPU = 0
-
 
 def load_runtime(folder):
-    libdir = os.path.join(folder, "lib") if os.path.isdir(os.path.join(folder, "lib")) else folder
-    libs = {name: ctypes.CDLL(os.path.join(libdir, name), mode=ctypes.RTLD_GLOBAL) for name in RUNTIME_LIBS}
-    ggml, rpc = libs["libggml.so.0"], libs["libggml-rpc.so.0"]
-    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    rpc.ggml_backend_rpc_start_server.restype = None
-    rpc.ggml_backend_rpc_start_server.argtypes = [
-        ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
-    return ggml, rpc
+    """The ggml runtime exactly as the agent loads it (head build or portable, best CPU variant)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("meshtui_agent", os.path.join(folder, "meshtui_agent.py"))
+    agent = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent)
+    runtime = agent.Runtime(os.path.join(folder, "lib"))
+    cpus = [d["handle"] for d in runtime.devices() if d["type"] == "cpu"]
+    return (cpus[0] if cpus else None), runtime.rpc
 
 
 def wait_listening(host, port, thread, timeout=20.0):
@@ -62,8 +59,7 @@ def main():
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the native server prints to stdout: keep our one JSON line clean
 
-    ggml, rpc = load_runtime(args.runtime)
-    cpu = ggml.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    cpu, rpc = load_runtime(args.runtime)
     if not cpu:
         out.write(json.dumps({"event": "error", "reason": "no CPU device in the ggml runtime"}) + "\n")
         return 3

@@ -35,9 +35,11 @@ from meshtui.engine.client import EngineProcess
 from meshtui.errors import InventoryError, MeshError, PlanError
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.inventory import Inventory
+from meshtui.localstage import LocalStage
 from meshtui.mesh import HEAD_NAME, HEAD_RESERVE_BYTES, Mesh
 from meshtui.models import resolve_model_path
 from meshtui.planner import NodeCapacity, Plan, plan_layer_split
+from meshtui.runtime import local_runtime_bundle
 from meshtui.units import format_size
 
 # Raw prompts (no chat template), short and fixed, so runs on different days compare.
@@ -323,6 +325,7 @@ class _EngineMode:
         self.after_load: dict[str, tuple[int, int]] | None = None
         self.reply_bytes: dict[str, list[int]] = {}
         self.counted = True
+        self.local_stage: LocalStage | None = None  # the head's output stage, as the mesh has it
 
     async def open(self) -> None:
         if self.endpoints:
@@ -338,9 +341,14 @@ class _EngineMode:
         split: dict[str, Any] = {}
         if self.plan is not None:
             split = {"tensor_split": list(self.plan.tensor_split), "n_gpu_layers": self.plan.n_gpu_layers}
+        endpoints = list(self.endpoints)
+        if self.endpoints and self.plan is not None and self.plan.output_on_head:
+            self.local_stage = LocalStage(local_runtime_bundle(), threads=self.ctx.inventory.head.threads)
+            await self.local_stage.start()
+            endpoints.append(self.local_stage.endpoint)
         started = time.perf_counter()
         self.loaded = await self.engine.load(
-            model=str(self.ctx.model_path), context=self.ctx.inventory.model.context, endpoints=self.endpoints,
+            model=str(self.ctx.model_path), context=self.ctx.inventory.model.context, endpoints=endpoints,
             threads=self.ctx.inventory.head.threads, **(split or {"n_gpu_layers": 0}))
         self.load_seconds = time.perf_counter() - started
         if self.endpoints:
@@ -365,6 +373,8 @@ class _EngineMode:
     async def close(self) -> None:
         if self.engine is not None:
             await self.engine.close()
+        if self.local_stage is not None:
+            await self.local_stage.close()
 
     def result(self) -> dict[str, Any]:
         run: dict[str, Any] = {"mode": self.mode, "load_seconds": self.load_seconds, **summarise_replies(self.replies)}
@@ -376,10 +386,13 @@ class _EngineMode:
             return run
         after_load = self.after_load
         run["load_bytes_sent"] = sum(after_load.get(p, (0, 0))[0] for p in self.peers) if after_load else None
+        names = dict(zip(self.endpoints, self.names, strict=True))
+        if self.local_stage is not None:
+            names[self.local_stage.endpoint] = HEAD_NAME
         placement = _placement_by_name(self.loaded.get("placement") or {}, self.loaded.get("device_endpoints") or {},
-                                       dict(zip(self.endpoints, self.names, strict=True)))
-        expected = {a.name: list(range(a.start, a.end)) for a in self.plan.assignments if a.n_layers} \
-            if self.plan else {}
+                                       names)
+        expected = {a.name: self.plan.layers_of(a.name) for a in self.plan.assignments
+                    if self.plan.layers_of(a.name)} if self.plan else {}
         run.update({"placement": placement, "placement_matches_plan": placement == expected,
                     "bytes_source": "kernel TCP counters (ss -ti); no proxy in the path, so per-stage latency "
                                     "and round trips are not measured"})

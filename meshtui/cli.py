@@ -125,7 +125,10 @@ def _print_plan(mesh: Mesh, out: TextIO) -> None:
     print(f"model {mesh.model.name}: {mesh.model.n_layer} layers + output, context {mesh.plan.context}", file=out)
     for a in mesh.plan.assignments:
         node = mesh.node(a.name)
-        where = f"layers {a.start:>3}-{a.end - 1:<3}" if a.n_layers else "no layers     "
+        holds_output = mesh.plan.n_layer in mesh.plan.layers_of(a.name)
+        blocks = range(a.start, min(a.end, mesh.plan.n_layer))
+        where = f"blocks {blocks.start:>3}-{blocks.stop - 1:<3}" if len(blocks) else "no blocks     "
+        where += " +output" if holds_output else "        "
         print(f"  {a.name:<12} {node.address:<16} {where} {format_size(a.used_bytes):>10} of "
               f"{format_size(a.usable_bytes)} usable", file=out)
     for reason in mesh.plan.reasons:

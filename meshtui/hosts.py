@@ -85,7 +85,12 @@ async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
     The shell prints its pid before it becomes the probe, so a probe that hangs can be killed (with its
     process group) instead of being left running on the host.
     """
-    command = f'echo "meshtui-pid $$"; exec {shlex.quote(host.python)} - probe'
+    python = shlex.quote(host.python)
+    # Belt and braces: coreutils' timeout (where the host has it) kills the probe's whole process group
+    # on the host's own clock, even if the head is gone by then.
+    limit = int(timeout) + 2
+    command = (f'echo "meshtui-pid $$"; if command -v timeout >/dev/null 2>&1; '
+               f'then exec timeout -s KILL {limit} {python} - probe; else exec {python} - probe; fi')
     pid: int | None = None
     try:
         process = await conn.create_process(command, encoding="utf-8", errors="replace")

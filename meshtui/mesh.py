@@ -24,6 +24,7 @@ from meshtui.errors import EngineError, HostError, MeshError, PlanError
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.hosts import Agent, HostFacts, launch_agent, probe_host, push_runtime
 from meshtui.inventory import HostSpec, Inventory
+from meshtui.localstage import LocalStage
 from meshtui.models import resolve_model_path
 from meshtui.planner import NODE_OVERHEAD_BYTES, NodeCapacity, Plan, plan_layer_split
 from meshtui.predict import Prediction, predict_decode
@@ -107,9 +108,11 @@ class Reply:
 
 class Mesh:
     def __init__(self, inventory: Inventory, *, accept_new: bool = False,
-                 listener: ev.Listener = lambda event: None) -> None:
+                 listener: ev.Listener = lambda event: None, output_on_head: bool = True) -> None:
         self.inventory = inventory
         self.accept_new = accept_new
+        self.output_on_head = output_on_head
+        self.local_stage: LocalStage | None = None
         self.listener = listener
         self.head = Node(name=HEAD_NAME, address="127.0.0.1", is_head=True)
         self.hosts = [Node(name=h.name, address=h.address, spec=h) for h in inventory.hosts]
@@ -214,7 +217,8 @@ class Mesh:
 
     def make_plan(self) -> Plan:
         assert self.model is not None
-        self.plan = plan_layer_split(self.model, self.capacities(), self.inventory.model.context)
+        self.plan = plan_layer_split(self.model, self.capacities(), self.inventory.model.context,
+                                     output_on_head=self.output_on_head)
         for assignment in self.plan.assignments:
             node = self.node(assignment.name)
             node.usable_bytes = assignment.usable_bytes
@@ -283,9 +287,28 @@ class Mesh:
                 raise HostError(f"the stage speaks ggml RPC v{version} but the head speaks v"
                                 f"{'.'.join(map(str, expected))}; use the runtime meshtui pushes", host=node.name)
 
+    async def _ensure_local_stage(self) -> None:
+        """Start (or stop) the head's local output stage as the plan says."""
+        assert self.plan is not None
+        if self.plan.output_on_head and (self.local_stage is None or not self.local_stage.alive):
+            self.local_stage = LocalStage(local_runtime_bundle(), threads=self.inventory.head.threads)
+            await self.local_stage.start()
+            self._log(HEAD_NAME, f"local output stage on {self.local_stage.endpoint}")
+        elif not self.plan.output_on_head and self.local_stage is not None:
+            await self.local_stage.close()
+            self.local_stage = None
+
+    def _endpoints(self, remote: Sequence[Node]) -> list[str]:
+        """RPC devices in llama.cpp's order: the remote stages, then the head's local output stage."""
+        endpoints = [n.tunnel.endpoint for n in remote if n.tunnel]
+        if self.plan is not None and self.plan.output_on_head and self.local_stage is not None:
+            endpoints.append(self.local_stage.endpoint)
+        return endpoints
+
     async def _load_engine(self, remote: Sequence[Node]) -> None:
         assert self.plan is not None and self.model_path is not None
         await self._check_protocols(remote)
+        await self._ensure_local_stage()
         self.engine = EngineProcess(on_log=lambda line: self._log("engine", line, "debug"))
         await self.engine.start()
         for node in remote:
@@ -297,7 +320,7 @@ class Mesh:
             loaded = await self.engine.load(
                 model=str(self.model_path),
                 context=self.inventory.model.context,
-                endpoints=[n.tunnel.endpoint for n in remote if n.tunnel],
+                endpoints=self._endpoints(remote),
                 tensor_split=list(self.plan.tensor_split),
                 n_gpu_layers=self.plan.n_gpu_layers,
                 threads=self.inventory.head.threads,
@@ -311,8 +334,11 @@ class Mesh:
             progress.cancel()
         self.load_seconds = time.perf_counter() - started
         self.load_bytes_sent = sum(n.tunnel.meter.bytes_up for n in remote if n.tunnel)
+        endpoint_names = {n.tunnel.endpoint: n.name for n in remote if n.tunnel}
+        if self.local_stage is not None and self.plan.output_on_head:
+            endpoint_names[self.local_stage.endpoint] = HEAD_NAME
         self.placement = self._placement_by_node(loaded.get("placement") or {},
-                                                 loaded.get("device_endpoints") or {}, remote)
+                                                 loaded.get("device_endpoints") or {}, endpoint_names)
         self._check_placement()
         for node in remote:
             if node.tunnel:
@@ -332,9 +358,8 @@ class Mesh:
 
     @staticmethod
     def _placement_by_node(by_device: dict[str, list[int]], device_endpoints: dict[str, str],
-                           remote: Sequence[Node]) -> dict[str, list[int]]:
+                           endpoint_to_node: dict[str, str]) -> dict[str, list[int]]:
         """llama.cpp's layer -> device log, as layer lists per node name."""
-        endpoint_to_node = {n.tunnel.endpoint: n.name for n in remote if n.tunnel}
         placement: dict[str, list[int]] = {}
         for device, layers in by_device.items():
             name = HEAD_NAME if device == "CPU" else endpoint_to_node.get(device_endpoints.get(device, ""), device)
@@ -344,7 +369,8 @@ class Mesh:
     def _check_placement(self) -> None:
         """llama.cpp must have put every layer exactly where the plan said."""
         assert self.plan is not None
-        expected = {a.name: list(range(a.start, a.end)) for a in self.plan.assignments if a.n_layers}
+        expected = {a.name: self.plan.layers_of(a.name) for a in self.plan.assignments}
+        expected = {name: layers for name, layers in expected.items() if layers}
         if self.placement and self.placement != expected:
             raise EngineError(f"llama.cpp placed layers differently from the plan: {self.placement} != {expected}")
 
@@ -664,6 +690,8 @@ class Mesh:
         if self.engine is not None:
             with contextlib.suppress(MeshError, OSError):
                 await self.engine.close()
+        if self.local_stage is not None:
+            await self.local_stage.close()
         for node in self.hosts:
             if node.tunnel is not None:
                 await node.tunnel.close()

@@ -8,6 +8,7 @@ order, head first; the engine turns it into `n_gpu_layers` and `tensor_split`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -60,6 +61,9 @@ class Plan:
     context: int
     assignments: tuple[NodeAssignment, ...]  # head first, then the other nodes in the given order
     reasons: tuple[str, ...]
+    # The output layer (index n_layer) stays on the head, served by a local stage registered after the
+    # remote ones, so only hidden states cross the network; the logits (n_vocab floats a token) never do.
+    output_on_head: bool = False
 
     @property
     def head(self) -> NodeAssignment:
@@ -77,13 +81,21 @@ class Plan:
 
     @property
     def tensor_split(self) -> tuple[float, ...]:
-        return tuple(float(a.n_layers) for a in self.remote)
+        split = tuple(float(a.n_layers) for a in self.remote)
+        return (*split, 1.0) if self.output_on_head else split
+
+    def layers_of(self, name: str) -> list[int]:
+        """Every layer a node holds, the head's output layer included."""
+        a = next(x for x in self.assignments if x.name == name)
+        layers = list(range(a.start, a.end))
+        return [*layers, self.n_layer] if a.is_head and self.output_on_head else layers
 
     def to_json(self) -> list[dict[str, object]]:
         return [
             {
                 "name": a.name,
                 "layers": [a.start, a.end],
+                "output_layer": (a.is_head and self.output_on_head) or a.start <= self.n_layer < a.end,
                 "weight_bytes": a.weight_bytes,
                 "kv_bytes": a.kv_bytes,
                 "usable_bytes": a.usable_bytes,
@@ -92,8 +104,62 @@ class Plan:
         ]
 
 
-def plan_layer_split(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int) -> Plan:
+def plan_layer_split(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int, *,
+                     output_on_head: bool = False) -> Plan:
     """Split layers in proportion to each node's free memory, then make sure every node fits.
+
+    With `output_on_head`, the output layer is a fixed cost of the head (like the embeddings) and the
+    blocks are split as usual; if the head cannot hold it, or the head ends up holding every block, the
+    plain plan (output on the last node with layers) is returned instead.
+
+    Raises PlanError (one line, naming the shortfall) when no contiguous whole-layer split fits, and
+    ValueError for programming errors (no nodes, the head not first, duplicate names, context < 1).
+    """
+    if output_on_head and len(nodes) > 1:
+        # Plan a model whose output layer costs nothing and whose embeddings weigh what both weigh.
+        moved = dataclasses.replace(model, output_bytes=0, input_bytes=model.input_bytes + model.output_bytes)
+        try:
+            plan = _plan(moved, nodes, context)
+        except PlanError:
+            plan = None
+        if plan is not None and any(a.n_layers and a.start < model.n_layer for a in plan.assignments[1:]):
+            return _output_to_head(plan, model, context)
+    return _plan(model, nodes, context)
+
+
+def _output_to_head(plan: Plan, model: ModelFacts, context: int) -> Plan:
+    """The zero-cost output layer ended on the last stage: take it off, and account its bytes on the head."""
+    assignments = []
+    for a in plan.assignments:
+        end = min(a.end, model.n_layer)
+        start = min(a.start, end)
+        node = NodeCapacity(a.name, a.usable_bytes, a.is_head)
+        fixed = _assignment(model, node, start, end, context)
+        if a.is_head:
+            fixed = dataclasses.replace(fixed, weight_bytes=fixed.weight_bytes + model.output_bytes)
+        assignments.append(fixed)
+    kv = model.kv_bytes_per_layer(context)
+    blocks = [w + kv for w in model.layer_weight_bytes]
+    reasons = [
+        f"at context {context} blocks need {format_size(min(blocks))} to {format_size(max(blocks))} each "
+        f"(weights + {format_size(kv)} KV cache); the head keeps the token embeddings "
+        f"({format_size(model.input_bytes)}) and the output layer ({format_size(model.output_bytes)})"
+    ]
+    by_name = {a.name: a for a in assignments}
+    for reason in plan.reasons[1:]:
+        name, _, rest = reason.partition(" ")
+        if name in by_name and " -> " in rest:
+            head_text = rest.rsplit(" -> ", 1)[0]
+            reason = f"{name} {head_text} -> {by_name[name].n_layers} of {model.n_layer} blocks"
+        if not reason.startswith("the output layer goes to"):
+            reasons.append(reason)
+    reasons.append("the output layer stays on the head (a local stage), so logits never cross the network")
+    return Plan(n_layer=plan.n_layer, context=plan.context, assignments=tuple(assignments),
+                reasons=tuple(reasons), output_on_head=True)
+
+
+def _plan(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int) -> Plan:
+    """The memory-proportional contiguous split, repaired to fit.
 
     Raises PlanError (one line, naming the shortfall) when no contiguous whole-layer split fits, and
     ValueError for programming errors (no nodes, the head not first, duplicate names, context < 1).

@@ -49,12 +49,9 @@ class Prediction:
         }
 
 
-def _bytes_read(model: ModelFacts, start: int, end: int) -> int:
-    """Weights a node reads per decoded token for layers [start, end); layer n_layer is the output."""
-    total = 0
-    for layer in range(start, end):
-        total += model.output_bytes if layer == model.n_layer else model.layer_weight_bytes[layer]
-    return total
+def _bytes_read(model: ModelFacts, layers: list[int]) -> int:
+    """Weights a node reads per decoded token for its layers; layer n_layer is the output."""
+    return sum(model.output_bytes if layer == model.n_layer else model.layer_weight_bytes[layer] for layer in layers)
 
 
 def predict_decode(
@@ -66,12 +63,13 @@ def predict_decode(
     """None when a node holding layers has no bandwidth measurement."""
     nodes = []
     for a in plan.assignments:
-        if not a.n_layers:
+        layers = plan.layers_of(a.name)
+        if not layers:
             continue
         speed = bandwidth.get(a.name)
         if not speed:
             return None
-        read = _bytes_read(model, a.start, a.end)
+        read = _bytes_read(model, layers)
         network = 0.0 if a.is_head else float(rtt_ms.get(a.name) or 0.0)
         nodes.append(NodePrediction(a.name, read, read / (speed * EFFICIENCY) * 1000.0, network))
     return Prediction(tuple(nodes))

@@ -39,10 +39,12 @@ def _connects(lab, host, address: str, port: int) -> bool:
     return out.stdout.strip() == "open"
 
 
-async def test_mesh_on_sshd_hosts_places_layers_and_matches_single_process(lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("output_on_head", [True, False], ids=["output-on-head", "output-on-last-stage"])
+async def test_mesh_on_sshd_hosts_places_layers_and_matches_single_process(
+        lab, tmp_path: Path, output_on_head: bool) -> None:
     inventory_file = tmp_path / "inventory.toml"
     inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
-    mesh = Mesh(load_inventory(inventory_file))
+    mesh = Mesh(load_inventory(inventory_file), output_on_head=output_on_head)
     try:
         await mesh.up()
         assert mesh.plan is not None
@@ -50,10 +52,16 @@ async def test_mesh_on_sshd_hosts_places_layers_and_matches_single_process(lab, 
         running = agent_processes(lab)
         assert all(running[h.name] for h in lab.hosts), running
         # llama.cpp put every layer exactly where the plan said, and every node holds some.
-        planned = {a.name: list(range(a.start, a.end)) for a in mesh.plan.assignments if a.n_layers}
+        planned = {a.name: mesh.plan.layers_of(a.name) for a in mesh.plan.assignments}
         assert mesh.placement == planned
-        assert set(planned) == {"head", "h1", "h2"}
-        assert planned["h2"][-1] == mesh.plan.n_layer  # the output layer is on the last stage
+        assert set(planned) == {"head", "h1", "h2"} and all(planned.values())
+        assert mesh.plan.output_on_head == output_on_head
+        # The output layer (index n_layer) is on the head's local stage, or else on the last stage.
+        assert planned["head" if output_on_head else "h2"][-1] == mesh.plan.n_layer
+        if output_on_head:
+            # Only hidden states come back from the last stage: no logits (n_vocab floats) cross SSH.
+            reply_bytes = mesh.node("h2").tunnel.meter.bytes_down
+            assert reply_bytes < 1024 * 1024
         # Each stage listens on its host's loopback only: reachable there, nowhere else.
         for node in mesh.hosts:
             assert node.agent is not None
@@ -87,8 +95,10 @@ def test_cli_synthetic_model_with_other_layer_count_matches_single_process(lab, 
     assert result["tokens"] == expected["tokens"]
     assert result["text"] == expected["text"]
     plan = {row["name"]: row["layers"] for row in result["plan"]}
-    assert plan["head"][0] == 0 and plan["h2"][1] == 8  # 7 blocks + the output layer
+    assert plan["head"][0] == 0 and plan["h2"][1] == 7  # 7 blocks; the output layer stays on the head
+    assert [row["output_layer"] for row in result["plan"]] == [True, False, False]
     assert plan["head"][1] == plan["h1"][0] and plan["h1"][1] == plan["h2"][0]
+    assert result["placement"]["head"][-1] == 7
     nodes = {row["name"]: row for row in result["nodes"]}
     for name in ("h1", "h2"):
         assert nodes[name]["status"] == "ready"

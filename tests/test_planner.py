@@ -141,7 +141,7 @@ def test_plan_is_deterministic_and_serialisable() -> None:
     assert plan_layer_split(model, list(nodes), CONTEXT) == first
     json_rows = first.to_json()
     assert [row["name"] for row in json_rows] == ["head", "a", "b"]
-    assert set(json_rows[0]) == {"name", "layers", "weight_bytes", "kv_bytes", "usable_bytes"}
+    assert set(json_rows[0]) == {"name", "layers", "output_layer", "weight_bytes", "kv_bytes", "usable_bytes"}
     assert [row["layers"] for row in json_rows] == [[a.start, a.end] for a in first.assignments]
 
 
@@ -338,3 +338,33 @@ def test_llama_cpp_reproduces_any_layer_counts(counts: list[int]) -> None:
         boundary += count
     plan = Plan(n_layer=total - 1, context=1, assignments=tuple(assignments), reasons=())
     assert llama_cpp_layer_devices(plan.n_layer, plan.n_gpu_layers, plan.tensor_split) == plan_devices(plan)
+
+
+def test_output_on_head_keeps_the_output_layer_home_and_splits_only_blocks() -> None:
+    model = make_model([100 * MiB] * 9, output_bytes=300 * MiB)
+    nodes = [NodeCapacity("head", 8 * GiB, is_head=True), NodeCapacity("a", 8 * GiB), NodeCapacity("b", 8 * GiB)]
+    plan = plan_layer_split(model, nodes, CONTEXT, output_on_head=True)
+    assert plan.output_on_head
+    assert [(a.start, a.end) for a in plan.assignments] == [(0, 3), (3, 6), (6, 9)]  # blocks only
+    assert plan.tensor_split == (3.0, 3.0, 1.0)  # the head's local output stage is the last device
+    assert plan.n_gpu_layers == 7  # 6 remote blocks + the output layer, on devices
+    assert plan.layers_of("head") == [0, 1, 2, 9]
+    head = plan.assignments[0]
+    assert head.weight_bytes == model.input_bytes + model.output_bytes + 3 * (100 * MiB - KV_PER_LAYER)
+    assert plan.reasons[-1].startswith("the output layer stays on the head")
+    # llama.cpp's own rule puts layer 9 on the third device (the head's local stage).
+    splits = np.cumsum(np.array(plan.tensor_split, dtype=np.float32))
+    splits = splits / splits[-1]
+    start = model.n_layer + 1 - plan.n_gpu_layers
+    device = int(np.searchsorted(splits, np.float32(9 - start) / np.float32(plan.n_gpu_layers), side="right"))
+    assert device == 2
+
+
+def test_output_on_head_falls_back_when_the_head_cannot_hold_it_or_holds_everything() -> None:
+    model = make_model([100 * MiB] * 9, output_bytes=300 * MiB)
+    small_head = [NodeCapacity("head", 300 * MiB, is_head=True), NodeCapacity("a", 8 * GiB)]
+    plan = plan_layer_split(model, small_head, CONTEXT, output_on_head=True)
+    assert not plan.output_on_head and plan.assignments[-1].end == model.n_layer + 1
+    alone = [NodeCapacity("head", 8 * GiB, is_head=True), NodeCapacity("a", 0)]
+    plan = plan_layer_split(model, alone, CONTEXT, output_on_head=True)
+    assert not plan.output_on_head and plan.assignments[0].end == model.n_layer + 1

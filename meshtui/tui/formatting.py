@@ -11,8 +11,14 @@ from meshtui.units import format_size
 NOT_MEASURED = "—"
 
 
-def layer_range(layers: tuple[int, int] | Sequence[int] | None, n_layer: int | None) -> str:
-    """`(25, 31)` with 30 blocks reads "25–29+out": layer index n_layer is llama.cpp's output layer."""
+def layer_range(layers: tuple[int, int] | Sequence[int] | None, n_layer: int | None,
+                plus_output: bool = False) -> str:
+    """`(25, 31)` with 30 blocks reads "25–29+out": layer index n_layer is llama.cpp's output layer.
+
+    `plus_output`: the node also holds the output layer apart from its blocks (the head's local stage).
+    """
+    if plus_output:
+        return layer_range(layers, n_layer) + "+out"
     if not layers:
         return NOT_MEASURED
     start, end = int(layers[0]), int(layers[1])

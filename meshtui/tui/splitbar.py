@@ -42,7 +42,9 @@ class SplitBar(Widget):
                 colour = index.get(assignment.name, 0) % NODE_COLOURS
                 style = self.get_component_rich_style(f"splitbar--node-{colour}")
                 mark = ""
-            label = f" {mark}{assignment.name} {layer_range((assignment.start, assignment.end), plan.n_layer)}"
+            span = layer_range((assignment.start, assignment.end), plan.n_layer,
+                               plus_output=assignment.is_head and plan.output_on_head)
+            label = f" {mark}{assignment.name} {span}"
             if len(label) > cells:
                 label = f" {mark}{assignment.name}"
             bar.append(label[:cells].ljust(cells), style=style)

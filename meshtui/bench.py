@@ -36,7 +36,7 @@ from meshtui.errors import InventoryError, MeshError, PlanError
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.inventory import Inventory
 from meshtui.localstage import LocalStage
-from meshtui.mesh import HEAD_NAME, HEAD_RESERVE_BYTES, Mesh
+from meshtui.mesh import HEAD_NAME, HEAD_RESERVE_BYTES, Mesh, placement_by_node
 from meshtui.models import resolve_model_path
 from meshtui.planner import NodeCapacity, Plan, plan_layer_split
 from meshtui.runtime import local_runtime_bundle
@@ -389,7 +389,7 @@ class _EngineMode:
         names = dict(zip(self.endpoints, self.names, strict=True))
         if self.local_stage is not None:
             names[self.local_stage.endpoint] = HEAD_NAME
-        placement = _placement_by_name(self.loaded.get("placement") or {}, self.loaded.get("device_endpoints") or {},
+        placement = placement_by_node(self.loaded.get("placement") or {}, self.loaded.get("device_endpoints") or {},
                                        names)
         expected = {a.name: self.plan.layers_of(a.name) for a in self.plan.assignments
                     if self.plan.layers_of(a.name)} if self.plan else {}
@@ -502,15 +502,6 @@ def _check_tcp_stages(plan: Plan, tcp_stages: Mapping[str, str]) -> None:
         raise InventoryError(f"--tcp-stages must name exactly the stages of the plan ({', '.join(names)})"
                              + (f"; missing {', '.join(missing)}" if missing else "")
                              + (f"; not stages: {', '.join(unknown)}" if unknown else ""))
-
-
-def _placement_by_name(by_device: Mapping[str, list[int]], device_endpoints: Mapping[str, str],
-                       endpoint_names: Mapping[str, str]) -> dict[str, list[int]]:
-    placement: dict[str, list[int]] = {}
-    for device, layers in by_device.items():
-        name = HEAD_NAME if device == "CPU" else endpoint_names.get(device_endpoints.get(device, ""), device)
-        placement.setdefault(name, []).extend(layers)
-    return {k: sorted(v) for k, v in placement.items()}
 
 
 def _can_interleave(model: ModelFacts, has_tcp: bool) -> bool:

@@ -170,13 +170,7 @@ class Mesh:
         """Connect to every host and probe it, concurrently. Any failure is fatal and named."""
         self.head.facts = HostFacts.from_json(_probe_head())
         self._emit(ev.HostProbed(HEAD_NAME, self.head.facts.to_json()))
-        results = await asyncio.gather(*(self._connect_one(n) for n in self.hosts), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for err in errors:
-            if not isinstance(err, MeshError):
-                raise err
-        if errors:
-            raise errors[0]
+        _raise_first(await asyncio.gather(*(self._connect_one(n) for n in self.hosts), return_exceptions=True))
 
     async def _connect_one(self, node: Node) -> None:
         assert node.spec is not None
@@ -237,13 +231,7 @@ class Mesh:
                 node.status = "idle"
                 self._emit(ev.HostPhaseChanged(node.name, "idle", "holds no layers"))
         bundle = local_runtime_bundle()
-        results = await asyncio.gather(*(self._start_stage(n, bundle) for n in remote), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for err in errors:
-            if not isinstance(err, MeshError):
-                raise err
-        if errors:
-            raise errors[0]
+        _raise_first(await asyncio.gather(*(self._start_stage(n, bundle) for n in remote), return_exceptions=True))
         await self._load_engine(remote)
         self._rtt_task = asyncio.create_task(self._measure_rtt_forever())
 
@@ -337,8 +325,8 @@ class Mesh:
         endpoint_names = {n.tunnel.endpoint: n.name for n in remote if n.tunnel}
         if self.local_stage is not None and self.plan.output_on_head:
             endpoint_names[self.local_stage.endpoint] = HEAD_NAME
-        self.placement = self._placement_by_node(loaded.get("placement") or {},
-                                                 loaded.get("device_endpoints") or {}, endpoint_names)
+        self.placement = placement_by_node(loaded.get("placement") or {},
+                                           loaded.get("device_endpoints") or {}, endpoint_names)
         self._check_placement()
         for node in remote:
             if node.tunnel:
@@ -355,16 +343,6 @@ class Mesh:
                 if node.tunnel:
                     self._emit(ev.TransferProgressed(node.name, "load", node.tunnel.meter.bytes_up,
                                                      node.planned_bytes or None))
-
-    @staticmethod
-    def _placement_by_node(by_device: dict[str, list[int]], device_endpoints: dict[str, str],
-                           endpoint_to_node: dict[str, str]) -> dict[str, list[int]]:
-        """llama.cpp's layer -> device log, as layer lists per node name."""
-        placement: dict[str, list[int]] = {}
-        for device, layers in by_device.items():
-            name = HEAD_NAME if device == "CPU" else endpoint_to_node.get(device_endpoints.get(device, ""), device)
-            placement.setdefault(name, []).extend(layers)
-        return {k: sorted(v) for k, v in placement.items()}
 
     def _check_placement(self) -> None:
         """llama.cpp must have put every layer exactly where the plan said."""
@@ -514,11 +492,8 @@ class Mesh:
         self.make_plan()
         remote = [self.node(a.name) for a in self.plan.remote] if self.plan else []
         newcomers = [n for n in remote if n.agent is None or not n.agent.alive]
-        results = await asyncio.gather(*(self._start_stage(n, local_runtime_bundle()) for n in newcomers),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        _raise_first(await asyncio.gather(*(self._start_stage(n, local_runtime_bundle()) for n in newcomers),
+                                          return_exceptions=True))
         await self._load_engine(remote)
 
     # -- rejoin ----------------------------------------------------------------------------------
@@ -705,6 +680,26 @@ class Mesh:
         for node in self.nodes:
             if node.status not in ("failed",):
                 node.status = "stopped"
+
+
+def _raise_first(results: Sequence[object]) -> None:
+    """After a gather across hosts: a bug (not a MeshError) wins, else the first host's failure."""
+    errors = [r for r in results if isinstance(r, BaseException)]
+    for err in errors:
+        if not isinstance(err, MeshError):
+            raise err
+    if errors:
+        raise errors[0]
+
+
+def placement_by_node(by_device: dict[str, list[int]], device_endpoints: dict[str, str],
+                      endpoint_to_node: dict[str, str]) -> dict[str, list[int]]:
+    """llama.cpp's layer -> device log, as layer lists per node name (the head's CPU is "CPU")."""
+    placement: dict[str, list[int]] = {}
+    for device, layers in by_device.items():
+        name = HEAD_NAME if device == "CPU" else endpoint_to_node.get(device_endpoints.get(device, ""), device)
+        placement.setdefault(name, []).extend(layers)
+    return {k: sorted(v) for k, v in placement.items()}
 
 
 def _probe_head() -> dict[str, Any]:

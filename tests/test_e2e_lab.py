@@ -305,6 +305,46 @@ async def test_host_link_down_mid_reply_the_reply_completes_identically(lab, tmp
     assert _wait_no_agents(lab, timeout=60) == {}
 
 
+async def test_sshd_and_its_sessions_killed_mid_reply_the_reply_completes_identically(lab, tmp_path: Path) -> None:
+    def kill_h1_sshd(mesh: Mesh) -> None:
+        lab.kill_sshd(lab.host("h1"), sessions=True)
+
+    try:
+        clean, finished, recoveries, summary, plan = await _reply_with_loss(lab, tmp_path, kill_h1_sshd)
+    finally:
+        lab.start_sshd(lab.host("h1"))
+    assert finished is not None
+    assert finished.text == clean.text and finished.token_ids == clean.token_ids
+    assert [r.node for r in recoveries] == ["h1"]
+    assert summary["h1"]["status"] == "failed"
+    assert [a.name for a in plan.assignments] == ["head", "h2"]
+    assert _wait_no_agents(lab) == {}
+
+
+async def test_when_the_survivors_cannot_hold_the_model_the_error_says_so(lab, tmp_path: Path) -> None:
+    from meshtui.errors import MeshError
+
+    inventory_file = tmp_path / "inventory.toml"
+    text = lab.inventory_toml('name = "smollm2"', {"h1": {"max_memory": "168MiB"}, "h2": {"max_memory": "168MiB"}})
+    inventory_file.write_text(text.replace("compute = true", 'compute = true\nmax_memory = "200MiB"'))
+    mesh = Mesh(load_inventory(inventory_file))
+    try:
+        await mesh.up()
+        assert all(mesh.plan.layers_of(name) for name in ("head", "h1", "h2"))
+        ((pid, _),) = agent_processes(lab)["h1"]
+        os.kill(pid, 9)
+        with pytest.raises(MeshError) as caught:
+            await mesh.generate(prompt=PROMPT, raw=True, max_tokens=8, temperature=0.0)
+        message = str(caught.value)
+        assert message.startswith("h1 was lost (agent exited")
+        assert "the remaining nodes cannot hold the model: " in message and "short by" in message
+        assert "\n" not in message
+        assert not mesh.ready
+    finally:
+        await mesh.close()
+    assert _wait_no_agents(lab) == {}
+
+
 async def test_failed_host_rejoins_automatically_before_the_next_reply(lab, tmp_path: Path) -> None:
     from meshtui import events as ev
     from meshtui.mesh import RejoinPolicy

@@ -23,12 +23,14 @@ One model, split by layers over the head (this machine) and the hosts you reach 
 - **F3**: switch between the provisioning view and the mesh view
 - **i** or **Tab**: back to the prompt
 - **q**, **Ctrl+C** or **Ctrl+Q**: quit; the agents, tunnels and connections are torn down first
+- **r**: bring failed hosts back (between replies): reconnect, re-plan with them, reload
 
 A prompt sent while a reply is still streaming is refused (it stays in the input): stop the reply or wait.
 
 ## The mesh table
 
-* **layers**: the contiguous block of layers a node holds; `+out` is the output layer.
+* **layers**: the contiguous blocks a node holds; `+out`: it also holds the output layer (on the head, a local
+  stage serves it, so the logits never cross the network).
 * **memory**: what the plan puts on the node, of what it may use.
 * **last / mean / p95**: one stage's time per token, from the head's tunnel: `total = compute+network`,
   where network is the node's measured round trip and compute is the rest. The head's share runs in this

@@ -231,7 +231,8 @@ def test_down_stops_agents_left_behind(lab, tmp_path: Path) -> None:
     h1 = lab.host("h1")
     runtime = h1.home / local_runtime_bundle().remote_dir
     script = h1.home / "orphan.sh"
-    script.write_text(f"sleep 300 | /usr/bin/python3 {runtime}/meshtui_agent.py serve --runtime {runtime}\n")
+    # The sleep holds the agent's stdin open; it is this test's to clean up (the agent is `down`'s).
+    script.write_text(f"sleep 299 | /usr/bin/python3 {runtime}/meshtui_agent.py serve --runtime {runtime}\n")
     orphan = lab.popen_in(h1, ["runuser", "-u", h1.user, "--", "env", f"HOME={h1.home}", "sh", str(script)])
     deadline = time.monotonic() + 20
     while not agent_processes(lab)["h1"] or not list((h1.home / ".cache/meshtui/run").glob("agent-*.json")):
@@ -244,6 +245,9 @@ def test_down_stops_agents_left_behind(lab, tmp_path: Path) -> None:
     assert "h2: nothing to stop" in result.stdout
     assert _wait_no_agents(lab) == {}
     orphan.kill()
+    for pid, cmdline in lab.processes_of(h1):
+        if cmdline.startswith("sleep 299"):
+            os.kill(pid, 9)
 
 
 # ---------------------------------------------------------------- node loss mid-reply

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--context", type=int, help="context size instead of the inventory's")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("-v", "--verbose", action="store_true", help="print each host's progress to stderr")
+        p.add_argument("--weight-by-speed", action="store_true",
+                       help="split layers by each node's measured speed (memory still bounds each node)")
 
     def api_options(p: argparse.ArgumentParser, default_port: int | None) -> None:
         p.add_argument("--api-host", default="127.0.0.1", metavar="H",
@@ -143,7 +145,8 @@ def _print_plan(mesh: Mesh, out: TextIO) -> None:
 
 async def cmd_plan(args: argparse.Namespace) -> int:
     async with _inventory_for(args) as inventory:
-        mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(False))
+        mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(False),
+                    weight_by_speed=args.weight_by_speed)
         try:
             mesh.read_model()
             await mesh.connect_and_probe()
@@ -169,7 +172,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise InventoryError("--headless needs --prompt TEXT")
     async with _inventory_for(args) as inventory:
-        mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(args.verbose))
+        mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(args.verbose),
+                    weight_by_speed=args.weight_by_speed)
         try:
             await mesh.up()
             mesh.enable_auto_rejoin()
@@ -265,7 +269,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     check_api_options(args.api_host, api_key)
     async with _inventory_for(args) as inventory:
         listener = request_logger(_stderr_listener(args.verbose))
-        mesh = Mesh(inventory, accept_new=args.accept_new, listener=listener)
+        mesh = Mesh(inventory, accept_new=args.accept_new, listener=listener, weight_by_speed=args.weight_by_speed)
         try:
             await mesh.up()
             mesh.enable_auto_rejoin()

@@ -108,10 +108,12 @@ class Reply:
 
 class Mesh:
     def __init__(self, inventory: Inventory, *, accept_new: bool = False,
-                 listener: ev.Listener = lambda event: None, output_on_head: bool = True) -> None:
+                 listener: ev.Listener = lambda event: None, output_on_head: bool = True,
+                 weight_by_speed: bool = False) -> None:
         self.inventory = inventory
         self.accept_new = accept_new
         self.output_on_head = output_on_head
+        self.weight_by_speed = weight_by_speed
         self.local_stage: LocalStage | None = None
         self.listener = listener
         self.head = Node(name=HEAD_NAME, address="127.0.0.1", is_head=True)
@@ -209,10 +211,24 @@ class Mesh:
             caps.append(NodeCapacity(node.name, max(0, usable)))
         return caps
 
+    def _speeds(self, capacities: Sequence[NodeCapacity]) -> list[float] | None:
+        """Each planned node's probed memory bandwidth, when the split is to follow speed."""
+        if not self.weight_by_speed:
+            return None
+        speeds = []
+        for cap in capacities:
+            facts = self.node(cap.name).facts
+            if facts is None or not facts.mem_bandwidth:
+                self._log(cap.name, "no speed measurement: splitting by memory only", "warning")
+                return None
+            speeds.append(float(facts.mem_bandwidth))
+        return speeds
+
     def make_plan(self) -> Plan:
         assert self.model is not None
-        self.plan = plan_layer_split(self.model, self.capacities(), self.inventory.model.context,
-                                     output_on_head=self.output_on_head)
+        capacities = self.capacities()
+        self.plan = plan_layer_split(self.model, capacities, self.inventory.model.context,
+                                     output_on_head=self.output_on_head, speeds=self._speeds(capacities))
         for assignment in self.plan.assignments:
             node = self.node(assignment.name)
             node.usable_bytes = assignment.usable_bytes

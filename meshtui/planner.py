@@ -105,8 +105,12 @@ class Plan:
 
 
 def plan_layer_split(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int, *,
-                     output_on_head: bool = False) -> Plan:
+                     output_on_head: bool = False, speeds: Sequence[float] | None = None) -> Plan:
     """Split layers in proportion to each node's free memory, then make sure every node fits.
+
+    With `speeds` (one positive number per node, e.g. its memory bandwidth), shares follow speed instead of
+    memory among the nodes that have room for a layer, so faster nodes get more layers; memory still bounds
+    every node (a split that overfills one is rebalanced to the lowest peak use).
 
     With `output_on_head`, the output layer is a fixed cost of the head (like the embeddings) and the
     blocks are split as usual; if the head cannot hold it, or the head ends up holding every block, the
@@ -119,12 +123,12 @@ def plan_layer_split(model: ModelFacts, nodes: Sequence[NodeCapacity], context: 
         # Plan a model whose output layer costs nothing and whose embeddings weigh what both weigh.
         moved = dataclasses.replace(model, output_bytes=0, input_bytes=model.input_bytes + model.output_bytes)
         try:
-            plan = _plan(moved, nodes, context)
+            plan = _plan(moved, nodes, context, speeds)
         except PlanError:
             plan = None
         if plan is not None and any(a.n_layers and a.start < model.n_layer for a in plan.assignments[1:]):
             return _output_to_head(plan, model, context)
-    return _plan(model, nodes, context)
+    return _plan(model, nodes, context, speeds)
 
 
 def _output_to_head(plan: Plan, model: ModelFacts, context: int) -> Plan:
@@ -158,7 +162,8 @@ def _output_to_head(plan: Plan, model: ModelFacts, context: int) -> Plan:
                 reasons=tuple(reasons), output_on_head=True)
 
 
-def _plan(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int) -> Plan:
+def _plan(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int,
+          speeds: Sequence[float] | None = None) -> Plan:
     """The memory-proportional contiguous split, repaired to fit.
 
     Raises PlanError (one line, naming the shortfall) when no contiguous whole-layer split fits, and
@@ -180,6 +185,12 @@ def _plan(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int) -> Pla
 
     smallest = min(costs)
     shares = [r if r >= max(smallest, 0) else 0 for r in room]
+    if speeds is not None:
+        if len(speeds) != len(nodes) or any(not speed > 0 for speed in speeds):
+            raise ValueError("speeds needs one positive number per node")
+        # Integer shares keep the arithmetic exact; scale so the slowest node still gets a fine grain.
+        scale = 1_000_000 / min(speeds)
+        shares = [round(speed * scale) if share else 0 for speed, share in zip(speeds, shares, strict=True)]
     boundaries = _proportional_boundaries(prefix, shares)
     repaired = not all(
         (start == end and j > 0) or prefix[end] - prefix[start] <= room[j]
@@ -192,7 +203,7 @@ def _plan(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int) -> Pla
         _assignment(model, node, start, end, context)
         for node, (start, end) in zip(nodes, _ranges(boundaries), strict=True)
     )
-    reasons = _reasons(model, context, costs, room, shares, assignments, repaired)
+    reasons = _reasons(model, context, costs, room, shares, assignments, repaired, by_speed=speeds is not None)
     return Plan(n_layer=model.n_layer, context=context, assignments=assignments, reasons=reasons)
 
 
@@ -341,6 +352,7 @@ def _reasons(
     shares: Sequence[int],
     assignments: Sequence[NodeAssignment],
     repaired: bool,
+    by_speed: bool = False,
 ) -> tuple[str, ...]:
     n_total = len(costs)
     kv = model.kv_bytes_per_layer(context)
@@ -363,10 +375,9 @@ def _reasons(
             )
             continue
         percent = round(100 * share / total_share)
-        reasons.append(
-            f"{assignment.name} offers {format_size(share)} of {format_size(total_share)} usable "
-            f"({percent}%) -> {assignment.n_layers} of {n_total} layers"
-        )
+        offer = (f"has {percent}% of the speed" if by_speed
+                 else f"offers {format_size(share)} of {format_size(total_share)} usable ({percent}%)")
+        reasons.append(f"{assignment.name} {offer} -> {assignment.n_layers} of {n_total} layers")
     if repaired:
         peak = max(a.used_bytes / a.usable_bytes for a in assignments if a.used_bytes > 0)
         reasons.append(

@@ -368,3 +368,20 @@ def test_output_on_head_falls_back_when_the_head_cannot_hold_it_or_holds_everyth
     alone = [NodeCapacity("head", 8 * GiB, is_head=True), NodeCapacity("a", 0)]
     plan = plan_layer_split(model, alone, CONTEXT, output_on_head=True)
     assert not plan.output_on_head and plan.assignments[0].end == model.n_layer + 1
+
+
+def test_speed_weighting_gives_faster_nodes_more_layers_within_memory() -> None:
+    model = uniform_model(12, cost=100 * MiB)
+    nodes = [NodeCapacity("head", 8 * GiB, is_head=True), NodeCapacity("a", 8 * GiB), NodeCapacity("b", 8 * GiB)]
+    by_memory = plan_layer_split(model, nodes, CONTEXT)
+    by_speed = plan_layer_split(model, nodes, CONTEXT, speeds=[1.0, 1.0, 2.0])
+    assert [a.n_layers for a in by_memory.assignments] == [4, 5, 4]  # the head also pays for the embeddings
+    assert [a.n_layers for a in by_speed.assignments] == [3, 3, 7]
+    assert "b has 50% of the speed -> 7 of 13 layers" in by_speed.reasons
+    # Memory still bounds a fast node: b can hold only 3 layers, so the split is rebalanced.
+    tight = [*nodes[:2], NodeCapacity("b", OVERHEAD + 3 * 100 * MiB)]
+    plan = plan_layer_split(model, tight, CONTEXT, speeds=[1.0, 1.0, 10.0])
+    assert all(a.used_bytes <= a.usable_bytes for a in plan.assignments)
+    assert sum(a.n_layers for a in plan.assignments) == 13
+    with pytest.raises(ValueError):
+        plan_layer_split(model, nodes, CONTEXT, speeds=[1.0, 0.0, 1.0])

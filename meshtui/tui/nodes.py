@@ -51,7 +51,7 @@ class NodesView(Vertical):
         super().__init__(id=id)
         self.mesh = mesh
         self.throttle = Throttle(self, REDRAW_INTERVAL, self.redraw)
-        self._spark_shown: dict[str, tuple[int, float | None]] = {}
+        self._spark_shown: dict[str, tuple[int, float | None, bool]] = {}
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="nodes-table", cursor_type="row", zebra_stripes=True)
@@ -88,7 +88,7 @@ class NodesView(Vertical):
             if node.is_head:
                 continue
             last = node.latencies[-1].total_ms if node.latencies else None
-            shown = (len(node.latencies), last)
+            shown = (len(node.latencies), last, node.layers is not None)
             if self._spark_shown.get(node.name) == shown:
                 continue  # nothing new: leave the widget alone
             self._spark_shown[node.name] = shown

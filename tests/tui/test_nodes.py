@@ -17,7 +17,9 @@ async def test_ready_mesh_shows_layers_and_split_latency_with_the_head_unmeasure
         assert app.query_one("#views", ContentSwitcher).current == "nodes"
         await pilot.press(*"hi", "enter")
         await wait_until(pilot, lambda: len(app.chat.messages) == 2, what="reply")
-        await wait_until(pilot, lambda: node_row(app, "lab2")[5] != "—", what="latencies")
+        # Redraws are throttled: wait for the table to show both samples of each host (tokens 1 and 2).
+        await wait_until(pilot, lambda: node_row(app, "lab2")[5] == "12.6 (9.2+3.4)"
+                         and node_row(app, "lab1")[6] == "7.5 (6.3+1.2)", what="latencies")
         head, lab1, lab2 = (node_row(app, n) for n in ("head", "lab1", "lab2"))
         assert head[:4] == ["head", "127.0.0.1", "ready", "0–12"]
         assert head[5:] == ["—", "—", "—", "—"]  # the head is not measured through a tunnel

@@ -282,8 +282,10 @@ async def launch_agent(
     bundle: RuntimeBundle,
     on_log: Callable[[str], None] = lambda line: None,
     gpu: bool = False,
+    runtime_dir: str | None = None,
 ) -> Agent:
-    remote = f'"$HOME"/{bundle.remote_dir}'
+    """Start the agent from the pushed bundle, or from `runtime_dir` (a runtime built on the host)."""
+    remote = f'"$HOME"/{runtime_dir or bundle.remote_dir}'
     command = f"{shlex.quote(host.python)} {remote}/{AGENT_FILE} serve --runtime {remote}"
     if host.threads:
         command += f" --threads {int(host.threads)}"

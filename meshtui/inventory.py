@@ -61,6 +61,7 @@ class HostSpec:
     max_memory: int | None = None
     threads: int | None = None
     python: str = "python3"
+    runtime: str = "auto"  # auto: push the prebuilt runtime, build on the host if it cannot load; push; build
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ _FIELDS: dict[str, dict[str, Convert]] = {
         "max_memory": _size,
         "threads": _integer(1),
         "python": _text(_ONE_LINE, "an interpreter command on one line"),
+        "runtime": _text(r"auto|push|build", "one of auto, push, build"),
     },
 }
 _TOP_LEVEL = sorted(_FIELDS)

@@ -22,6 +22,7 @@ from meshtui import events as ev
 from meshtui.engine.client import EngineDied, EngineProcess
 from meshtui.errors import EngineError, HostError, MeshError, PlanError
 from meshtui.gguf_facts import ModelFacts, read_model_facts
+from meshtui.hostbuild import build_on_host
 from meshtui.hosts import Agent, HostFacts, launch_agent, probe_host, push_runtime
 from meshtui.inventory import HostSpec, Inventory
 from meshtui.localstage import LocalStage
@@ -253,16 +254,31 @@ class Mesh:
 
     async def _start_stage(self, node: Node, bundle: Any) -> None:
         assert node.conn is not None and node.spec is not None
+        on_log = lambda line: self._log(node.name, line, "debug")  # noqa: E731
         try:
-            self._phase(node, "push", f"{bundle.total_bytes} bytes")
-            sent = await push_runtime(
-                node.conn, node.spec, bundle,
-                on_progress=lambda done, total: self._emit(ev.TransferProgressed(node.name, "push", done, total)),
-            )
-            self._log(node.name, f"runtime {bundle.digest}: " + (f"pushed {sent} bytes" if sent else "already there"))
+            runtime_dir = None
+            if node.spec.runtime == "build":
+                runtime_dir = await self._build_on_host(node)
+            else:
+                self._phase(node, "push", f"{bundle.total_bytes} bytes")
+                sent = await push_runtime(
+                    node.conn, node.spec, bundle,
+                    on_progress=lambda done, total: self._emit(ev.TransferProgressed(node.name, "push", done, total)),
+                )
+                pushed = f"pushed {sent} bytes" if sent else "already there"
+                self._log(node.name, f"runtime {bundle.digest} ({bundle.kind}): {pushed}")
             self._phase(node, "launch")
-            node.agent = await launch_agent(node.conn, node.spec, bundle,
-                                            on_log=lambda line: self._log(node.name, line, "debug"))
+            try:
+                node.agent = await launch_agent(node.conn, node.spec, bundle, on_log=on_log, runtime_dir=runtime_dir)
+            except HostError as err:
+                # The pushed runtime does not load there (another glibc, a missing library): build it there.
+                if node.spec.runtime != "auto" or "cannot load" not in str(err):
+                    raise
+                reason = str(err).removeprefix(f"{node.name}: ")
+                self._log(node.name, f"{reason}; building the runtime on the host instead", "warning")
+                runtime_dir = await self._build_on_host(node)
+                self._phase(node, "launch")
+                node.agent = await launch_agent(node.conn, node.spec, bundle, on_log=on_log, runtime_dir=runtime_dir)
         except HostError as err:
             self._fail(node, node.status, str(err).removeprefix(f"{node.name}: "))
             raise
@@ -274,6 +290,12 @@ class Mesh:
         with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error):
             node.rtt_samples.append(await node.agent.ping() * 1000.0)
             node.rtt_ms = min(node.rtt_samples)
+
+    async def _build_on_host(self, node: Node) -> str:
+        assert node.conn is not None and node.spec is not None
+        self._phase(node, "push", "building the runtime on the host")
+        return await build_on_host(node.conn, node.spec,
+                                   on_progress=lambda step: self._phase(node, "push", f"build: {step}"))
 
     async def _check_protocols(self, remote: Sequence[Node]) -> None:
         """Every stage must speak the head's RPC protocol: ggml aborts on a mismatch, so ask first."""

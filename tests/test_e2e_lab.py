@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -377,4 +380,48 @@ async def test_failed_host_rejoins_automatically_before_the_next_reply(lab, tmp_
     finally:
         await mesh.close()
     assert after_loss.token_ids == clean.token_ids == rejoined.token_ids
+    assert _wait_no_agents(lab) == {}
+
+
+def test_host_that_builds_its_own_runtime_joins_with_identical_output(lab, tmp_path: Path) -> None:
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"', {"h2": {"runtime": "build"}}))
+    result = meshtui_json("up", str(inventory_file), "--headless", "--prompt", PROMPT, "--raw", "--temperature", "0",
+                          "--max-tokens", str(MAX_TOKENS), timeout=1800)
+    expected = reference_greedy(SMOLLM2, PROMPT, MAX_TOKENS, context=512)
+    assert result["tokens"] == expected["tokens"] and result["text"] == expected["text"]
+    assert result["placement"]["h2"]  # h2 served layers, from the runtime it built
+    built = list((lab.host("h2").home / ".cache/meshtui/runtime").glob("build-*/lib/libggml-cpu.so.0"))
+    assert len(built) == 1
+    assert not list((lab.host("h1").home / ".cache/meshtui/runtime").glob("build-*"))  # h1 got the pushed one
+    assert _wait_no_agents(lab) == {}
+
+
+def test_host_that_cannot_load_the_pushed_runtime_builds_its_own(lab, tmp_path: Path, monkeypatch) -> None:
+    from meshtui.runtime import local_runtime_bundle
+
+    # h2 already "has" the head's runtime, but its copy cannot load there (as on a host with another libc).
+    h2 = lab.host("h2")
+    broken = h2.home / local_runtime_bundle(kind="head-build").remote_dir
+    for rel, local in local_runtime_bundle(kind="head-build").files:
+        (broken / rel).parent.mkdir(parents=True, exist_ok=True)
+        (broken / rel).write_bytes(b"not a library" if rel == "lib/libggml-base.so.0" else local.read_bytes())
+    (broken / ".complete").write_text("x\n")
+    subprocess.run(["chown", "-R", f"{h2.user}:", str(h2.home / ".cache")], check=True)
+    monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
+    try:
+        run = meshtui("up", str(inventory_file), "--headless", "--prompt", PROMPT, "--raw", "--temperature", "0",
+                      "--max-tokens", str(MAX_TOKENS), "--json", timeout=1800)
+    finally:
+        shutil.rmtree(broken)
+    assert run.returncode == 0, run.stderr
+    assert "  h2: agent cannot serve: cannot load libggml-base.so.0" in run.stderr
+    assert "building the runtime on the host instead" in run.stderr
+    result = json.loads(run.stdout)
+    expected = reference_greedy(SMOLLM2, PROMPT, MAX_TOKENS, context=512)
+    assert result["tokens"] == expected["tokens"] and result["text"] == expected["text"]
+    assert result["placement"]["h2"]
+    assert list((h2.home / ".cache/meshtui/runtime").glob("build-*/lib/libggml-cpu.so.0"))
     assert _wait_no_agents(lab) == {}

@@ -1,0 +1,132 @@
+"""Build the agent runtime on a host, from the same pinned ggml source the head's llama.cpp was built from.
+
+For hosts that cannot load the pushed runtime (another glibc, another OS) or that ask for it
+(`runtime = "build"`). The head pushes one source tarball (ggml of llama-cpp-python's sdist plus
+native/CMakeLists.txt), the host configures it for its own CPU (GGML_NATIVE, and CUDA when `nvcc` is there)
+and builds the four libraries the agent loads. Results are cached on the host by the source's hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import tarfile
+import tempfile
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import asyncssh
+
+from meshtui.errors import HostError, MeshError
+from meshtui.inventory import HostSpec
+from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, agent_source_path
+
+NATIVE = Path(__file__).resolve().parent.parent / "native"
+BUILD_TIMEOUT = 1800.0
+
+
+def _native_builder() -> ModuleType:
+    path = NATIVE / "build_runtime.py"
+    if not path.exists():
+        raise MeshError("building on a host needs native/build_runtime.py (a meshtui checkout, not a wheel)")
+    spec = importlib.util.spec_from_file_location("meshtui_native_build", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@lru_cache(maxsize=1)
+def source_tarball() -> tuple[Path, str]:
+    """(tarball, digest): ggml from the pinned sdist, the CMake wrapper and the agent, cached on the head."""
+    native = _native_builder()
+    cache_root = native.default_cache_root()
+    version = native.installed_llama_cpp_python() or "0.3.36"
+    sdist = native.fetch_sdist(version, cache_root, None)
+    digest = hashlib.sha256()
+    digest.update(native.sha256_file(sdist).encode())
+    digest.update((NATIVE / "CMakeLists.txt").read_bytes())
+    digest.update(agent_source_path().read_bytes())
+    key = digest.hexdigest()[:16]
+    tarball = cache_root / f"host-source-{key}.tar.gz"
+    if not tarball.exists():
+        with tempfile.TemporaryDirectory(dir=cache_root) as tmp:
+            ggml = native.extract_ggml(sdist, Path(tmp))
+            staging = Path(tmp) / "out.tar.gz"
+            with tarfile.open(staging, "w:gz") as tar:
+                tar.add(ggml, arcname="ggml")
+                tar.add(NATIVE / "CMakeLists.txt", arcname="CMakeLists.txt")
+                tar.add(agent_source_path(), arcname=AGENT_FILE)
+            staging.replace(tarball)
+    return tarball, key
+
+
+def remote_build_script(key: str, jobs: int | None) -> str:
+    """The shell the host runs: configure for its own CPU (and CUDA if present), build, install atomically."""
+    final = f'"$HOME"/{REMOTE_ROOT}/build-{key}'
+    work = f'"$HOME"/.cache/meshtui/build/{key}'
+    source = f'"$HOME"/.cache/meshtui/src/{key}.tar.gz'
+    # CUDA only where there is a GPU to use, not merely a toolkit (nvcc alone cannot build for an unknown arch).
+    cuda = ('$(nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1 '
+            '&& echo "-DGGML_CUDA=ON -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES=native")')
+    make_jobs = f"-j {int(jobs)}" if jobs else '-j "$(nproc 2>/dev/null || echo 2)"'
+    lines = [
+        "set -e",
+        f"if [ -f {final}/.complete ]; then echo 'meshtui-build: cached'; exit 0; fi",
+        "command -v cmake >/dev/null 2>&1 || { echo 'meshtui-build: cmake is not installed' >&2; exit 3; }",
+        f"rm -rf {work} && mkdir -p {work} && tar xzf {source} -C {work}",
+        "echo 'meshtui-build: configuring'",
+        f"cmake -S {work} -B {work}/b -DGGML_SOURCE_DIR={work}/ggml -DCMAKE_BUILD_TYPE=Release "
+        "-DBUILD_SHARED_LIBS=ON -DGGML_RPC=ON -DGGML_RPC_RDMA=OFF -DGGML_NATIVE=ON -DGGML_BACKEND_DL=OFF "
+        f"-DGGML_CCACHE=OFF {cuda} >{work}/configure.log 2>&1 "
+        f"|| {{ tail -5 {work}/configure.log >&2; exit 4; }}",
+        "echo 'meshtui-build: compiling'",
+        f"cmake --build {work}/b {make_jobs} --target ggml ggml-rpc >{work}/build.log 2>&1 "
+        f"|| {{ tail -5 {work}/build.log >&2; exit 5; }}",
+        f"rm -rf {final}.partial && mkdir -p {final}.partial/lib",
+        f"for lib in libggml-base libggml-cpu libggml-rpc libggml; do "
+        f'cp -L {work}/b/bin/$lib.so {final}.partial/lib/$lib.so.0; done',
+        f"cp {work}/{AGENT_FILE} {final}.partial/ && touch {final}.partial/.complete",
+        f"rm -rf {final} && mv {final}.partial {final} && rm -rf {work}",
+        "echo 'meshtui-build: done'",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def build_on_host(
+    conn: asyncssh.SSHClientConnection,
+    host: HostSpec,
+    on_progress: Callable[[str], None] = lambda step: None,
+) -> str:
+    """Push the source (once), build on the host (once per source); returns the runtime folder under ~."""
+    try:
+        tarball, key = source_tarball()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise HostError(f"cannot prepare the runtime source to build on the host: {err}", host=host.name) from err
+    try:
+        async with conn.start_sftp_client() as sftp:
+            remote_source = f".cache/meshtui/src/{key}.tar.gz"
+            if not await sftp.exists(remote_source):
+                on_progress(f"pushing the source ({tarball.stat().st_size} bytes)")
+                await sftp.makedirs(".cache/meshtui/src", exist_ok=True)
+                await sftp.put(str(tarball), remote_source + ".partial")
+                with contextlib.suppress(asyncssh.SFTPError):
+                    await sftp.remove(remote_source)
+                await sftp.rename(remote_source + ".partial", remote_source)
+        process = await conn.create_process("sh -s", encoding="utf-8", errors="replace")
+        process.stdin.write(remote_build_script(key, host.threads))
+        process.stdin.write_eof()
+        async for line in process.stdout:
+            if line.startswith("meshtui-build: "):
+                on_progress(line.removeprefix("meshtui-build: ").strip())
+        result = await process.wait(check=False, timeout=BUILD_TIMEOUT)
+    except (OSError, asyncssh.Error) as err:
+        raise HostError(f"building the runtime on the host failed: {err}", host=host.name) from err
+    if result.exit_status != 0:
+        detail = " ".join(str(result.stderr or "").split())[-300:] or f"exit status {result.exit_status}"
+        raise HostError(f"building the runtime on the host failed: {detail}", host=host.name)
+    return f"{REMOTE_ROOT}/build-{key}"
+

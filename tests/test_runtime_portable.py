@@ -312,7 +312,9 @@ async def test_head_build_runtime_cannot_load_where_libgomp_and_libstdcxx_are_mi
     lab = _hidden_libs_lab(lab_factory)
     monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")
     inventory_file = tmp_path / "inventory.toml"
-    inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
+    # runtime = "push": report the pushed runtime's failure rather than fall back to building on the host
+    # (which this host could not do either: its compiler needs the libstdc++ that is hidden).
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"', {"h2": {"runtime": "push"}}))
     mesh = Mesh(load_inventory(inventory_file))
     with pytest.raises(HostError) as failure:
         await mesh.up()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import asyncssh
 
 from meshtui.errors import HostError, MeshError
 from meshtui.inventory import HostSpec
-from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, agent_source_path
+from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, agent_source_path, load_file_module
 
 NATIVE = Path(__file__).resolve().parent.parent / "native"
 BUILD_TIMEOUT = 1800.0
@@ -32,11 +31,7 @@ def _native_builder() -> ModuleType:
     path = NATIVE / "build_runtime.py"
     if not path.exists():
         raise MeshError("building on a host needs native/build_runtime.py (a meshtui checkout, not a wheel)")
-    spec = importlib.util.spec_from_file_location("meshtui_native_build", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(path, "meshtui_native_build")
 
 
 @lru_cache(maxsize=1)

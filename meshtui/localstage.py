@@ -9,7 +9,6 @@ and so the logits, on the head: only hidden states cross the network.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -19,6 +18,7 @@ from collections import deque
 from pathlib import Path
 
 from meshtui.errors import EngineError
+from meshtui.procs import wait_or_kill
 from meshtui.runtime import AGENT_FILE, RuntimeBundle
 
 
@@ -90,11 +90,6 @@ class LocalStage:
         if self.proc.returncode is None:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()  # the agent exits when its stdin closes
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
+            await wait_or_kill(self.proc, timeout)
         if self._stderr_task is not None:
             self._stderr_task.cancel()

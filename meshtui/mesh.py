@@ -30,7 +30,7 @@ from meshtui.models import resolve_model_path
 from meshtui.planner import NODE_OVERHEAD_BYTES, NodeCapacity, Plan, plan_layer_split
 from meshtui.predict import Prediction, predict_decode
 from meshtui.rpcwire import rpc_hello
-from meshtui.runtime import expected_rpc_protocol, local_runtime_bundle
+from meshtui.runtime import agent_source_path, expected_rpc_protocol, load_file_module, local_runtime_bundle
 from meshtui.ssh import connect_host
 from meshtui.tunnels import StageTunnel
 
@@ -506,12 +506,8 @@ class Mesh:
             self._emit(ev.MeshRecovering(failed.name, failed.reason))
             self._log("mesh", f"{failed.name} lost ({failed.reason}); re-planning on the survivors", "warning")
             await self._drop_node(failed)
-            if self.engine is not None:
-                with contextlib.suppress(MeshError, OSError):
-                    await self.engine.close()
-                self.engine = None
             try:
-                await self._replan_and_reload()
+                await self._replan_and_reload()  # closes the dead engine first
             except PlanError as err:
                 raise MeshError(f"{failed.name} was lost ({failed.reason}) and the remaining nodes cannot hold the "
                                 f"model: {err}") from cause
@@ -742,13 +738,5 @@ def placement_by_node(by_device: dict[str, list[int]], device_endpoints: dict[st
 
 def _probe_head() -> dict[str, Any]:
     """The head is probed by the same code as the hosts, run in-process."""
-    import importlib.util
-
-    from meshtui.runtime import agent_source_path
-
-    spec = importlib.util.spec_from_file_location("meshtui_agent_local", agent_source_path())
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result: dict[str, Any] = module.probe()
+    result: dict[str, Any] = load_file_module(agent_source_path(), "meshtui_agent_local").probe()
     return result

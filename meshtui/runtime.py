@@ -20,8 +20,12 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshtui.errors import MeshError
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 RUNTIME_LIBS = ("libggml-base.so.0", "libggml-cpu.so.0", "libggml-rpc.so.0", "libggml.so.0")
 AGENT_FILE = "meshtui_agent.py"
@@ -162,3 +166,12 @@ def _digest(files: list[tuple[str, Path]]) -> str:
         digest.update(rel.encode() + b"\0")
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def load_file_module(path: Path, name: str) -> ModuleType:
+    """Import a script that is not part of the package (the agent, native/build_runtime.py) by its path."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

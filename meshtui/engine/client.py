@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from meshtui.errors import EngineError
+from meshtui.procs import wait_or_kill
 
 
 class ContextOverflow(EngineError):
@@ -127,12 +128,7 @@ class EngineProcess:
         if self.proc.returncode is None:
             with contextlib.suppress(EngineError, OSError, RuntimeError):
                 self.send(op="shutdown")
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
+            await wait_or_kill(self.proc, timeout)
         for task in self._tasks:
             task.cancel()
         self._tasks = []

@@ -28,6 +28,9 @@ import time
 AGENT_VERSION = "1"
 # The head's llama-cpp-python libraries; the order matters: each one's dependencies are loaded before it.
 RUNTIME_LIBS = ("libggml-base.so.0", "libggml-cpu.so.0", "libggml-rpc.so.0", "libggml.so.0")
+# GPU backends a runtime built on the host may hold (linked into libggml.so.0, so loaded just before it).
+GPU_BACKEND_LIBS = ("libggml-cuda.so.0", "libggml-vulkan.so.0")
+BUILD_INFO = "meshtui-build.json"  # written by a build on the host: which backends it compiled
 # The portable build (native/build_runtime.py), recognised by its manifest.
 PORTABLE_MANIFEST = "meshtui-runtime.json"
 PORTABLE_CORE_LIBS = ("libggml-base.so.0", "libggml.so.0")
@@ -134,9 +137,14 @@ def probe():
         "mem_available": mem.get("MemAvailable", mem.get("MemFree", 0)),
         "gpus": nvidia_gpus(),
         "mem_bandwidth": memory_bandwidth(),
-        "nvcc": any(os.access(os.path.join(d, "nvcc"), os.X_OK)
-                    for d in os.environ.get("PATH", "").split(os.pathsep) if d),
+        "nvcc": on_path("nvcc"),
+        "cmake": on_path("cmake"),
     }
+
+
+def on_path(program):
+    return any(os.access(os.path.join(d, program), os.X_OK)
+               for d in os.environ.get("PATH", "").split(os.pathsep) if d)
 
 
 # ---------------------------------------------------------------- serve
@@ -153,7 +161,10 @@ class Runtime:
     def __init__(self, libdir):
         self.kind = "head-build"
         self.cpu_variant = None
+        self.backends = ["cpu"]
         manifest = read_manifest(libdir)
+        if os.path.exists(os.path.join(os.path.dirname(libdir), BUILD_INFO)):
+            self.kind = "host-build"
         if manifest is not None:
             self.kind = "portable"
             ggml, rpc = self._load_portable(libdir, manifest)
@@ -180,8 +191,10 @@ class Runtime:
     def _load_head_build(self, libdir):
         # The order matters: each library's dependencies are loaded before it, by full path.
         libs = {}
-        for name in RUNTIME_LIBS:
+        gpu_libs = [n for n in GPU_BACKEND_LIBS if os.path.exists(os.path.join(libdir, n))]
+        for name in RUNTIME_LIBS[:-1] + tuple(gpu_libs) + RUNTIME_LIBS[-1:]:
             libs[name] = load_library(libdir, name, ctypes.RTLD_GLOBAL)
+        self.backends = ["cpu"] + [n[len("libggml-"):-len(".so.0")] for n in gpu_libs]
         return libs["libggml.so.0"], libs["libggml-rpc.so.0"]
 
     def _load_portable(self, libdir, manifest):
@@ -376,7 +389,7 @@ def serve(args):
         return 3
     pidfile = write_pidfile(port)
     proto.send(event="ready", port=port, pid=os.getpid(), threads=threads, cache_dir=cache_dir, runtime=runtime.kind,
-               devices=[{k: v for k, v in d.items() if k != "handle"} for d in wanted])
+               backends=runtime.backends, devices=[{k: v for k, v in d.items() if k != "handle"} for d in wanted])
     try:
         # The SSH channel is our lifeline: EOF on stdin means the head is gone.
         for line in sys.stdin:

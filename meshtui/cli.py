@@ -132,7 +132,7 @@ def _print_plan(mesh: Mesh, out: TextIO) -> None:
         where = f"blocks {blocks.start:>3}-{blocks.stop - 1:<3}" if len(blocks) else "no blocks     "
         where += " +output" if holds_output else "        "
         print(f"  {a.name:<12} {node.address:<16} {where} {format_size(a.used_bytes):>10} of "
-              f"{format_size(a.usable_bytes)} usable", file=out)
+              f"{format_size(a.usable_bytes)} usable" + (f" on {a.device}" if a.device != "cpu" else ""), file=out)
     for reason in mesh.plan.reasons:
         print(f"  - {reason}", file=out)
     prediction = mesh.predict()

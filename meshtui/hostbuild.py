@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,12 @@ def _native_builder() -> ModuleType:
 @lru_cache(maxsize=1)
 def source_tarball() -> tuple[Path, str]:
     """(tarball, digest): ggml from the pinned sdist, the CMake wrapper and the agent, cached on the head."""
+    given = os.environ.get("MESHTUI_HOST_SOURCE")
+    if given:  # a tarball made earlier by this function, for a head that cannot download the sdist
+        path = Path(given)
+        if not path.is_file():
+            raise OSError(f"MESHTUI_HOST_SOURCE={given}: no such file")
+        return path, _native_builder().sha256_file(path)[:16]
     native = _native_builder()
     cache_root = native.default_cache_root()
     version = native.installed_llama_cpp_python() or "0.3.36"
@@ -59,34 +66,59 @@ def source_tarball() -> tuple[Path, str]:
     return tarball, key
 
 
+# Ninja's "[12/345]" and make's "[ 12%]" become one "compiling 3%" line per percent (a shell loop, not awk:
+# mawk reads a pipe in large blocks, which would hold every line back until the build ends).
+PROGRESS_FILTER = (
+    'last=""; while IFS= read -r line; do case "$line" in '
+    '"["*"/"*"]"*) f=${line#?}; f=${f%%]*}; n=${f%/*}; d=${f#*/} ;; '
+    '"["*"%]"*) f=${line#?}; f=${f%%%]*}; n=${f##* }; d=100 ;; *) continue ;; esac; '
+    'case "$n$d" in ""|*[!0-9]*) continue ;; esac; [ "$d" -gt 0 ] || continue; p=$((100 * n / d)); '
+    '[ "$p" = "$last" ] || { echo "meshtui-build: compiling $p%"; last=$p; }; done'
+)
+
+
 def remote_build_script(key: str, jobs: int | None) -> str:
-    """The shell the host runs: configure for its own CPU (and CUDA if present), build, install atomically."""
+    """The shell the host runs: configure for its own CPU and GPU, build, install atomically.
+
+    GPU backends are compiled only where there is a GPU to use, not merely a toolkit: CUDA when `nvidia-smi -L`
+    lists one and `nvcc` is installed (for that GPU's architecture only, and without the flash-attention kernels,
+    which the head never asks for), Vulkan when a Vulkan loader and `glslc` are there. Progress lines
+    (`meshtui-build: ...`) go to stdout; the tail of a failing log goes to stderr.
+    """
     final = f'"$HOME"/{REMOTE_ROOT}/build-{key}'
     work = f'"$HOME"/.cache/meshtui/build/{key}'
     source = f'"$HOME"/.cache/meshtui/src/{key}.tar.gz'
-    # CUDA only where there is a GPU to use, not merely a toolkit (nvcc alone cannot build for an unknown arch).
-    cuda = ('$(nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1 '
-            '&& echo "-DGGML_CUDA=ON -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES=native")')
+    # Every core by default: `threads` in the inventory is for serving layers, not for the compiler.
     make_jobs = f"-j {int(jobs)}" if jobs else '-j "$(nproc 2>/dev/null || echo 2)"'
     lines = [
         "set -e",
         f"if [ -f {final}/.complete ]; then echo 'meshtui-build: cached'; exit 0; fi",
         "command -v cmake >/dev/null 2>&1 || { echo 'meshtui-build: cmake is not installed' >&2; exit 3; }",
+        'backends=cpu; gpu_flags=""',
+        "if nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; then",
+        "  backends=cuda; gpu_flags='-DGGML_CUDA=ON -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES=native'",
+        "elif command -v glslc >/dev/null 2>&1 && { ldconfig -p 2>/dev/null | grep -q libvulkan; }; then",
+        "  backends=vulkan; gpu_flags='-DGGML_VULKAN=ON'",
+        "fi",
+        'generator=""; if command -v ninja >/dev/null 2>&1; then generator="-G Ninja"; fi',
         f"rm -rf {work} && mkdir -p {work} && tar xzf {source} -C {work}",
-        "echo 'meshtui-build: configuring'",
-        f"cmake -S {work} -B {work}/b -DGGML_SOURCE_DIR={work}/ggml -DCMAKE_BUILD_TYPE=Release "
+        'echo "meshtui-build: configuring ($backends)"',
+        f"cmake $generator -S {work} -B {work}/b -DGGML_SOURCE_DIR={work}/ggml -DCMAKE_BUILD_TYPE=Release "
         "-DBUILD_SHARED_LIBS=ON -DGGML_RPC=ON -DGGML_RPC_RDMA=OFF -DGGML_NATIVE=ON -DGGML_BACKEND_DL=OFF "
-        f"-DGGML_CCACHE=OFF {cuda} >{work}/configure.log 2>&1 "
+        f"-DGGML_CCACHE=OFF $gpu_flags >{work}/configure.log 2>&1 "
         f"|| {{ tail -5 {work}/configure.log >&2; exit 4; }}",
-        "echo 'meshtui-build: compiling'",
-        f"cmake --build {work}/b {make_jobs} --target ggml ggml-rpc >{work}/build.log 2>&1 "
-        f"|| {{ tail -5 {work}/build.log >&2; exit 5; }}",
+        'echo "meshtui-build: compiling ($backends)"',
+        f"{{ cmake --build {work}/b {make_jobs} --target ggml ggml-rpc 2>&1; echo $? >{work}/build.rc; }} "
+        f"| tee {work}/build.log | {{ {PROGRESS_FILTER}; }}",
+        f'[ "$(cat {work}/build.rc)" = 0 ] || {{ tail -5 {work}/build.log >&2; exit 5; }}',
         f"rm -rf {final}.partial && mkdir -p {final}.partial/lib",
-        f"for lib in libggml-base libggml-cpu libggml-rpc libggml; do "
-        f'cp -L {work}/b/bin/$lib.so {final}.partial/lib/$lib.so.0; done',
+        "for lib in libggml-base libggml-cpu libggml-rpc libggml libggml-cuda libggml-vulkan; do "
+        f"if [ -f {work}/b/bin/$lib.so ]; then cp -L {work}/b/bin/$lib.so {final}.partial/lib/$lib.so.0; fi; done",
+        "if [ $backends = cpu ]; then list='\"cpu\"'; else list=\"\\\"cpu\\\", \\\"$backends\\\"\"; fi",
+        f"echo \"{{\\\"backends\\\": [$list]}}\" >{final}.partial/meshtui-build.json",
         f"cp {work}/{AGENT_FILE} {final}.partial/ && touch {final}.partial/.complete",
         f"rm -rf {final} && mv {final}.partial {final} && rm -rf {work}",
-        "echo 'meshtui-build: done'",
+        'echo "meshtui-build: done ($backends)"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -112,7 +144,7 @@ async def build_on_host(
                     await sftp.remove(remote_source)
                 await sftp.rename(remote_source + ".partial", remote_source)
         process = await conn.create_process("sh -s", encoding="utf-8", errors="replace")
-        process.stdin.write(remote_build_script(key, host.threads))
+        process.stdin.write(remote_build_script(key, None))
         process.stdin.write_eof()
         async for line in process.stdout:
             if line.startswith("meshtui-build: "):

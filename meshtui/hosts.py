@@ -38,6 +38,8 @@ class HostFacts:
     mem_available: int
     gpus: tuple[dict[str, Any], ...]
     mem_bandwidth: int | None = None  # bytes/s one core copies (agent's probe)
+    nvcc: bool = False  # the CUDA compiler is on PATH
+    cmake: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HostFacts:
@@ -52,6 +54,8 @@ class HostFacts:
             mem_available=int(data["mem_available"]),
             gpus=tuple(data.get("gpus") or ()),
             mem_bandwidth=int(data["mem_bandwidth"]) if data.get("mem_bandwidth") else None,
+            nvcc=bool(data.get("nvcc")),
+            cmake=bool(data.get("cmake")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -59,6 +63,7 @@ class HostFacts:
             "hostname": self.hostname, "os": self.os, "arch": self.arch, "python": self.python,
             "glibc": self.glibc, "cores": self.cores, "mem_total": self.mem_total,
             "mem_available": self.mem_available, "gpus": list(self.gpus), "mem_bandwidth": self.mem_bandwidth,
+            "nvcc": self.nvcc, "cmake": self.cmake,
         }
 
 
@@ -189,6 +194,7 @@ class Agent:
         self.port = 0
         self.pid = 0
         self.devices: list[dict[str, Any]] = []
+        self.backends: list[str] = []
         self.stderr_tail: deque[str] = deque(maxlen=20)
         self.exited = asyncio.Event()
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -250,6 +256,7 @@ class Agent:
         self.port = int(msg["port"])
         self.pid = int(msg["pid"])
         self.devices = list(msg.get("devices") or [])
+        self.backends = list(msg.get("backends") or [])
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds through the same SSH connection the stage traffic uses."""

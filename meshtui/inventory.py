@@ -62,6 +62,7 @@ class HostSpec:
     threads: int | None = None
     python: str = "python3"
     runtime: str = "auto"  # auto: push the prebuilt runtime, build on the host if it cannot load; push; build
+    gpu: bool = True  # serve layers from the host's GPUs when a GPU runtime can be built there
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ _FIELDS: dict[str, dict[str, Convert]] = {
         "threads": _integer(1),
         "python": _text(_ONE_LINE, "an interpreter command on one line"),
         "runtime": _text(r"auto|push|build", "one of auto, push, build"),
+        "gpu": _boolean,
     },
 }
 _TOP_LEVEL = sorted(_FIELDS)

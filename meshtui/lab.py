@@ -36,6 +36,8 @@ async def _run_command(process: asyncssh.SSHServerProcess[bytes], home: Path) ->
         "LANG": "C.UTF-8",
         "USER": home.name,
     }
+    if os.environ.get("LD_LIBRARY_PATH"):  # the lab's hosts are this machine: its GPU driver's libraries too
+        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
     command = process.command or "exec /bin/sh -i"
     child = await asyncio.create_subprocess_shell(
         command, cwd=str(home), env=env, start_new_session=True,

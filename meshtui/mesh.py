@@ -27,7 +27,7 @@ from meshtui.hosts import Agent, HostFacts, launch_agent, probe_host, push_runti
 from meshtui.inventory import HostSpec, Inventory
 from meshtui.localstage import LocalStage
 from meshtui.models import resolve_model_path
-from meshtui.planner import NODE_OVERHEAD_BYTES, NodeCapacity, Plan, plan_layer_split
+from meshtui.planner import NODE_OVERHEAD_BYTES, NodeCapacity, Plan, plan_layer_split, split_among_devices
 from meshtui.predict import Prediction, predict_decode
 from meshtui.rpcwire import rpc_hello
 from meshtui.runtime import agent_source_path, expected_rpc_protocol, load_file_module, local_runtime_bundle
@@ -37,6 +37,7 @@ from meshtui.tunnels import StageTunnel
 HEAD_NAME = "head"
 HEAD_RESERVE_BYTES = 512 * 1024**2  # left free on the head for the OS, the TUI and the engine process
 HOST_RESERVE_BYTES = 256 * 1024**2  # left free on each host for the OS and the agent itself
+GPU_RESERVE_BYTES = 1024**3  # left free on each GPU for the CUDA context and the RPC server's buffers
 LATENCY_HISTORY = 256
 
 
@@ -54,6 +55,7 @@ class Node:
     layers: tuple[int, int] | None = None
     usable_bytes: int = 0
     planned_bytes: int = 0
+    device: str = "cpu"  # what holds its layers, as planned: "cpu" or the GPU's name
     conn: asyncssh.SSHClientConnection | None = None
     agent: Agent | None = None
     tunnel: StageTunnel | None = None
@@ -190,6 +192,9 @@ class Mesh:
             self._fail(node, node.status, str(err).removeprefix(f"{node.name}: "))
             raise
         self._emit(ev.HostProbed(node.name, node.facts.to_json()))
+        gpu, why_not = self.gpu_verdict(node)
+        if node.facts.gpus and not gpu:
+            self._log(node.name, f"its GPU is not used: {why_not}; its layers go to the CPU", "warning")
 
     # -- step 2: plan (pure) ---------------------------------------------------------------------
     def capacities(self) -> list[NodeCapacity]:
@@ -207,10 +212,35 @@ class Mesh:
                 continue
             assert node.facts is not None and node.spec is not None
             usable = node.facts.mem_available - HOST_RESERVE_BYTES
+            device = "cpu"
+            if self.serves_gpu(node):
+                gpus = node.facts.gpus
+                usable = sum(max(0, int(g.get("memory_free") or 0) - GPU_RESERVE_BYTES) for g in gpus)
+                names = sorted({str(g.get("name") or "GPU") for g in gpus})
+                device = (f"{len(gpus)}x " if len(gpus) > 1 else "") + ", ".join(names)
             if node.spec.max_memory is not None:
                 usable = min(usable, node.spec.max_memory)
-            caps.append(NodeCapacity(node.name, max(0, usable)))
+            caps.append(NodeCapacity(node.name, max(0, usable), device=device))
         return caps
+
+    def gpu_verdict(self, node: Node) -> tuple[bool, str]:
+        """(serve from its GPUs?, why not): a host's layers go to its GPUs when it has some, the inventory
+        allows it and a GPU runtime can be built there (the pushed runtime is CPU-only)."""
+        facts, spec = node.facts, node.spec
+        if facts is None or spec is None or not facts.gpus:
+            return False, ""
+        if not spec.gpu:
+            return False, "gpu = false in the inventory"
+        if spec.runtime == "push":
+            return False, 'runtime = "push" (the pushed runtime is CPU-only)'
+        if not facts.nvcc:
+            return False, "no nvcc on the host: install the CUDA toolkit so meshtui can build a CUDA runtime there"
+        if not facts.cmake:
+            return False, "no cmake on the host: install cmake so meshtui can build a CUDA runtime there"
+        return True, ""
+
+    def serves_gpu(self, node: Node) -> bool:
+        return self.gpu_verdict(node)[0]
 
     def _speeds(self, capacities: Sequence[NodeCapacity]) -> list[float] | None:
         """Each planned node's probed memory bandwidth, when the split is to follow speed."""
@@ -234,6 +264,7 @@ class Mesh:
             node = self.node(assignment.name)
             node.usable_bytes = assignment.usable_bytes
             node.planned_bytes = assignment.used_bytes
+            node.device = assignment.device
             node.layers = (assignment.start, assignment.end) if assignment.n_layers else None
         self._emit(ev.PlanComputed(self.plan))
         return self.plan
@@ -257,7 +288,8 @@ class Mesh:
         on_log = lambda line: self._log(node.name, line, "debug")  # noqa: E731
         try:
             runtime_dir = None
-            if node.spec.runtime == "build":
+            gpu = self.serves_gpu(node)
+            if node.spec.runtime == "build" or gpu:
                 runtime_dir = await self._build_on_host(node)
             else:
                 self._phase(node, "push", f"{bundle.total_bytes} bytes")
@@ -269,7 +301,8 @@ class Mesh:
                 self._log(node.name, f"runtime {bundle.digest} ({bundle.kind}): {pushed}")
             self._phase(node, "launch")
             try:
-                node.agent = await launch_agent(node.conn, node.spec, bundle, on_log=on_log, runtime_dir=runtime_dir)
+                node.agent = await launch_agent(node.conn, node.spec, bundle, on_log=on_log, gpu=gpu,
+                                                runtime_dir=runtime_dir)
             except HostError as err:
                 # The pushed runtime does not load there (another glibc, a missing library): build it there.
                 if node.spec.runtime != "auto" or "cannot load" not in str(err):
@@ -279,6 +312,11 @@ class Mesh:
                 runtime_dir = await self._build_on_host(node)
                 self._phase(node, "launch")
                 node.agent = await launch_agent(node.conn, node.spec, bundle, on_log=on_log, runtime_dir=runtime_dir)
+            if gpu and not any(d.get("type") == "gpu" for d in node.agent.devices):
+                await node.agent.close(timeout=2.0)
+                raise HostError("the runtime built on the host exposes no GPU (backends: "
+                                f"{', '.join(node.agent.backends) or 'cpu'}); set gpu = false to use its CPU",
+                                host=node.name)
         except HostError as err:
             self._fail(node, node.status, str(err).removeprefix(f"{node.name}: "))
             raise
@@ -347,7 +385,7 @@ class Mesh:
                 model=str(self.model_path),
                 context=self.inventory.model.context,
                 endpoints=self._endpoints(remote),
-                tensor_split=list(self.plan.tensor_split),
+                tensor_split=self._device_split(),
                 n_gpu_layers=self.plan.n_gpu_layers,
                 threads=self.inventory.head.threads,
             )
@@ -373,6 +411,20 @@ class Mesh:
         for node in [self.head, *remote]:
             self._phase(node, "ready")
         self._emit(ev.MeshReady())
+
+    def _device_split(self) -> list[float]:
+        """The plan's tensor_split, one entry per RPC device: a host serving several GPUs shares its layers."""
+        assert self.plan is not None
+        split: list[float] = []
+        for a in self.plan.remote:
+            agent = self.node(a.name).agent
+            devices = agent.devices if agent else []
+            if len(devices) > 1:
+                weights = [int(d.get("memory_free") or 0) for d in devices]
+                split.extend(float(x) for x in split_among_devices(a.n_layers, weights))
+            else:
+                split.append(float(a.n_layers))
+        return [*split, 1.0] if self.plan.output_on_head else split
 
     async def _report_load_progress(self, remote: Sequence[Node]) -> None:
         while True:
@@ -680,6 +732,7 @@ class Mesh:
                 "layers": list(node.layers) if node.layers else None,
                 "usable_bytes": node.usable_bytes,
                 "planned_bytes": node.planned_bytes,
+                "device": node.device,
                 "latency_ms": {"last": lat["last"], "mean": lat["mean"], "p95": lat["p95"]},
                 "network_rtt_ms": lat["network"],
                 "bytes_per_token": (statistics.fmean(x.bytes_up + x.bytes_down for x in node.latencies)

@@ -31,6 +31,7 @@ class NodeCapacity:
     name: str
     usable_bytes: int  # memory the planner may use on this node
     is_head: bool = False
+    device: str = "cpu"  # what holds its layers (and whose memory usable_bytes is): "cpu", "CUDA0 NVIDIA H200", ...
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class NodeAssignment:
     kv_bytes: int
     usable_bytes: int
     is_head: bool
+    device: str = "cpu"
 
     @property
     def n_layers(self) -> int:
@@ -99,6 +101,7 @@ class Plan:
                 "weight_bytes": a.weight_bytes,
                 "kv_bytes": a.kv_bytes,
                 "usable_bytes": a.usable_bytes,
+                "device": a.device,
             }
             for a in self.assignments
         ]
@@ -137,7 +140,7 @@ def _output_to_head(plan: Plan, model: ModelFacts, context: int) -> Plan:
     for a in plan.assignments:
         end = min(a.end, model.n_layer)
         start = min(a.start, end)
-        node = NodeCapacity(a.name, a.usable_bytes, a.is_head)
+        node = NodeCapacity(a.name, a.usable_bytes, a.is_head, a.device)
         fixed = _assignment(model, node, start, end, context)
         if a.is_head:
             fixed = dataclasses.replace(fixed, weight_bytes=fixed.weight_bytes + model.output_bytes)
@@ -297,6 +300,7 @@ def _assignment(model: ModelFacts, node: NodeCapacity, start: int, end: int, con
         kv_bytes=len(blocks) * model.kv_bytes_per_layer(context),
         usable_bytes=node.usable_bytes,
         is_head=node.is_head,
+        device=node.device,
     )
 
 
@@ -387,3 +391,21 @@ def _reasons(
     output_holder = next(a for a in assignments if a.start <= model.n_layer < a.end)
     reasons.append(f"the output layer goes to {output_holder.name}, the last node with layers")
     return tuple(reasons)
+
+
+def split_among_devices(n_layers: int, weights: Sequence[int]) -> list[int]:
+    """A node's layers shared among the devices it serves (several GPUs of one host), by weight (free memory).
+
+    Whole layers by largest remainder, so each device's share is an integer and the node's boundaries in
+    llama.cpp's cumulative `tensor_split` stay exact. Ties go to the earlier device.
+    """
+    if n_layers < 0 or not weights or any(w < 0 for w in weights):
+        raise ValueError("need n_layers >= 0 and one non-negative weight per device")
+    total = sum(weights)
+    if total == 0:
+        weights, total = [1] * len(weights), len(weights)
+    shares = [n_layers * w // total for w in weights]
+    remainders = sorted(range(len(weights)), key=lambda i: (-(n_layers * weights[i] % total), i))
+    for i in remainders[: n_layers - sum(shares)]:
+        shares[i] += 1
+    return shares

@@ -32,6 +32,8 @@ def test_probe_reports_this_machine() -> None:
     assert facts["cores"] >= 1 and facts["mem_total"] >= facts["mem_available"] > 0
     assert facts["arch"] and facts["os"] == "Linux" and facts["glibc"].count(".") >= 1
     assert isinstance(facts["gpus"], list)
+    assert facts["cmake"] is (shutil.which("cmake") is not None)
+    assert facts["nvcc"] is (shutil.which("nvcc") is not None)
 
 
 def test_probe_runs_from_stdin_like_over_ssh() -> None:
@@ -57,6 +59,7 @@ def test_serve_binds_loopback_only_speaks_the_heads_protocol_and_exits_on_eof(tm
         assert ready["event"] == "ready" and ready["pid"] == agent.pid
         port = ready["port"]
         assert ready["devices"][0]["type"] == "cpu"
+        assert ready["runtime"] in ("head-build", "portable") and ready["backends"] == ["cpu"]
         assert asyncio.run(rpc_hello("127.0.0.1", port)) == expected_rpc_protocol() == (7, 0, 0)
         for address in _non_loopback_addresses():
             with pytest.raises(OSError):

@@ -219,7 +219,7 @@ HOST = '[[hosts]]\nname = "h0"\naddress = "192.0.2.1"\n'
         (
             HOST + "prot = 22\n",
             "inventory.toml: hosts[0]: unknown key 'prot' (did you mean 'port'? expected one of: address, "
-            "identity_file, max_memory, name, port, python, runtime, threads, user)",
+            "gpu, identity_file, max_memory, name, port, python, runtime, threads, user)",
         ),
         (
             "[ssh]\ntimeout = 3\n",

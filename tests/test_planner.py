@@ -16,6 +16,7 @@ from meshtui.planner import (
     NodeCapacity,
     Plan,
     plan_layer_split,
+    split_among_devices,
 )
 
 MiB, GiB = 1024**2, 1024**3
@@ -141,7 +142,8 @@ def test_plan_is_deterministic_and_serialisable() -> None:
     assert plan_layer_split(model, list(nodes), CONTEXT) == first
     json_rows = first.to_json()
     assert [row["name"] for row in json_rows] == ["head", "a", "b"]
-    assert set(json_rows[0]) == {"name", "layers", "output_layer", "weight_bytes", "kv_bytes", "usable_bytes"}
+    assert set(json_rows[0]) == {"name", "layers", "output_layer", "weight_bytes", "kv_bytes", "usable_bytes",
+                                 "device"}
     assert [row["layers"] for row in json_rows] == [[a.start, a.end] for a in first.assignments]
 
 
@@ -385,3 +387,37 @@ def test_speed_weighting_gives_faster_nodes_more_layers_within_memory() -> None:
     assert sum(a.n_layers for a in plan.assignments) == 13
     with pytest.raises(ValueError):
         plan_layer_split(model, nodes, CONTEXT, speeds=[1.0, 0.0, 1.0])
+
+
+def test_a_gpu_node_is_planned_by_its_device_memory() -> None:
+    model = uniform_model(10, cost=100 * MiB)
+    nodes = [head(0, model), NodeCapacity("gpu", 6 * 100 * MiB + OVERHEAD, device="NVIDIA H200"),
+             node("cpu", 5 * 100 * MiB)]
+    plan = plan_layer_split(model, nodes, CONTEXT)
+    by_name = {a.name: a for a in plan.assignments}
+    assert by_name["gpu"].device == "NVIDIA H200" and by_name["cpu"].device == "cpu"
+    assert (by_name["gpu"].n_layers, by_name["cpu"].n_layers) == (6, 5)
+    assert plan.to_json()[1]["device"] == "NVIDIA H200"
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "weights", "expected"),
+    [
+        (10, [1], [10]),
+        (10, [80, 80], [5, 5]),
+        (7, [80, 80], [4, 3]),  # ties go to the earlier device
+        (7, [3, 1], [5, 2]),
+        (3, [80, 80, 40], [1, 1, 1]),
+        (0, [5, 5], [0, 0]),
+        (5, [0, 0], [3, 2]),  # no memory figures: even shares
+    ],
+)
+def test_a_nodes_layers_are_shared_among_its_devices(n_layers: int, weights: list[int], expected: list[int]) -> None:
+    assert split_among_devices(n_layers, weights) == expected
+    assert sum(split_among_devices(n_layers, weights)) == n_layers
+
+
+def test_sharing_among_devices_rejects_nonsense() -> None:
+    for n_layers, weights in ((3, []), (-1, [1]), (3, [1, -1])):
+        with pytest.raises(ValueError):
+            split_among_devices(n_layers, weights)

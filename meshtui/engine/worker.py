@@ -105,6 +105,10 @@ class Engine:
             "n_threads": int(cmd.get("threads") or max(1, os.cpu_count() or 1)),
             "n_gpu_layers": int(cmd.get("n_gpu_layers", 0)),
             "seed": int(cmd.get("seed", 0)),
+            # Off on purpose: CUDA stages built on hosts leave out the flash-attention kernels (a quarter of the
+            # build time), and a stage asked for an op it lacks aborts. The same setting everywhere keeps the
+            # single-process reference comparable.
+            "flash_attn": False,
             "verbose": False,
         }
         if cmd.get("tensor_split"):

@@ -116,7 +116,7 @@ class NodesView(Vertical):
                  style=self.get_component_rich_style(self._status_class(status))),
             Text(layer_range(row["layers"], plan.n_layer if plan is not None else None,
                              plus_output=is_head and bool(getattr(plan, "output_on_head", False)))),
-            Text(memory_use(row["planned_bytes"], row["usable_bytes"])),
+            Text(memory_use(row["planned_bytes"], row["usable_bytes"]) + (" GPU" if row["device"] != "cpu" else "")),
             *(Text(x, justify="right") for x in lat),
             Text(NOT_MEASURED if is_head else bytes_or_dash(row["bytes_per_token"]), justify="right"),
         ]

@@ -1,15 +1,18 @@
 """Round-trip cost of meshtui's SSH tunnel against plain TCP, on the namespace lab (run as root).
 
-Mimics one stage's traffic for one token: the client sends a burst of small frames (~3 KB), the server answers
-with the activations (~2.3 KB) once it has them all. Prints the mean and median round trip per path.
+Mimics one stage's traffic for one token: the client sends a burst of small frames (UP bytes, default 3000; a
+SmolLM2 decode step sends about 12000), the server answers with the activations (DOWN bytes, default 2304) once
+it has them all, in one write, or with SPLIT=1 as ggml's server does: the 8-byte size, then the payload.
+Prints the mean and median round trip per path.
 
-    sudo .venv/bin/python bench/tunnel_rtt.py [--rounds 3000]
+    sudo [UP=12000] [SPLIT=1] .venv/bin/python bench/tunnel_rtt.py [--rounds 3000]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -20,9 +23,11 @@ from lab.netns import Lab  # noqa: E402
 
 from meshtui.tunnels import StageTunnel  # noqa: E402
 
-UP, DOWN = 3000, int(__import__("os").environ.get("DOWN", 2304))
+UP, DOWN = int(os.environ.get("UP", 3000)), int(os.environ.get("DOWN", 2304))
+SPLIT = bool(os.environ.get("SPLIT"))
 SERVER = f"""
 import socket, sys
+SPLIT = {SPLIT}
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(4)
 while True:
@@ -34,7 +39,10 @@ while True:
             if not d: break
             got += len(d)
         if got < {UP}: break
-        c.sendall(({DOWN} - 8).to_bytes(8, "little") + bytes({DOWN} - 8))
+        if SPLIT:
+            c.sendall(({DOWN} - 8).to_bytes(8, "little")); c.sendall(bytes({DOWN} - 8))
+        else:
+            c.sendall(({DOWN} - 8).to_bytes(8, "little") + bytes({DOWN} - 8))
     c.close()
 """
 
@@ -95,8 +103,6 @@ async def main() -> None:
             spec = HostSpec(name=host.name, address=host.address, user=host.user, port=host.port,
                             identity_file=host.identity_file)
             async with await connect_host(spec, SSHSpec(known_hosts=lab.known_hosts)) as conn:
-                import os
-
                 tunnel = StageTunnel(conn, 7001, max_pktsize=int(os.environ.get("PKT", 32768)))
                 await tunnel.start()
                 results = {}

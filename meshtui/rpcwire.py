@@ -64,6 +64,7 @@ class RpcMeter:
         self._pending: deque[int] = deque()
         self._up_header = bytearray()
         self._up_skip = 0
+        self._up_cmd = -1
         self._down_header = bytearray()
         self._down_skip = 0
         self._round_start: float | None = None
@@ -80,8 +81,13 @@ class RpcMeter:
         self.rounds.clear()
         self.rounds_since_reset = 0
 
-    def feed_up(self, data: bytes, now: float | None = None) -> None:
+    def feed_up(self, data: bytes, now: float | None = None) -> bool:
+        """Count client-to-server bytes; True when they complete a command the server will answer.
+
+        Until then the server cannot reply, so a forwarder may hold the bytes and send them as one packet.
+        """
         n = len(data)
+        answered = False
         self.bytes_up += n
         self._round_up += n
         if self._round_start is None:
@@ -93,6 +99,8 @@ class RpcMeter:
                 take = min(self._up_skip, n - pos)
                 self._up_skip -= take
                 pos += take
+                if self._up_skip == 0 and self._up_cmd in COMMANDS_WITH_REPLY:
+                    answered = True
                 continue
             need = 9 - len(self._up_header)
             chunk = view[pos : pos + need]
@@ -103,11 +111,15 @@ class RpcMeter:
                 (size,) = _SIZE.unpack_from(self._up_header, 1)
                 self._up_header.clear()
                 self._up_skip = size
+                self._up_cmd = cmd
                 self._round_frames += 1
                 if cmd in (CMD_GRAPH_COMPUTE, CMD_GRAPH_RECOMPUTE):
                     self._round_has_graph = True
                 if cmd in COMMANDS_WITH_REPLY:
                     self._pending.append(cmd)
+                    if size == 0:
+                        answered = True
+        return answered
 
     def feed_down(self, data: bytes, now: float | None = None) -> None:
         n = len(data)

@@ -2,6 +2,13 @@
 
 Nothing listens on the LAN: the local side binds 127.0.0.1 and the far side is a direct-tcpip channel to
 the agent's 127.0.0.1 port, opened inside the host's SSH connection.
+
+Upstream bytes are coalesced by RPC frame: ggml's client writes each command as several small writes (command
+byte, size, payload) and a decode step as about nine commands of which only the last is answered. Every
+write forwarded on its own costs an SSH packet here (Python: framing, AES-GCM, a syscall) and a wake-up,
+decryption and write in the host's sshd and the stage. The server can do nothing with a command it need not
+answer before the next answered one arrives, so the tunnel holds bytes until a command the server answers is
+complete (or FLUSH_BYTES are held, for weight uploads, or HOLD_SECONDS pass, a safety net): one packet a step.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import asyncssh
 from meshtui.rpcwire import RpcMeter
 
 _perf = time.perf_counter
+FLUSH_BYTES = 256 * 1024  # send at once beyond this (model loads stream SET_TENSOR payloads of many MB)
+HOLD_SECONDS = 0.002  # never hold bytes longer than this, whatever the framing says
 
 
 class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
@@ -50,7 +59,9 @@ class _LocalSide(asyncio.Protocol):
         self.meter = tunnel.meter
         self.transport: asyncio.Transport | None = None
         self.channel: asyncssh.SSHTCPChannel[bytes] | None = None
-        self._early: list[bytes] = []
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -77,17 +88,42 @@ class _LocalSide(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        self.meter.feed_up(data, _perf())
+        answered = self.meter.feed_up(data, _perf())
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if answered or self._held_bytes >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(HOLD_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._held and self.channel is not None:
+            self.channel.write(self._held[0] if len(self._held) == 1 else b"".join(self._held))
+            self._held.clear()
+            self._held_bytes = 0
+
+    def abort(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._held.clear()
+        if self.transport is not None:
+            self.transport.abort()
         if self.channel is not None:
-            self.channel.write(data)
+            self.channel.abort()
 
     def eof_received(self) -> bool:
+        self.flush()
         if self.channel is not None:
             self.channel.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.connections.discard(self)
+        self.flush()
         if self.channel is not None:
             self.channel.close()
 
@@ -138,10 +174,7 @@ class StageTunnel:
             self._server.close()
             self._server = None
         for side in list(self.connections):
-            if side.transport is not None:
-                side.transport.abort()
-            if side.channel is not None:
-                side.channel.abort()
+            side.abort()
         self.connections.clear()
         for task in list(self.tasks):
             task.cancel()

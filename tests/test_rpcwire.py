@@ -74,3 +74,23 @@ def test_reset_forgets_a_partial_round() -> None:
     meter.feed_up(up[5:], 2.0)
     meter.feed_down(down, 3.0)
     assert [r.ms for r in meter.rounds] == [1000.0]  # ...the round starts at the first bytes after it
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_feed_up_says_when_a_command_the_server_answers_is_complete(cuts: list[int]) -> None:
+    # Two decode steps, then a zero-payload answered command (GET_ALLOC_SIZE-like, number 13).
+    up, _ = token_exchange(7, 2304)
+    stream = up + up + frame(13, b"")
+    answered_at = [len(up), 2 * len(up), len(stream)]
+    meter = RpcMeter()
+    position, seen = 0, []
+    for piece in chunks(stream, cuts):
+        position += len(piece)
+        if meter.feed_up(piece, 0.0):
+            seen.append(position)
+    # True for exactly the chunks in which an answered command ends (a chunk ending several counts once).
+    ends, total = [], 0
+    for piece in chunks(stream, cuts):
+        total += len(piece)
+        ends.append(total)
+    assert seen == sorted({min(end for end in ends if end >= a) for a in answered_at})

@@ -93,7 +93,10 @@ def remote_build_script(key: str, jobs: int | None) -> str:
     lines = [
         "set -e",
         f"if [ -f {final}/.complete ]; then echo 'meshtui-build: cached'; exit 0; fi",
-        "command -v cmake >/dev/null 2>&1 || { echo 'meshtui-build: cmake is not installed' >&2; exit 3; }",
+        "command -v cmake >/dev/null 2>&1 || { echo 'cmake is not installed there: install cmake and a C++ compiler "
+        "(Debian/Ubuntu: sudo apt install cmake g++; Fedora: sudo dnf install cmake gcc-c++)' >&2; exit 3; }",
+        "{ command -v c++ || command -v g++ || command -v clang++; } >/dev/null 2>&1 || { echo 'no C++ compiler "
+        "there: install one (Debian/Ubuntu: sudo apt install g++; Fedora: sudo dnf install gcc-c++)' >&2; exit 3; }",
         'backends=cpu; gpu_flags=""',
         "if nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; then",
         "  backends=cuda; gpu_flags='-DGGML_CUDA=ON -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES=native'",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from dataclasses import replace
 from typing import Any
@@ -70,8 +71,9 @@ def test_max_memory_caps_a_gpu_host_and_a_cpu_host_is_sized_by_its_ram() -> None
 def _run_build_script(tmp_path: Any, path_dirs: str) -> subprocess.CompletedProcess[str]:
     """The host's build script up to configure, with fake `nvidia-smi`, `nvcc` and `cmake` on PATH."""
     (tmp_path / ".cache/meshtui/src").mkdir(parents=True)
+    (tmp_path / "source").mkdir()
     tarball = tmp_path / ".cache/meshtui/src/k.tar.gz"
-    subprocess.run(["tar", "czf", str(tarball), "-C", str(tmp_path), ".cache/meshtui/src"], check=True)
+    subprocess.run(["tar", "czf", str(tarball), "-C", str(tmp_path), "source"], check=True)
     return subprocess.run(["sh", "-s"], input=remote_build_script("k", 2), capture_output=True, text=True,
                           env={"HOME": str(tmp_path), "PATH": path_dirs})
 
@@ -105,3 +107,14 @@ def test_build_output_becomes_one_progress_line_per_percent() -> None:
     result = subprocess.run(["sh", "-c", PROGRESS_FILTER], input=build_output, capture_output=True, text=True,
                             check=True)
     assert result.stdout.splitlines() == [f"meshtui-build: compiling {p}%" for p in (0, 1, 50, 51, 100)]
+
+
+def test_the_host_build_says_what_to_install_when_cmake_is_missing(tmp_path: Any) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "tar", "gzip", "mkdir", "rm", "cat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+    result = _run_build_script(tmp_path, str(bin_dir))
+    assert result.returncode == 3
+    assert result.stderr.strip() == ("cmake is not installed there: install cmake and a C++ compiler "
+                                     "(Debian/Ubuntu: sudo apt install cmake g++; Fedora: sudo dnf install cmake gcc-c++)")

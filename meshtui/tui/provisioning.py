@@ -42,6 +42,7 @@ class HostProgress:
     probed: bool = False
     facts: str = ""
     launched: str = ""
+    building: str = ""  # the runtime build on the host, e.g. "build: compiling 42%", while it runs
     idle: bool = False
     failed_phase: str | None = None
     reason: str = ""
@@ -51,8 +52,9 @@ class HostProgress:
         match event:
             case ev.HostPhaseChanged(phase="idle"):
                 self.idle = True
-            case ev.HostPhaseChanged(phase=phase):
+            case ev.HostPhaseChanged(phase=phase, detail=detail):
                 self.phase = phase
+                self.building = detail if phase == "push" and detail.startswith("build") else ""
             case ev.HostProbed(facts=facts):
                 self.probed = True
                 self.facts = describe_facts(facts)
@@ -110,6 +112,8 @@ class HostProgress:
             return self.reason, "failed"
         if self.idle:
             return "holds no layers", "skipped"
+        if self.building:
+            return self.building, "pending"
         if self.phase in ("launch", "load", "ready") and self.launched:
             return self.launched, "pending"
         return self.facts, "pending"

@@ -44,3 +44,15 @@ def test_host_progress_marks_phases_done_active_failed():
     head = HostProgress("head", "127.0.0.1", is_head=True)
     head.apply(ev.HostProbed("head", {"cores": 2}))
     assert [head.cell(p)[0] for p in ev.PHASES] == ["local", "✓", "local", "local", "·", "·"]
+
+
+def test_a_build_on_the_host_shows_its_progress_until_the_launch() -> None:
+    host = HostProgress("gpu1", "192.0.2.7")
+    host.apply(ev.HostProbed("gpu1", {"hostname": "gpu1", "cores": 16, "gpus": [{"name": "H200"}]}))
+    assert host.detail() == ("gpu1 · 16 cores · 1 GPU", "pending")
+    host.apply(ev.HostPhaseChanged("gpu1", "push", "build: compiling (cuda)"))
+    host.apply(ev.HostPhaseChanged("gpu1", "push", "build: compiling 42%"))
+    assert host.detail() == ("build: compiling 42%", "pending")
+    assert host.cell("push") == ("◐ …", "active")
+    host.apply(ev.HostPhaseChanged("gpu1", "launch"))
+    assert host.detail() == ("gpu1 · 16 cores · 1 GPU", "pending")

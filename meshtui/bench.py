@@ -131,7 +131,8 @@ def summarise_replies(replies: Sequence[ReplyTiming]) -> dict[str, Any]:
         "prefill_tokens_per_second": sum(r.prompt_tokens for r in answered) / ttft if ttft > 0 else None,
         "decode_tokens_per_second": decode_tokens / decode_seconds if decode_seconds > 0 else None,
         "replies": [{"prompt_tokens": r.prompt_tokens, "tokens": len(r.token_ids), "ttft_seconds": r.ttft,
-                     "decode_seconds": r.decode_seconds, "stop_reason": r.stop_reason} for r in replies],
+                     "decode_seconds": r.decode_seconds, "stop_reason": r.stop_reason,
+                     "token_ids": list(r.token_ids)} for r in replies],
     }
 
 

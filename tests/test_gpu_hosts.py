@@ -116,5 +116,6 @@ def test_the_host_build_says_what_to_install_when_cmake_is_missing(tmp_path: Any
         (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
     result = _run_build_script(tmp_path, str(bin_dir))
     assert result.returncode == 3
-    assert result.stderr.strip() == ("cmake is not installed there: install cmake and a C++ compiler "
-                                     "(Debian/Ubuntu: sudo apt install cmake g++; Fedora: sudo dnf install cmake gcc-c++)")
+    assert result.stderr.strip() == (
+        "cmake is not installed there: install cmake and a C++ compiler "
+        "(Debian/Ubuntu: sudo apt install cmake g++; Fedora: sudo dnf install cmake gcc-c++)")

@@ -29,7 +29,7 @@ AGENT_VERSION = "1"
 # The head's llama-cpp-python libraries; the order matters: each one's dependencies are loaded before it.
 RUNTIME_LIBS = ("libggml-base.so.0", "libggml-cpu.so.0", "libggml-rpc.so.0", "libggml.so.0")
 # GPU backends a runtime built on the host may hold (linked into libggml.so.0, so loaded just before it).
-GPU_BACKEND_LIBS = ("libggml-cuda.so.0", "libggml-vulkan.so.0")
+GPU_BACKEND_LIBS = ("libggml-cuda.so.0", "libggml-vulkan.so.0", "libggml-metal.so.0")
 BUILD_INFO = "meshtui-build.json"  # written by a build on the host: which backends it compiled
 # The portable build (native/build_runtime.py), recognised by its manifest.
 PORTABLE_MANIFEST = "meshtui-runtime.json"
@@ -37,6 +37,7 @@ PORTABLE_CORE_LIBS = ("libggml-base.so.0", "libggml.so.0")
 PORTABLE_RPC_LIB = "libggml-rpc.so"
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
+GGML_BACKEND_DEVICE_TYPE_IGPU = 2  # an integrated GPU (Vulkan on a laptop); served like a GPU
 BIND_HOST = "127.0.0.1"  # never configurable: a stage is reachable only through SSH
 
 
@@ -65,12 +66,42 @@ def read_meminfo():
         pass
     if "MemTotal" not in info and sys.platform == "darwin":
         try:
-            total = int(subprocess.check_output(["sysctl", "-n", "hw.memsize"]).strip())
-            info["MemTotal"] = total
-            info["MemAvailable"] = total // 2
+            info["MemTotal"] = int(subprocess.check_output(["sysctl", "-n", "hw.memsize"]).strip())
+            info["MemAvailable"] = darwin_available(subprocess.check_output(["vm_stat"]).decode())
         except (OSError, subprocess.CalledProcessError, ValueError):
             pass
     return info
+
+
+def darwin_available(vm_stat):
+    """Bytes free for new work on macOS: free, inactive and speculative pages of `vm_stat`'s report."""
+    page = 4096
+    pages = {}
+    for line in vm_stat.splitlines():
+        if "page size of" in line:
+            page = int(line.split("page size of")[1].split()[0])
+            continue
+        key, _, value = line.partition(":")
+        value = value.strip().rstrip(".")
+        if value.isdigit():
+            pages[key.strip()] = int(value)
+    return page * sum(pages.get(k, 0) for k in ("Pages free", "Pages inactive", "Pages speculative"))
+
+
+def apple_gpus(mem_total, mem_available, chip):
+    """Apple silicon's GPU shares the machine's memory; Metal lets one process use about three quarters."""
+    if sys.platform != "darwin" or platform.machine() != "arm64":
+        return []
+    usable = min(mem_available, mem_total * 3 // 4)
+    return [{"name": "%s GPU" % (chip or "Apple"), "vendor": "apple", "memory_total": mem_total * 3 // 4,
+             "memory_free": usable, "unified": True}]
+
+
+def darwin_chip():
+    try:
+        return subprocess.check_output(["sysctl", "-n", "machdep.cpu.brand_string"]).decode().strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def glibc_version():
@@ -135,7 +166,8 @@ def probe():
         "cores": os.cpu_count() or 1,
         "mem_total": mem.get("MemTotal", 0),
         "mem_available": mem.get("MemAvailable", mem.get("MemFree", 0)),
-        "gpus": nvidia_gpus(),
+        "gpus": nvidia_gpus() or apple_gpus(mem.get("MemTotal", 0), mem.get("MemAvailable", 0),
+                                             darwin_chip() if sys.platform == "darwin" else None),
         "mem_bandwidth": memory_bandwidth(),
         "nvcc": on_path("nvcc"),
         "cmake": on_path("cmake"),
@@ -191,9 +223,9 @@ class Runtime:
     def _load_head_build(self, libdir):
         # The order matters: each library's dependencies are loaded before it, by full path.
         libs = {}
-        gpu_libs = [n for n in GPU_BACKEND_LIBS if os.path.exists(os.path.join(libdir, n))]
+        gpu_libs = [n for n in GPU_BACKEND_LIBS if os.path.exists(os.path.join(libdir, platform_lib(n)))]
         for name in RUNTIME_LIBS[:-1] + tuple(gpu_libs) + RUNTIME_LIBS[-1:]:
-            libs[name] = load_library(libdir, name, ctypes.RTLD_GLOBAL)
+            libs[name] = load_library(libdir, platform_lib(name), ctypes.RTLD_GLOBAL)
         self.backends = ["cpu"] + [n[len("libggml-"):-len(".so.0")] for n in gpu_libs]
         return libs["libggml.so.0"], libs["libggml-rpc.so.0"]
 
@@ -223,7 +255,7 @@ class Runtime:
         for i in range(self.ggml.ggml_backend_dev_count()):
             dev = self.ggml.ggml_backend_dev_get(i)
             kind = self.ggml.ggml_backend_dev_type(dev)
-            if kind not in (GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU):
+            if kind not in (GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU):
                 continue
             free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
             self.ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
@@ -262,6 +294,13 @@ def version_tuple(text):
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
+
+
+def platform_lib(name, system=None):
+    """A library's file name on this OS: libggml.so.0 on Linux, libggml.0.dylib on macOS (its install name)."""
+    if (system or sys.platform) == "darwin" and name.endswith(".so.0"):
+        return name[: -len(".so.0")] + ".0.dylib"
+    return name
 
 
 def load_library(libdir, name, mode):

@@ -80,16 +80,16 @@ PROGRESS_FILTER = (
 def remote_build_script(key: str, jobs: int | None) -> str:
     """The shell the host runs: configure for its own CPU and GPU, build, install atomically.
 
-    GPU backends are compiled only where there is a GPU to use, not merely a toolkit: CUDA when `nvidia-smi -L`
-    lists one and `nvcc` is installed (for that GPU's architecture only, and without the flash-attention kernels,
-    which the head never asks for), Vulkan when a Vulkan loader and `glslc` are there. Progress lines
-    (`meshtui-build: ...`) go to stdout; the tail of a failing log goes to stderr.
+    GPU backends are compiled only where there is a GPU to use, not merely a toolkit: Metal on macOS, CUDA when
+    `nvidia-smi -L` lists one and `nvcc` is installed (for that GPU's architecture only, and without the
+    flash-attention kernels, which the head never asks for), Vulkan when a Vulkan loader and `glslc` are there.
+    Progress lines (`meshtui-build: ...`) go to stdout; the tail of a failing log goes to stderr.
     """
     final = f'"$HOME"/{REMOTE_ROOT}/build-{key}'
     work = f'"$HOME"/.cache/meshtui/build/{key}'
     source = f'"$HOME"/.cache/meshtui/src/{key}.tar.gz'
     # Every core by default: `threads` in the inventory is for serving layers, not for the compiler.
-    make_jobs = f"-j {int(jobs)}" if jobs else '-j "$(nproc 2>/dev/null || echo 2)"'
+    make_jobs = f"-j {int(jobs)}" if jobs else '-j "$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)"'
     lines = [
         "set -e",
         f"if [ -f {final}/.complete ]; then echo 'meshtui-build: cached'; exit 0; fi",
@@ -98,7 +98,11 @@ def remote_build_script(key: str, jobs: int | None) -> str:
         "{ command -v c++ || command -v g++ || command -v clang++; } >/dev/null 2>&1 || { echo 'no C++ compiler "
         "there: install one (Debian/Ubuntu: sudo apt install g++; Fedora: sudo dnf install gcc-c++)' >&2; exit 3; }",
         'backends=cpu; gpu_flags=""',
-        "if nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; then",
+        # macOS: Metal, its shaders embedded; libraries find each other next to themselves (@loader_path).
+        'if [ "$(uname -s)" = Darwin ]; then',
+        "  backends=metal; gpu_flags='-DGGML_METAL=ON -DGGML_METAL_EMBED_LIBRARY=ON -DGGML_BLAS=OFF "
+        "-DCMAKE_BUILD_RPATH=@loader_path'",
+        "elif nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null 2>&1; then",
         "  backends=cuda; gpu_flags='-DGGML_CUDA=ON -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES=native'",
         "elif command -v glslc >/dev/null 2>&1 && { ldconfig -p 2>/dev/null | grep -q libvulkan; }; then",
         "  backends=vulkan; gpu_flags='-DGGML_VULKAN=ON'",
@@ -115,8 +119,10 @@ def remote_build_script(key: str, jobs: int | None) -> str:
         f"| tee {work}/build.log | {{ {PROGRESS_FILTER}; }}",
         f'[ "$(cat {work}/build.rc)" = 0 ] || {{ tail -5 {work}/build.log >&2; exit 5; }}',
         f"rm -rf {final}.partial && mkdir -p {final}.partial/lib",
-        "for lib in libggml-base libggml-cpu libggml-rpc libggml libggml-cuda libggml-vulkan; do "
-        f"if [ -f {work}/b/bin/$lib.so ]; then cp -L {work}/b/bin/$lib.so {final}.partial/lib/$lib.so.0; fi; done",
+        "for lib in libggml-base libggml-cpu libggml-rpc libggml libggml-cuda libggml-vulkan libggml-metal; do "
+        f"if [ -f {work}/b/bin/$lib.so ]; then cp -L {work}/b/bin/$lib.so {final}.partial/lib/$lib.so.0; "
+        f"elif [ -f {work}/b/bin/$lib.dylib ]; then cp -L {work}/b/bin/$lib.dylib {final}.partial/lib/$lib.0.dylib; "
+        "fi; done",
         "if [ $backends = cpu ]; then list='\"cpu\"'; else list=\"\\\"cpu\\\", \\\"$backends\\\"\"; fi",
         f"echo \"{{\\\"backends\\\": [$list]}}\" >{final}.partial/meshtui-build.json",
         f"cp {work}/{AGENT_FILE} {final}.partial/ && touch {final}.partial/.complete",

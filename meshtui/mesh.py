@@ -224,8 +224,8 @@ class Mesh:
         return caps
 
     def gpu_verdict(self, node: Node) -> tuple[bool, str]:
-        """(serve from its GPUs?, why not): a host's layers go to its GPUs when it has some, the inventory
-        allows it and a GPU runtime can be built there (the pushed runtime is CPU-only)."""
+        """(serve from its GPUs?, why not): a host's layers go to its GPUs when it has some (NVIDIA, or Apple
+        silicon's), the inventory allows it and a GPU runtime can be built there (the pushed one is CPU-only)."""
         facts, spec = node.facts, node.spec
         if facts is None or spec is None or not facts.gpus:
             return False, ""
@@ -233,10 +233,12 @@ class Mesh:
             return False, "gpu = false in the inventory"
         if spec.runtime == "push":
             return False, 'runtime = "push" (the pushed runtime is CPU-only)'
-        if not facts.nvcc:
+        apple = all(g.get("vendor") == "apple" for g in facts.gpus)
+        backend = "Metal" if apple else "CUDA"
+        if not apple and not facts.nvcc:
             return False, "no nvcc on the host: install the CUDA toolkit so meshtui can build a CUDA runtime there"
         if not facts.cmake:
-            return False, "no cmake on the host: install cmake so meshtui can build a CUDA runtime there"
+            return False, f"no cmake on the host: install cmake so meshtui can build a {backend} runtime there"
         return True, ""
 
     def serves_gpu(self, node: Node) -> bool:

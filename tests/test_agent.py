@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshtui.rpcwire import rpc_hello
-from meshtui.runtime import expected_rpc_protocol, local_runtime_bundle
+from meshtui.runtime import expected_rpc_protocol, load_file_module, local_runtime_bundle
 
 AGENT = Path(__file__).resolve().parents[1] / "agent" / "meshtui_agent.py"
 
@@ -101,3 +101,21 @@ def test_down_stops_only_meshtui_agents(tmp_path: Path) -> None:
     assert [s["pid"] for s in stopped] == [agent.pid]
     assert agent.wait(timeout=10) == -9
     assert not decoy.exists()
+
+
+VM_STAT = """Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                               12000.
+Pages active:                            300000.
+Pages inactive:                           50000.
+Pages speculative:                         3000.
+Pages wired down:                        100000.
+"""
+
+
+def test_macos_memory_and_library_names_are_read_the_macos_way() -> None:
+    agent = load_file_module(AGENT, "meshtui_agent_under_test")
+    assert agent.darwin_available(VM_STAT) == 16384 * (12000 + 50000 + 3000)
+    assert agent.platform_lib("libggml-base.so.0", "darwin") == "libggml-base.0.dylib"
+    assert agent.platform_lib("libggml-base.so.0", "linux") == "libggml-base.so.0"
+    assert agent.apple_gpus(32 * 2**30, 20 * 2**30, "Apple M2") == []  # not on this Linux machine
+

@@ -18,6 +18,7 @@ from meshtui.mesh import GPU_RESERVE_BYTES, HOST_RESERVE_BYTES, Mesh
 
 GiB = 1024**3
 H200 = {"name": "NVIDIA H200", "vendor": "nvidia", "memory_total": 141 * GiB, "memory_free": 140 * GiB}
+M2 = {"name": "Apple M2 Pro GPU", "vendor": "apple", "memory_total": 24 * GiB, "memory_free": 20 * GiB, "unified": True}
 
 
 def facts(**overrides: Any) -> HostFacts:
@@ -47,6 +48,9 @@ def mesh_with(spec: HostSpec, host_facts: HostFacts) -> Mesh:
         (HostSpec("g", "a"), facts(cmake=False), False,
          "no cmake on the host: install cmake so meshtui can build a CUDA runtime there"),
         (HostSpec("g", "a"), facts(gpus=()), False, ""),
+        (HostSpec("g", "a"), facts(gpus=(M2,), nvcc=False), True, ""),  # Metal needs no nvcc
+        (HostSpec("g", "a"), facts(gpus=(M2,), cmake=False), False,
+         "no cmake on the host: install cmake so meshtui can build a Metal runtime there"),
     ],
 )
 def test_which_hosts_serve_from_their_gpus(spec: HostSpec, host_facts: HostFacts, serves: bool, why: str) -> None:
@@ -78,8 +82,13 @@ def _run_build_script(tmp_path: Any, path_dirs: str) -> subprocess.CompletedProc
                           env={"HOME": str(tmp_path), "PATH": path_dirs})
 
 
+UNAME_DARWIN = "#!/bin/sh\necho Darwin\n"
+
+
 @pytest.mark.parametrize(("tools", "backend", "flags"), [
     (("nvidia-smi", "nvcc"), "cuda", "-DGGML_CUDA=ON -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES=native"),
+    (("uname",), "metal", "-DGGML_METAL=ON -DGGML_METAL_EMBED_LIBRARY=ON -DGGML_BLAS=OFF "
+                          "-DCMAKE_BUILD_RPATH=@loader_path"),  # a stand-in uname that says Darwin
     (("nvcc",), "cpu", ""),  # a toolkit but no GPU: nothing to build CUDA for
     (("nvidia-smi",), "cpu", ""),  # a GPU but no compiler
 ])
@@ -88,7 +97,7 @@ def test_the_host_build_enables_cuda_only_with_a_gpu_and_nvcc(tmp_path: Any, too
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in tools:
-        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / tool).write_text(UNAME_DARWIN if tool == "uname" else "#!/bin/sh\nexit 0\n")
     # A cmake that records its arguments and fails configure, so the script stops there.
     (bin_dir / "cmake").write_text(f'#!/bin/sh\necho "$@" >{tmp_path}/cmake-args\nexit 1\n')
     for f in bin_dir.iterdir():

@@ -40,6 +40,8 @@ from meshtui.runtime import local_runtime_bundle  # noqa: E402
 
 STAGE_SCRIPT = Path(__file__).resolve().parent / "tcp_stage.py"
 STAGE_PORT = 50052
+PROXY_SCRIPT = Path(__file__).resolve().parent / "tcp_proxy.py"
+PROXY_PORT = 41052  # on the head's 127.0.0.1, with --tcp-via-proxy
 STAGE_DIR = "meshtui-tcp-stage"  # in each lab user's home
 NODE_MEMORY = "2 GiB"  # max_memory of every node: equal, stable shares, so both loads get the same plan
 # (label, model line of the inventory, default tokens per prompt)
@@ -85,6 +87,30 @@ def tcp_stages(lab: netns.Lab, log_dir: Path, port: int) -> Iterator[dict[str, s
     finally:
         for proc in procs:
             _stop(proc)
+
+
+@contextlib.contextmanager
+def tcp_proxy(endpoints: dict[str, str], wanted: bool) -> Iterator[dict[str, str]]:
+    """The stages' endpoints, or (wanted) 127.0.0.1 ports of one forwarder process in front of them."""
+    if not wanted:
+        yield endpoints
+        return
+    ports = {name: PROXY_PORT + i for i, name in enumerate(endpoints)}
+    proc = subprocess.Popen([sys.executable, str(PROXY_SCRIPT), *(f"{ports[n]}:{e}" for n, e in endpoints.items())],
+                            stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        if _read_raw_line(proc, timeout=10.0) != b"ready\n":
+            raise RuntimeError("bench/tcp_proxy.py did not start")
+        yield {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _read_raw_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    assert proc.stdout is not None
+    readable, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if readable else b""
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
@@ -149,6 +175,9 @@ def main() -> int:
     parser.add_argument("--models", default="smollm2,synthetic", help="comma-separated: smollm2, synthetic")
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, help="tokens per prompt (default 64 for smollm2, 24 synthetic)")
+    parser.add_argument("--tcp-via-proxy", action="store_true",
+                        help="send the tcp mode through a plain TCP forwarder on the head (bench/tcp_proxy.py): "
+                             "what the extra hop costs without SSH")
     args = parser.parse_args()
     reason = netns.lab_unavailable_reason()
     if reason is not None:
@@ -171,8 +200,9 @@ def main() -> int:
                 model_line = f'path = "{synthetic_model(**dataclasses.asdict(LARGE_SHAPE))}"'
             inventory = write_inventory(lab, model_line, lab.root / f"inventory-{label}.toml")
             # A new port per run: ggml's server does not set SO_REUSEADDR.
-            with tcp_stages(lab, out, STAGE_PORT + index) as endpoints:
-                reports[label] = run_bench(inventory, endpoints, out / label, args.prompts,
+            with tcp_stages(lab, out, STAGE_PORT + index) as endpoints, \
+                    tcp_proxy(endpoints, args.tcp_via_proxy) as reached:
+                reports[label] = run_bench(inventory, reached, out / label, args.prompts,
                                            args.max_tokens or default_tokens)
     print()
     for label, report in reports.items():

@@ -193,7 +193,7 @@ class FakeMesh:
             rows.append({
                 "name": node.name, "address": node.address, "status": node.status,
                 "reason": node.reason or None, "layers": list(node.layers) if node.layers else None,
-                "usable_bytes": node.usable_bytes, "planned_bytes": node.planned_bytes,
+                "usable_bytes": node.usable_bytes, "planned_bytes": node.planned_bytes, "device": node.device,
                 "latency_ms": {"last": lat["last"], "mean": lat["mean"], "p95": lat["p95"]},
                 "network_rtt_ms": lat["network"],
                 "bytes_per_token": sum(per_token) / len(per_token) if per_token else None,

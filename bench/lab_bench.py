@@ -23,8 +23,10 @@ import pwd
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,47 @@ def tcp_proxy(endpoints: dict[str, str], wanted: bool) -> Iterator[dict[str, str
         proc.wait()
 
 
+@contextlib.contextmanager
+def openssh_forwards(lab: netns.Lab, endpoints: dict[str, str], wanted: bool) -> Iterator[dict[str, str]]:
+    """The endpoints, or (wanted) 127.0.0.1 ports of one `ssh -N -L` per host forwarding to them."""
+    if not wanted:
+        yield endpoints
+        return
+    procs: list[subprocess.Popen[bytes]] = []
+    reached: dict[str, str] = {}
+    try:
+        for i, host in enumerate(lab.hosts):
+            port = PROXY_PORT + 10 + i
+            procs.append(subprocess.Popen([
+                "ssh", "-N", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={lab.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "Ciphers=aes128-gcm@openssh.com",
+                "-o", "ExitOnForwardFailure=yes",
+                "-i", str(host.identity_file), "-p", str(host.port),
+                "-L", f"127.0.0.1:{port}:{endpoints[host.name]}", f"{host.user}@{host.address}",
+            ], start_new_session=True))
+            reached[host.name] = f"127.0.0.1:{port}"
+        for endpoint in reached.values():
+            _wait_listening(endpoint, timeout=15.0)
+        yield reached
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_listening(endpoint: str, timeout: float) -> None:
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no forward listening on {endpoint}") from None
+            time.sleep(0.1)
+
+
 def _read_raw_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
     assert proc.stdout is not None
     readable, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -178,6 +221,9 @@ def main() -> int:
     parser.add_argument("--tcp-via-proxy", action="store_true",
                         help="send the tcp mode through a plain TCP forwarder on the head (bench/tcp_proxy.py): "
                              "what the extra hop costs without SSH")
+    parser.add_argument("--tcp-via-openssh", action="store_true",
+                        help="send the tcp mode through OpenSSH client forwards (ssh -L, AES-GCM) to the stages: "
+                             "the manual setup users build around rpc-server, as the baseline")
     args = parser.parse_args()
     reason = netns.lab_unavailable_reason()
     if reason is not None:
@@ -201,7 +247,8 @@ def main() -> int:
             inventory = write_inventory(lab, model_line, lab.root / f"inventory-{label}.toml")
             # A new port per run: ggml's server does not set SO_REUSEADDR.
             with tcp_stages(lab, out, STAGE_PORT + index) as endpoints, \
-                    tcp_proxy(endpoints, args.tcp_via_proxy) as reached:
+                    tcp_proxy(endpoints, args.tcp_via_proxy) as proxied, \
+                    openssh_forwards(lab, proxied, args.tcp_via_openssh) as reached:
                 reports[label] = run_bench(inventory, reached, out / label, args.prompts,
                                            args.max_tokens or default_tokens)
     print()

@@ -88,12 +88,12 @@ def darwin_available(vm_stat):
     return page * sum(pages.get(k, 0) for k in ("Pages free", "Pages inactive", "Pages speculative"))
 
 
-def apple_gpus(mem_total, mem_available, chip):
+def apple_gpus(mem_total, mem_available):
     """Apple silicon's GPU shares the machine's memory; Metal lets one process use about three quarters."""
     if sys.platform != "darwin" or platform.machine() != "arm64":
         return []
     usable = min(mem_available, mem_total * 3 // 4)
-    return [{"name": "%s GPU" % (chip or "Apple"), "vendor": "apple", "memory_total": mem_total * 3 // 4,
+    return [{"name": "%s GPU" % (darwin_chip() or "Apple"), "vendor": "apple", "memory_total": mem_total * 3 // 4,
              "memory_free": usable, "unified": True}]
 
 
@@ -166,8 +166,7 @@ def probe():
         "cores": os.cpu_count() or 1,
         "mem_total": mem.get("MemTotal", 0),
         "mem_available": mem.get("MemAvailable", mem.get("MemFree", 0)),
-        "gpus": nvidia_gpus() or apple_gpus(mem.get("MemTotal", 0), mem.get("MemAvailable", 0),
-                                             darwin_chip() if sys.platform == "darwin" else None),
+        "gpus": nvidia_gpus() or apple_gpus(mem.get("MemTotal", 0), mem.get("MemAvailable", 0)),
         "mem_bandwidth": memory_bandwidth(),
         "nvcc": on_path("nvcc"),
         "cmake": on_path("cmake"),

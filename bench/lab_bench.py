@@ -101,8 +101,9 @@ def tcp_proxy(endpoints: dict[str, str], wanted: bool) -> Iterator[dict[str, str
     proc = subprocess.Popen([sys.executable, str(PROXY_SCRIPT), *(f"{ports[n]}:{e}" for n, e in endpoints.items())],
                             stdout=subprocess.PIPE, start_new_session=True)
     try:
-        if _read_raw_line(proc, timeout=10.0) != b"ready\n":
-            raise RuntimeError("bench/tcp_proxy.py did not start")
+        ready = _read_line(proc, timeout=10.0)
+        if ready.get("event") != "ready":
+            raise RuntimeError(f"bench/tcp_proxy.py did not start: {ready}")
         yield {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     finally:
         proc.kill()
@@ -148,12 +149,6 @@ def _wait_listening(endpoint: str, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no forward listening on {endpoint}") from None
             time.sleep(0.1)
-
-
-def _read_raw_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
-    assert proc.stdout is not None
-    readable, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline() if readable else b""
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:

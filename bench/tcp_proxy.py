@@ -3,7 +3,7 @@
 
 Forwards 127.0.0.1:LOCAL_PORT to HOST:PORT with an asyncio event loop in a process of its own, the way the
 tunnels' local side does, but with no SSH behind it. `bench/lab_bench.py --tcp-via-proxy` points the bench's
-`tcp` mode through it. Prints "ready" once listening; runs until killed.
+`tcp` mode through it. Prints {"event": "ready"} once listening, like bench/tcp_stage.py; runs until killed.
 
     python3 bench/tcp_proxy.py LOCAL_PORT:HOST:PORT [...]
 """
@@ -70,7 +70,7 @@ async def main(specs: list[str]) -> None:
     for spec in specs:
         local_port, host, port = spec.split(":")
         await loop.create_server(functools.partial(_Local, (host, int(port))), "127.0.0.1", int(local_port))
-    print("ready", flush=True)
+    print('{"event": "ready"}', flush=True)
     await asyncio.Event().wait()
 
 

@@ -96,19 +96,20 @@ class _LocalSide(asyncio.Protocol):
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(HOLD_SECONDS, self.flush)
 
-    def flush(self) -> None:
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def flush(self) -> None:
+        self._cancel_timer()
         if self._held and self.channel is not None:
             self.channel.write(self._held[0] if len(self._held) == 1 else b"".join(self._held))
             self._held.clear()
             self._held_bytes = 0
 
     def abort(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         self._held.clear()
         if self.transport is not None:
             self.transport.abort()

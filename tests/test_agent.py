@@ -117,5 +117,5 @@ def test_macos_memory_and_library_names_are_read_the_macos_way() -> None:
     assert agent.darwin_available(VM_STAT) == 16384 * (12000 + 50000 + 3000)
     assert agent.platform_lib("libggml-base.so.0", "darwin") == "libggml-base.0.dylib"
     assert agent.platform_lib("libggml-base.so.0", "linux") == "libggml-base.so.0"
-    assert agent.apple_gpus(32 * 2**30, 20 * 2**30, "Apple M2") == []  # not on this Linux machine
+    assert agent.apple_gpus(32 * 2**30, 20 * 2**30) == []  # not on this Linux machine
 

@@ -44,6 +44,7 @@ STAGE_SCRIPT = Path(__file__).resolve().parent / "tcp_stage.py"
 STAGE_PORT = 50052
 PROXY_SCRIPT = Path(__file__).resolve().parent / "tcp_proxy.py"
 PROXY_PORT = 41052  # on the head's 127.0.0.1, with --tcp-via-proxy
+RELAY_PORT = 42052  # with --tcp-via-relays: on each host's address, and (+100) on the head's 127.0.0.1
 STAGE_DIR = "meshtui-tcp-stage"  # in each lab user's home
 NODE_MEMORY = "2 GiB"  # max_memory of every node: equal, stable shares, so both loads get the same plan
 # (label, model line of the inventory, default tokens per prompt)
@@ -138,6 +139,38 @@ def openssh_forwards(lab: netns.Lab, endpoints: dict[str, str], wanted: bool) ->
             proc.wait()
 
 
+@contextlib.contextmanager
+def c_relays(lab: netns.Lab, endpoints: dict[str, str], wanted: bool) -> Iterator[dict[str, str]]:
+    """The endpoints, or (wanted) the hop structure of any SSH forward with no SSH: two socat relays per stage.
+
+    One relay on the head's 127.0.0.1 (where an SSH client sits) and one in the host's namespace (where sshd
+    sits), both C, TCP_NODELAY, no encryption. What they cost is a floor for every SSH forward on this machine.
+    """
+    if not wanted:
+        yield endpoints
+        return
+    procs: list[subprocess.Popen[bytes]] = []
+    reached: dict[str, str] = {}
+    try:
+        for i, host in enumerate(lab.hosts):
+            host_port, head_port = RELAY_PORT + i, RELAY_PORT + 100 + i
+            procs.append(lab.popen_in(host, [
+                "socat", f"TCP-LISTEN:{host_port},bind={host.address},reuseaddr,fork,nodelay",
+                f"TCP:{endpoints[host.name]},nodelay"], start_new_session=True))
+            procs.append(subprocess.Popen([
+                "socat", f"TCP-LISTEN:{head_port},bind=127.0.0.1,reuseaddr,fork,nodelay",
+                f"TCP:{host.address}:{host_port},nodelay"], start_new_session=True))
+            reached[host.name] = f"127.0.0.1:{head_port}"
+        for endpoint in reached.values():
+            _wait_listening(endpoint, timeout=15.0)
+        yield reached
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _wait_listening(endpoint: str, timeout: float) -> None:
     host, port = endpoint.rsplit(":", 1)
     deadline = time.monotonic() + timeout
@@ -213,17 +246,23 @@ def main() -> int:
     parser.add_argument("--models", default="smollm2,synthetic", help="comma-separated: smollm2, synthetic")
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, help="tokens per prompt (default 64 for smollm2, 24 synthetic)")
-    parser.add_argument("--tcp-via-proxy", action="store_true",
-                        help="send the tcp mode through a plain TCP forwarder on the head (bench/tcp_proxy.py): "
-                             "what the extra hop costs without SSH")
-    parser.add_argument("--tcp-via-openssh", action="store_true",
-                        help="send the tcp mode through OpenSSH client forwards (ssh -L, AES-GCM) to the stages: "
-                             "the manual setup users build around rpc-server, as the baseline")
+    via = parser.add_mutually_exclusive_group()
+    via.add_argument("--tcp-via-proxy", action="store_true",
+                     help="send the tcp mode through a plain TCP forwarder on the head (bench/tcp_proxy.py): "
+                          "what the extra hop costs without SSH")
+    via.add_argument("--tcp-via-openssh", action="store_true",
+                     help="send the tcp mode through OpenSSH client forwards (ssh -L, AES-GCM) to the stages: "
+                          "the manual setup users build around rpc-server, as the baseline")
+    via.add_argument("--tcp-via-relays", action="store_true",
+                     help="send the tcp mode through two socat relays per stage (head loopback, host "
+                          "namespace): the hops of any SSH forward without SSH, a floor for its cost")
     args = parser.parse_args()
     reason = netns.lab_unavailable_reason()
     if reason is not None:
         print(f"lab_bench: the namespace lab cannot run here: {reason}", file=sys.stderr)
         return 2
+    if args.tcp_via_relays and shutil.which("socat") is None:
+        parser.error("--tcp-via-relays needs socat (apt-get install socat)")
     labels = [m.strip() for m in args.models.split(",") if m.strip()]
     for label in labels:
         if label not in MODELS:
@@ -243,7 +282,8 @@ def main() -> int:
             # A new port per run: ggml's server does not set SO_REUSEADDR.
             with tcp_stages(lab, out, STAGE_PORT + index) as endpoints, \
                     tcp_proxy(endpoints, args.tcp_via_proxy) as proxied, \
-                    openssh_forwards(lab, proxied, args.tcp_via_openssh) as reached:
+                    openssh_forwards(lab, proxied, args.tcp_via_openssh) as forwarded, \
+                    c_relays(lab, forwarded, args.tcp_via_relays) as reached:
                 reports[label] = run_bench(inventory, reached, out / label, args.prompts,
                                            args.max_tokens or default_tokens)
     print()

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,31 +112,45 @@ def tcp_proxy(endpoints: dict[str, str], wanted: bool) -> Iterator[dict[str, str
 
 
 @contextlib.contextmanager
-def openssh_forwards(lab: netns.Lab, endpoints: dict[str, str], wanted: bool) -> Iterator[dict[str, str]]:
-    """The endpoints, or (wanted) 127.0.0.1 ports of one `ssh -N -L` per host forwarding to them."""
-    if not wanted:
-        yield endpoints
-        return
+def _forwarders(
+    lab: netns.Lab, start: Callable[[int, netns.LabHost], tuple[list[subprocess.Popen[bytes]], str]]
+) -> Iterator[dict[str, str]]:
+    """Start each host's forwarders (start(i, host) -> their processes, the head's endpoint); all killed after."""
     procs: list[subprocess.Popen[bytes]] = []
     reached: dict[str, str] = {}
     try:
         for i, host in enumerate(lab.hosts):
-            port = PROXY_PORT + 10 + i
-            procs.append(subprocess.Popen([
-                "ssh", "-N", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={lab.known_hosts}",
-                "-o", "StrictHostKeyChecking=yes", "-o", "Ciphers=aes128-gcm@openssh.com",
-                "-o", "ExitOnForwardFailure=yes",
-                "-i", str(host.identity_file), "-p", str(host.port),
-                "-L", f"127.0.0.1:{port}:{endpoints[host.name]}", f"{host.user}@{host.address}",
-            ], start_new_session=True))
-            reached[host.name] = f"127.0.0.1:{port}"
+            started, reached[host.name] = start(i, host)
+            procs.extend(started)
         for endpoint in reached.values():
             _wait_listening(endpoint, timeout=15.0)
         yield reached
     finally:
         for proc in procs:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextlib.contextmanager
+def openssh_forwards(lab: netns.Lab, endpoints: dict[str, str], wanted: bool) -> Iterator[dict[str, str]]:
+    """The endpoints, or (wanted) 127.0.0.1 ports of one `ssh -N -L` per host forwarding to them."""
+    if not wanted:
+        yield endpoints
+        return
+
+    def start(i: int, host: netns.LabHost) -> tuple[list[subprocess.Popen[bytes]], str]:
+        port = PROXY_PORT + 10 + i
+        return [subprocess.Popen([
+            "ssh", "-N", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={lab.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "Ciphers=aes128-gcm@openssh.com",
+            "-o", "ExitOnForwardFailure=yes",
+            "-i", str(host.identity_file), "-p", str(host.port),
+            "-L", f"127.0.0.1:{port}:{endpoints[host.name]}", f"{host.user}@{host.address}",
+        ], start_new_session=True)], f"127.0.0.1:{port}"
+
+    with _forwarders(lab, start) as reached:
+        yield reached
 
 
 @contextlib.contextmanager
@@ -149,26 +163,18 @@ def c_relays(lab: netns.Lab, endpoints: dict[str, str], wanted: bool) -> Iterato
     if not wanted:
         yield endpoints
         return
-    procs: list[subprocess.Popen[bytes]] = []
-    reached: dict[str, str] = {}
-    try:
-        for i, host in enumerate(lab.hosts):
-            host_port, head_port = RELAY_PORT + i, RELAY_PORT + 100 + i
-            procs.append(lab.popen_in(host, [
-                "socat", f"TCP-LISTEN:{host_port},bind={host.address},reuseaddr,fork,nodelay",
-                f"TCP:{endpoints[host.name]},nodelay"], start_new_session=True))
-            procs.append(subprocess.Popen([
-                "socat", f"TCP-LISTEN:{head_port},bind=127.0.0.1,reuseaddr,fork,nodelay",
-                f"TCP:{host.address}:{host_port},nodelay"], start_new_session=True))
-            reached[host.name] = f"127.0.0.1:{head_port}"
-        for endpoint in reached.values():
-            _wait_listening(endpoint, timeout=15.0)
+
+    def start(i: int, host: netns.LabHost) -> tuple[list[subprocess.Popen[bytes]], str]:
+        host_port, head_port = RELAY_PORT + i, RELAY_PORT + 100 + i
+        return [
+            lab.popen_in(host, ["socat", f"TCP-LISTEN:{host_port},bind={host.address},reuseaddr,fork,nodelay",
+                                f"TCP:{endpoints[host.name]},nodelay"], start_new_session=True),
+            subprocess.Popen(["socat", f"TCP-LISTEN:{head_port},bind=127.0.0.1,reuseaddr,fork,nodelay",
+                              f"TCP:{host.address}:{host_port},nodelay"], start_new_session=True),
+        ], f"127.0.0.1:{head_port}"
+
+    with _forwarders(lab, start) as reached:
         yield reached
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _wait_listening(endpoint: str, timeout: float) -> None:

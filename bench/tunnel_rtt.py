@@ -60,8 +60,8 @@ async def measure(port: int, host: str, rounds: int) -> list[float]:
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        for frame in frames:
-            writer.write(frame)
+        for chunk in frames:
+            writer.write(chunk)
         await reader.readexactly(DOWN)
         times.append(time.perf_counter() - start)
     writer.close()

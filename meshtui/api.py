@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 from urllib.parse import urlsplit
 
 from meshtui import events as ev
@@ -63,14 +63,24 @@ class _Turn:
     source: str
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     abandoned: bool = False
+    stopping: bool = False  # stop generating, but hand the consumer the reply up to its end
     started: bool = False
     cancelled: bool = False
+
+
+class Streams(Protocol):
+    """What the queue needs of a mesh (a `Mesh`, or a test's fake)."""
+
+    @property
+    def stream(self) -> Callable[..., AsyncIterator[ev.Event]]: ...
+
+    def cancel(self) -> None: ...
 
 
 class MeshRequests:
     """The queue in front of the engine, shared by the API and the chat pane: one reply at a time."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Streams) -> None:
         self.mesh = mesh
         self.lock = asyncio.Lock()
         self.waiting = 0
@@ -122,9 +132,9 @@ class MeshRequests:
                 self._active = turn
                 async for event in self.mesh.stream(**params):
                     turn.started = turn.started or isinstance(event, ev.ReplyStarted)
-                    if turn.abandoned:
+                    if turn.abandoned or turn.stopping:
                         self._cancel(turn)
-                    else:
+                    if not turn.abandoned:
                         turn.queue.put_nowait(event)
             finally:
                 self._active = None
@@ -142,6 +152,15 @@ class MeshRequests:
         if turn.started and not turn.cancelled and turn is self._active:
             turn.cancelled = True
             self.mesh.cancel()
+
+    def stop(self, source: str) -> bool:
+        """Stop the reply being generated if it is `source`'s; its consumer still gets it, cut, to the end."""
+        turn = self._active
+        if turn is None or turn.source != source:
+            return False
+        turn.stopping = True
+        self._cancel(turn)
+        return True
 
     def cancel(self, source: str | None = None) -> bool:
         """Cancel the reply being generated, if it is `source`'s (any source's when None)."""

@@ -21,6 +21,9 @@ from meshtui.lab import EmbeddedLab
 from meshtui.mesh import Mesh
 from meshtui.units import format_size
 
+HEADLESS_MAX_TOKENS = 128
+TUI_MAX_TOKENS = 256
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshtui", description="Run one LLM across the machines you can SSH into.")
@@ -55,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(up)
     up.add_argument("--headless", action="store_true", help="no TUI: answer --prompt once, tear down, exit")
     up.add_argument("--prompt", help="the prompt to answer in headless mode")
-    up.add_argument("--max-tokens", type=int, default=128)
+    up.add_argument("--max-tokens", type=int, default=None,
+                    help=f"tokens per reply (default {HEADLESS_MAX_TOKENS} headless, {TUI_MAX_TOKENS} in the chat)")
     up.add_argument("--temperature", type=float, default=0.7)
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
@@ -165,10 +169,18 @@ async def cmd_plan(args: argparse.Namespace) -> int:
 
 async def cmd_up(args: argparse.Namespace) -> int:
     if not args.headless:
-        from meshtui.tui.app import run_tui  # the only place the CLI touches Textual
+        from meshtui.api import check_api_options, resolve_api_key
+        from meshtui.tui.app import ApiOptions, run_tui  # the only place the CLI touches Textual
 
+        api = None
+        if args.api_port is not None:
+            api_key = resolve_api_key(args.api_key)
+            check_api_options(args.api_host, api_key)
+            api = ApiOptions(args.api_host, args.api_port, api_key)
         async with _inventory_for(args) as inventory:
-            return await run_tui(inventory, accept_new=args.accept_new)
+            return await run_tui(inventory, accept_new=args.accept_new, weight_by_speed=args.weight_by_speed,
+                                 max_tokens=args.max_tokens or TUI_MAX_TOKENS, temperature=args.temperature,
+                                 seed=args.seed, api=api)
     if args.prompt is None:
         raise InventoryError("--headless needs --prompt TEXT")
     async with _inventory_for(args) as inventory:
@@ -182,7 +194,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
             text_parts: list[str] = []
             finished: ev.ReplyFinished | None = None
             prompt_tokens = 0
-            async for event in mesh.stream(prompt=args.prompt, raw=args.raw, max_tokens=args.max_tokens,
+            async for event in mesh.stream(prompt=args.prompt, raw=args.raw,
+                                           max_tokens=args.max_tokens or HEADLESS_MAX_TOKENS,
                                            temperature=args.temperature, seed=args.seed):
                 if isinstance(event, ev.TokenGenerated):
                     text_parts.append(event.text)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -15,6 +17,7 @@ from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Input
 from textual.worker import Worker, WorkerError, WorkerState
 
 from meshtui import events as ev
+from meshtui.api import ApiServer, MeshRequests
 from meshtui.errors import MeshError
 from meshtui.inventory import Inventory
 from meshtui.mesh import Mesh
@@ -28,8 +31,18 @@ from meshtui.tui.provisioning import ProvisioningView
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: a bug, not an expected failure
 
 
-def _real_mesh(inventory: Inventory, *, accept_new: bool, listener: ev.Listener) -> MeshLike:
-    return Mesh(inventory, accept_new=accept_new, listener=listener)
+def _real_mesh(inventory: Inventory, *, accept_new: bool, listener: ev.Listener,
+               weight_by_speed: bool = False) -> MeshLike:
+    return Mesh(inventory, accept_new=accept_new, listener=listener, weight_by_speed=weight_by_speed)
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """Serve the OpenAI-compatible API beside the chat once the mesh is up (`up --api-port`)."""
+
+    host: str
+    port: int
+    key: str | None
 
 
 class MeshApp(App[None]):
@@ -70,11 +83,16 @@ class MeshApp(App[None]):
             self.reason = reason
 
     def __init__(self, inventory: Inventory, *, mesh_factory: MeshFactory, accept_new: bool = False,
-                 max_tokens: int = 256, temperature: float = 0.7) -> None:
+                 max_tokens: int = 256, temperature: float = 0.7, seed: int = 0,
+                 api: ApiOptions | None = None) -> None:
         super().__init__()
         self.inventory = inventory
         self.mesh: MeshLike = mesh_factory(inventory, accept_new=accept_new, listener=self._on_core_event)
-        self.chat = ChatPane(self.mesh, max_tokens=max_tokens, temperature=temperature, id="chat")
+        self.requests = MeshRequests(self.mesh)  # one reply at a time: the chat's and the API's take turns
+        self.api_options = api
+        self.api_server: ApiServer | None = None
+        self.chat = ChatPane(self.mesh, requests=self.requests, max_tokens=max_tokens, temperature=temperature,
+                             seed=seed, id="chat")
         self.nodes_view = NodesView(self.mesh, id="nodes")
         self.provisioning = ProvisioningView(self.mesh, id="provisioning")
         self.log_panel = LogPanel(id="log-panel")
@@ -148,6 +166,25 @@ class MeshApp(App[None]):
         self.query_one("#views", ContentSwitcher).current = "nodes"
         self.nodes_view.redraw()
         self.chat.ready = True
+        if self.api_options is not None and self.api_server is None:
+            self.serve_api(self.api_options)
+
+    @work(exclusive=True, exit_on_error=False, group="api")
+    async def serve_api(self, options: ApiOptions) -> None:
+        # Each request is logged through the mesh's listener, so it shows in the log panel like the core's lines.
+        server = ApiServer(cast(Mesh, self.mesh), options.host, options.port, options.key, requests=self.requests)
+        try:
+            await server.start()
+        except MeshError as err:
+            self._log_line("api", str(err), "error")
+            self.notify(str(err), title="API not served", severity="error", timeout=10)
+            return
+        self.api_server = server
+        self._log_line("api", f"serving the OpenAI-compatible API on {server.url}")
+        self.sub_title = f"{self.sub_title} · API {server.url}"
+
+    def _log_line(self, source: str, message: str, level: str = "info") -> None:
+        self.log_panel.post_message(LogPanel.Recorded(ev.LogRecorded(source=source, message=message, level=level)))
 
     @on(StageLost)
     def _on_stage_lost(self, message: StageLost) -> None:
@@ -178,7 +215,7 @@ class MeshApp(App[None]):
         failed = [n.name for n in self.mesh.nodes if n.status == "failed" and not n.is_head]
         if not self.is_up or not failed:
             self.notify("No failed host to rejoin.", severity="warning")
-        elif self.chat.streaming:
+        elif self.chat.streaming or self.requests.active_source is not None:
             self.notify("Wait for the reply to finish (or stop it with Esc), then rejoin.", severity="warning")
         else:
             self.rejoin_hosts(failed)
@@ -209,14 +246,17 @@ class MeshApp(App[None]):
         await asyncio.shield(self._teardown)
 
     async def _tear_down(self) -> None:
-        if self.chat.streaming:  # the UI may be gone already: talk to the mesh, not the chat pane
-            self.mesh.cancel()
-        workers = [w for w in self.workers if w.group in ("mesh", "chat") and not w.is_finished]
+        if self.api_server is not None:  # stop taking requests; open ones are cut and their replies cancelled
+            await self.api_server.close()
+        if self.chat.streaming or self.requests.active_source is not None:
+            self.mesh.cancel()  # the UI may be gone already: talk to the mesh, not the chat pane
+        workers = [w for w in self.workers if w.group in ("mesh", "chat", "api") and not w.is_finished]
         for worker in workers:
             worker.cancel()
         for worker in workers:  # up() tears down what it started when cancelled: let it finish
             with contextlib.suppress(WorkerError):  # cancelled, or failed and already reported
                 await worker.wait()
+        await self.requests.settle()
         try:
             await self.mesh.close()
         except MeshError as err:  # close() already swallows what it expects; say what is left, still quit
@@ -248,15 +288,20 @@ class MeshApp(App[None]):
 
 
 def make_app(inventory: Inventory, *, accept_new: bool = False, mesh_factory: MeshFactory | None = None,
-             max_tokens: int = 256, temperature: float = 0.7) -> MeshApp:
-    """The one way to build the app: the CLI passes nothing, tests pass a fake mesh factory."""
-    return MeshApp(inventory, mesh_factory=mesh_factory or _real_mesh, accept_new=accept_new,
-                   max_tokens=max_tokens, temperature=temperature)
+             max_tokens: int = 256, temperature: float = 0.7, seed: int = 0, weight_by_speed: bool = False,
+             api: ApiOptions | None = None) -> MeshApp:
+    """The one way to build the app: the CLI passes its options, tests pass a fake mesh factory."""
+    factory = mesh_factory or cast(MeshFactory, functools.partial(_real_mesh, weight_by_speed=weight_by_speed))
+    return MeshApp(inventory, mesh_factory=factory, accept_new=accept_new, max_tokens=max_tokens,
+                   temperature=temperature, seed=seed, api=api)
 
 
-async def run_tui(inventory: Inventory, *, accept_new: bool = False) -> int:
-    """Run the app until the user quits; the mesh is torn down however it ends. Returns the exit code."""
-    app = make_app(inventory, accept_new=accept_new)
+async def run_tui(inventory: Inventory, **options: Any) -> int:
+    """Run the app until the user quits; the mesh is torn down however it ends. Returns the exit code.
+
+    `options` are make_app's: accept_new, max_tokens, temperature, seed, weight_by_speed, api.
+    """
+    app = make_app(inventory, **options)
     try:
         await app.run_async()
     finally:

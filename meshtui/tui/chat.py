@@ -17,6 +17,7 @@ from textual.widgets import Input, Static
 from textual.worker import Worker, WorkerState
 
 from meshtui import events as ev
+from meshtui.api import MeshRequests
 from meshtui.errors import MeshError
 from meshtui.tui.protocol import MeshLike
 from meshtui.tui.throttle import Throttle
@@ -68,12 +69,15 @@ class ChatPane(Vertical):
             self.finished = finished
             self.error = error
 
-    def __init__(self, mesh: MeshLike, *, max_tokens: int = 256, temperature: float = 0.7,
-                 id: str | None = None) -> None:
+    def __init__(self, mesh: MeshLike, *, requests: MeshRequests | None = None, max_tokens: int = 256,
+                 temperature: float = 0.7, seed: int = 0, id: str | None = None) -> None:
         super().__init__(id=id)
         self.mesh = mesh
+        # The queue in front of the engine: the chat's replies take turns with the API's.
+        self.requests = requests or MeshRequests(mesh)
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.seed = seed
         self.messages: list[dict[str, str]] = []
         self.stopping = False
         self._turn = 0  # the turn on screen; bumped by clearing so late messages of the old one are dropped
@@ -139,8 +143,8 @@ class ChatPane(Vertical):
         text = ""
         finished: ev.ReplyFinished | None = None
         try:
-            async for event in self.mesh.stream(messages=messages, max_tokens=self.max_tokens,
-                                                temperature=self.temperature):
+            async for event in self.requests.stream(source="chat", messages=messages, max_tokens=self.max_tokens,
+                                                    temperature=self.temperature, seed=self.seed):
                 if isinstance(event, ev.TokenGenerated):
                     text += event.text
                     self.post_message(self.ReplyGrew(turn, text))
@@ -205,7 +209,10 @@ class ChatPane(Vertical):
             return False
         if not self.stopping:
             self.stopping = True
-            self.mesh.cancel()
+            if not self.requests.stop("chat") and self._streaming_turn is not None:
+                # Still waiting behind an API reply: withdraw it before it starts.
+                self.workers.cancel_group(self, "chat")
+                self.post_message(self.ReplyEnded(self._streaming_turn, None, "stopped before it started"))
             self._set_status("stopping the reply…")
         return True
 

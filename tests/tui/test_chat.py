@@ -103,3 +103,30 @@ async def test_a_stream_that_breaks_ends_the_turn_with_the_error(build_app):
         await pilot.press(*"again", "enter")  # the chat is usable again; the failed prompt left the history
         await wait_until(pilot, lambda: len(app.chat.messages) == 2, what="retry")
         assert app.mesh.stream_calls == [[{"role": "user", "content": "again"}]]
+
+
+async def test_a_prompt_waits_behind_an_api_reply_and_escape_withdraws_it(build_app):
+    app = build_app(reply=["one", " two", " three"], hold_after=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        api_events: list[object] = []
+
+        async def api_reply() -> None:  # what the API does with the queue the chat pane shares
+            async for event in app.requests.stream(source="api", messages=[{"role": "user", "content": "x"}]):
+                api_events.append(event)
+
+        api = app.run_worker(api_reply(), group="test-api")
+        await wait_until(pilot, lambda: app.requests.active_source == "api", what="the API's reply")
+        await pilot.press(*"mine", "enter")
+        await wait_until(pilot, lambda: app.requests.waiting == 1, what="the chat to queue")
+        assert app.chat.streaming and len(app.mesh.stream_calls) == 1  # not sent to the mesh yet
+
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.chat.streaming, what="the queued prompt to be withdrawn")
+        assert "stopped before it started" in app.chat.query_one("#chat-status").render().plain
+        assert app.requests.active_source == "api" and not app.mesh.cancelled  # the API's reply goes on
+
+        app.mesh.cancel()  # release the held reply
+        await api.wait()
+        assert len(app.mesh.stream_calls) == 1  # the withdrawn prompt never reached the engine
+        assert app.requests.waiting == 0

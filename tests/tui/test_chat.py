@@ -130,3 +130,29 @@ async def test_a_prompt_waits_behind_an_api_reply_and_escape_withdraws_it(build_
         await api.wait()
         assert len(app.mesh.stream_calls) == 1  # the withdrawn prompt never reached the engine
         assert app.requests.waiting == 0
+
+
+async def test_an_api_port_already_taken_is_reported_and_the_chat_still_works(build_app):
+    import socket
+
+    from meshtui.tui.app import ApiOptions
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    app = build_app(reply=["fine"])
+    app.api_options = ApiOptions("127.0.0.1", port, None)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+            await wait_until(pilot, lambda: any("API not served" in str(n.title) for n in app._notifications),
+                             what="the notice")
+            notice = next(n for n in app._notifications if "API not served" in str(n.title))
+            assert f"cannot serve the API on 127.0.0.1:{port}" in str(notice.message)
+            assert app.api_server is None
+            await pilot.press(*"hi", "enter")
+            await wait_until(pilot, lambda: len(app.chat.messages) == 2, what="the chat's reply")
+            assert app.chat.messages[-1]["content"] == "fine"
+    finally:
+        taken.close()

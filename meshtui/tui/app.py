@@ -91,8 +91,7 @@ class MeshApp(App[None]):
         self.requests = MeshRequests(self.mesh)  # one reply at a time: the chat's and the API's take turns
         self.api_options = api
         self.api_server: ApiServer | None = None
-        self.chat = ChatPane(self.mesh, requests=self.requests, max_tokens=max_tokens, temperature=temperature,
-                             seed=seed, id="chat")
+        self.chat = ChatPane(self.requests, max_tokens=max_tokens, temperature=temperature, seed=seed, id="chat")
         self.nodes_view = NodesView(self.mesh, id="nodes")
         self.provisioning = ProvisioningView(self.mesh, id="provisioning")
         self.log_panel = LogPanel(id="log-panel")
@@ -248,7 +247,7 @@ class MeshApp(App[None]):
     async def _tear_down(self) -> None:
         if self.api_server is not None:  # stop taking requests; open ones are cut and their replies cancelled
             await self.api_server.close()
-        if self.chat.streaming or self.requests.active_source is not None:
+        if self.requests.active_source is not None:
             self.mesh.cancel()  # the UI may be gone already: talk to the mesh, not the chat pane
         workers = [w for w in self.workers if w.group in ("mesh", "chat", "api") and not w.is_finished]
         for worker in workers:

@@ -19,7 +19,6 @@ from textual.worker import Worker, WorkerState
 from meshtui import events as ev
 from meshtui.api import MeshRequests
 from meshtui.errors import MeshError
-from meshtui.tui.protocol import MeshLike
 from meshtui.tui.throttle import Throttle
 
 REPLY_REDRAW_INTERVAL = 0.1  # seconds: at most 10 redraws of a streaming reply a second
@@ -69,12 +68,10 @@ class ChatPane(Vertical):
             self.finished = finished
             self.error = error
 
-    def __init__(self, mesh: MeshLike, *, requests: MeshRequests | None = None, max_tokens: int = 256,
-                 temperature: float = 0.7, seed: int = 0, id: str | None = None) -> None:
+    def __init__(self, requests: MeshRequests, *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0,
+                 id: str | None = None) -> None:
         super().__init__(id=id)
-        self.mesh = mesh
-        # The queue in front of the engine: the chat's replies take turns with the API's.
-        self.requests = requests or MeshRequests(mesh)
+        self.requests = requests  # the queue in front of the engine: the chat's replies take turns with the API's
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.seed = seed

@@ -13,7 +13,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,14 @@ class HeadSpec:
 
 @dataclass(frozen=True)
 class SSHSpec:
-    known_hosts: Path | None = None  # None: OpenSSH's default (~/.ssh/known_hosts)
+    known_hosts: Path | None = None  # None: the ssh config's UserKnownHostsFile, else OpenSSH's default
     connect_timeout: float = 15.0
     keepalive_interval: float = 5.0
+    # Not inventory keys: the system-wide files OpenSSH reads, replaced only by tests (like `ssh -F` and
+    # `-o GlobalKnownHostsFile`). None: ~/.ssh/config then /etc/ssh/ssh_config; the config's
+    # GlobalKnownHostsFile, else /etc/ssh/ssh_known_hosts{,2}.
+    config_files: tuple[Path, ...] | None = field(default=None, metadata={"inventory_key": False})
+    global_known_hosts: tuple[Path, ...] | None = field(default=None, metadata={"inventory_key": False})
 
 
 @dataclass(frozen=True)

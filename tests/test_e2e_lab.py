@@ -142,6 +142,8 @@ def test_unknown_host_key_is_refused_without_accept_new(lab, tmp_path: Path) -> 
 
 
 def test_accept_new_records_the_key_then_a_changed_key_is_refused(lab, tmp_path: Path) -> None:
+    from meshtui.hostkeys import parse_known_hosts
+
     recorded = tmp_path / "known_hosts"
     recorded.write_text("")
     text = lab.inventory_toml('name = "smollm2"').replace(str(lab.known_hosts), str(recorded))
@@ -150,12 +152,21 @@ def test_accept_new_records_the_key_then_a_changed_key_is_refused(lab, tmp_path:
     result = meshtui("plan", str(inventory_file), "--accept-new", "--json", timeout=120)
     assert result.returncode == 0, result.stderr
     keys = recorded.read_text().splitlines()
-    assert sorted(line.split()[0] for line in keys) == sorted(h.address for h in lab.hosts)
+    entries = parse_known_hosts(recorded.read_text(), recorded)
+    lab_keys = dict(line.split(maxsplit=1) for line in lab.known_hosts.read_text().splitlines())
+    # One line per host, with its key, hashed exactly when this head's OpenSSH config says HashKnownHosts.
+    assert len(keys) == len(lab.hosts)
+    for h in lab.hosts:
+        (entry,) = [e for e in entries if e.matches(h.address)]
+        assert " ".join(entry.key.export_public_key().decode().split()[:2]) == lab_keys[h.address]
+    openssh = subprocess.run(["ssh", "-G", lab.host("h1").address], capture_output=True, text=True, check=True)
+    hashed = "hashknownhosts yes" in openssh.stdout.splitlines()
+    assert all(line.startswith("|1|") == hashed for line in keys)
     # Now h1's recorded key is replaced by another one: that must be refused, accept-new or not.
     other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
     h1 = lab.host("h1")
-    recorded.write_text("".join(f"{h1.address} {other}\n" if line.startswith(h1.address + " ") else line + "\n"
-                                for line in keys))
+    recorded.write_text("".join(f"{h1.address} {other}\n" if e.matches(h1.address) else keys[e.line_number - 1] + "\n"
+                                for e in entries))
     result = meshtui("plan", str(inventory_file), "--accept-new", timeout=120)
     line = _one_error_line(result)
     assert line.startswith(f"meshtui: error: h1: host key for {h1.address}:22 ")

@@ -57,6 +57,7 @@ class Node:
     planned_bytes: int = 0
     device: str = "cpu"  # what holds its layers, as planned: "cpu" or the GPU's name
     conn: asyncssh.SSHClientConnection | None = None
+    host_key: asyncssh.SSHKey | None = None  # the key accepted at start: every reconnect must show exactly it
     agent: Agent | None = None
     tunnel: StageTunnel | None = None
     rtt_ms: float | None = None  # the minimum of recent pings: a busy moment only ever adds to a round trip
@@ -177,14 +178,16 @@ class Mesh:
         self._emit(ev.HostProbed(HEAD_NAME, self.head.facts.to_json()))
         _raise_first(await asyncio.gather(*(self._connect_one(n) for n in self.hosts), return_exceptions=True))
 
-    async def _connect_one(self, node: Node) -> None:
+    async def _connect_one(self, node: Node, *, rejoining: bool = False) -> None:
         assert node.spec is not None
         self._phase(node, "connect", f"{node.address}:{node.spec.port or 22}")
         try:
+            # --accept-new applies when the mesh starts; a rejoin takes only the key accepted then.
             node.conn = await connect_host(
-                node.spec, self.inventory.ssh, accept_new=self.accept_new,
-                on_key_recorded=lambda msg: self._log(node.name, msg, "warning"),
+                node.spec, self.inventory.ssh, accept_new=self.accept_new and not rejoining,
+                pinned_key=node.host_key, log=lambda msg: self._log(node.name, msg, "warning"),
             )
+            node.host_key = node.host_key or node.conn.get_server_host_key()
             self._phase(node, "probe")
             # A host that answers SSH but hangs in the probe is as good as unreachable.
             node.facts = await probe_host(node.conn, node.spec, timeout=2 * self.inventory.ssh.connect_timeout)
@@ -591,7 +594,7 @@ class Mesh:
         if node.is_head or node.status != "failed":
             raise MeshError(f"{name} has not failed; nothing to rejoin")
         await self._drop_node(node)
-        await self._connect_one(node)  # marks the node failed again, with the reason, if it still can't
+        await self._connect_one(node, rejoining=True)  # marks the node failed again, with the reason, if it can't
         node.reason = ""
         self._log("mesh", f"{name} is reachable again; re-planning with it", "warning")
         await self._replan_and_reload()
@@ -626,7 +629,7 @@ class Mesh:
                     continue
                 assert node.spec is not None
                 try:
-                    conn = await connect_host(node.spec, self.inventory.ssh, accept_new=self.accept_new)
+                    conn = await connect_host(node.spec, self.inventory.ssh, pinned_key=node.host_key)
                     conn.close()
                 except HostError as err:
                     delay = min(policy.max_delay, policy.first_delay * 2**count)

@@ -33,7 +33,8 @@ class EngineProcess:
         self.pid = 0
 
     async def start(self) -> None:
-        env = dict(os.environ)
+        # The engine talks to no host over SSH: it gets no way to the user's ssh-agent.
+        env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "SSH_AGENT_PID")}
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "meshtui.engine.worker",

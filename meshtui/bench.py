@@ -40,6 +40,7 @@ from meshtui.mesh import HEAD_NAME, HEAD_RESERVE_BYTES, Mesh, placement_by_node
 from meshtui.models import resolve_model_path
 from meshtui.planner import NodeCapacity, Plan, plan_layer_split
 from meshtui.runtime import local_runtime_bundle
+from meshtui.stats import p95
 from meshtui.units import format_size
 
 # Raw prompts (no chat template), short and fixed, so runs on different days compare.
@@ -288,7 +289,7 @@ def _stage_row(samples: Sequence[ev.StageLatencyMeasured]) -> dict[str, Any]:
     totals = sorted(s.total_ms for s in samples)
     return {
         "latency_ms": {"mean": statistics.fmean(totals), "p50": statistics.median(totals),
-                       "p95": totals[min(len(totals) - 1, max(0, round(0.95 * len(totals)) - 1))]},
+                       "p95": p95(totals)},
         "compute_ms": statistics.fmean(s.compute_ms for s in samples),
         "network_ms": statistics.fmean(s.network_ms for s in samples),
         "decode_bytes_per_token": {"up": statistics.fmean(s.bytes_up for s in samples),

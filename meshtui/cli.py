@@ -118,7 +118,8 @@ def _stderr_listener(verbose: bool) -> ev.Listener:
         if isinstance(event, ev.HostPhaseChanged) and verbose:
             print(f"  {event.host}: {event.phase} {event.detail}".rstrip(), file=sys.stderr)
         elif isinstance(event, ev.MeshRecovered):
-            print(f"  recovered from losing {event.host} at token {event.token_index} in {event.seconds:.1f}s",
+            stall = f" (noticed after a {event.stalled_seconds:.1f}s stall)" if event.stalled_seconds else ""
+            print(f"  recovered from losing {event.host}{stall} at token {event.token_index} in {event.seconds:.1f}s",
                   file=sys.stderr)
         elif isinstance(event, ev.LogRecorded) and event.level in ("warning", "error"):
             print(f"  {event.source}: {event.message}", file=sys.stderr)

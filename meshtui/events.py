@@ -119,6 +119,21 @@ class StageFailed(Event):
 
 
 @dataclass(frozen=True)
+class StageStalled(Event):
+    """A stage's answer is overdue (see meshtui/watchdog.py); its agent is being asked whether it is alive."""
+
+    host: str
+    waited_seconds: float
+
+
+@dataclass(frozen=True)
+class StageResponsive(Event):
+    """A stalled stage answered after all: it was slow, not lost."""
+
+    host: str
+
+
+@dataclass(frozen=True)
 class MeshRecovering(Event):
     """A stage was lost; the mesh is being re-planned on the survivors."""
 
@@ -131,6 +146,7 @@ class MeshRecovered(Event):
     host: str
     token_index: int
     seconds: float
+    stalled_seconds: float | None = None  # the stall before the watchdog declared the stage lost, if it did
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,13 @@ from meshtui.localstage import LocalStage
 from meshtui.models import resolve_model_path
 from meshtui.planner import NODE_OVERHEAD_BYTES, NodeCapacity, Plan, plan_layer_split, split_among_devices
 from meshtui.predict import Prediction, predict_decode
+from meshtui.rejoin import RejoinPolicy
 from meshtui.rpcwire import rpc_hello
 from meshtui.runtime import agent_source_path, expected_rpc_protocol, load_file_module, local_runtime_bundle
 from meshtui.ssh import connect_host
+from meshtui.stats import p95
 from meshtui.tunnels import StageTunnel
+from meshtui.watchdog import StageClock, StallPolicy, Verdict, judge
 
 HEAD_NAME = "head"
 HEAD_RESERVE_BYTES = 512 * 1024**2  # left free on the head for the OS, the TUI and the engine process
@@ -64,16 +67,17 @@ class Node:
     rtt_samples: deque[float] = field(default_factory=lambda: deque(maxlen=10))
     rpc_protocol: tuple[int, int, int] | None = None
     latencies: deque[ev.StageLatencyMeasured] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
+    lost_reason: str = ""  # the step watchdog declared it lost; the failure path takes it from here
+    stalled_seconds: float | None = None  # how long its stall lasted before it was declared lost
 
     def latency_summary(self) -> dict[str, float | None]:
-        values = sorted(x.total_ms for x in self.latencies)
+        values = [x.total_ms for x in self.latencies]
         if not values:
             return {"last": None, "mean": None, "p95": None, "network": self.rtt_ms}
-        p95 = values[min(len(values) - 1, max(0, round(0.95 * len(values)) - 1))]
         return {
             "last": self.latencies[-1].total_ms,
             "mean": statistics.fmean(values),
-            "p95": p95,
+            "p95": p95(values),
             "network": self.rtt_ms,
         }
 
@@ -85,19 +89,11 @@ class Recovery:
     node: str
     token_index: int  # tokens of the reply already generated when it happened
     seconds: float  # from noticing the loss to the engine loaded again
+    stalled_seconds: float | None = None  # how long the stage was stalled before the watchdog declared it lost
 
     def to_json(self) -> dict[str, Any]:
-        return {"node": self.node, "token_index": self.token_index, "seconds": self.seconds}
-
-
-@dataclass(frozen=True)
-class RejoinPolicy:
-    """How failed hosts are retried: first after `first_delay`, then doubling up to `max_delay`."""
-
-    first_delay: float = 5.0
-    max_delay: float = 60.0
-    max_attempts: int | None = None  # None: keep trying while the mesh is up
-    poll_seconds: float = 0.5
+        return {"node": self.node, "token_index": self.token_index, "seconds": self.seconds,
+                "stalled_seconds": self.stalled_seconds}
 
 
 @dataclass(frozen=True)
@@ -113,7 +109,7 @@ class Reply:
 class Mesh:
     def __init__(self, inventory: Inventory, *, accept_new: bool = False,
                  listener: ev.Listener = lambda event: None, output_on_head: bool = True,
-                 weight_by_speed: bool = False) -> None:
+                 weight_by_speed: bool = False, stall_policy: StallPolicy | None = None) -> None:
         self.inventory = inventory
         self.accept_new = accept_new
         self.output_on_head = output_on_head
@@ -137,6 +133,10 @@ class Mesh:
         self._streaming_request: int | None = None
         self._recovering = False
         self._rtt_task: asyncio.Task[None] | None = None
+        self.stall_policy = stall_policy or StallPolicy()
+        self._stall_task: asyncio.Task[None] | None = None
+        self._loading = False
+        self._losses: dict[str, list[float]] = {}  # monotonic times each host was lost, for the flap hold-out
         self._closed = False
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -285,6 +285,7 @@ class Mesh:
                 self._emit(ev.HostPhaseChanged(node.name, "idle", "holds no layers"))
         bundle = local_runtime_bundle()
         _raise_first(await asyncio.gather(*(self._start_stage(n, bundle) for n in remote), return_exceptions=True))
+        self._stall_task = asyncio.create_task(self._watch_stalls())
         await self._load_engine(remote)
         self._rtt_task = asyncio.create_task(self._measure_rtt_forever())
 
@@ -385,6 +386,7 @@ class Mesh:
         self._phase(self.head, "load")
         progress = asyncio.create_task(self._report_load_progress(remote))
         started = time.perf_counter()
+        self._loading = True
         try:
             loaded = await self.engine.load(
                 model=str(self.model_path),
@@ -400,6 +402,7 @@ class Mesh:
                 raise HostError(f"stage failed while loading: {failed.reason}", host=failed.name) from err
             raise
         finally:
+            self._loading = False
             progress.cancel()
         self.load_seconds = time.perf_counter() - started
         self.load_bytes_sent = sum(n.tunnel.meter.bytes_up for n in remote if n.tunnel)
@@ -455,6 +458,81 @@ class Mesh:
                         node.rtt_samples.append(await node.agent.ping() * 1000.0)
                         node.rtt_ms = min(node.rtt_samples)
             await asyncio.sleep(interval)
+
+    # -- the step watchdog -----------------------------------------------------------------------
+    async def _watch_stalls(self) -> None:
+        """Notice a stage that stopped answering (frozen process, silent link) in about a second.
+
+        The decisions are `meshtui.watchdog.judge`'s; this loop feeds it each stage's clock from its tunnel,
+        asks the agent for a pong when a step is overdue, and declares the stage lost when none comes.
+        """
+        policy = self.stall_policy
+        probes: dict[str, asyncio.Task[None]] = {}
+        last_pong: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(policy.tick)
+            now = time.perf_counter()
+            for node in self.hosts:
+                if node.tunnel is None or node.agent is None or node.lost_reason or node.status == "failed":
+                    continue
+                waits = [t for t in (node.tunnel.meter.awaiting_since, node.tunnel.blocked_since) if t is not None]
+                waiting_since = min(waits) if waits else None
+                if waiting_since is None:
+                    last_pong.pop(node.name, None)  # each stall starts with no pong
+                    if node.status == "stalled":
+                        self._stall_ended(node)
+                    continue
+                deadline = (policy.load_deadline if self._loading
+                            else policy.step_deadline([x.total_ms for x in list(node.latencies)[-64:]]))
+                probe = probes.get(node.name)
+                clock = StageClock(waiting_since, deadline, probing=probe is not None and not probe.done(),
+                                   last_pong=last_pong.get(node.name))
+                verdict = judge(policy, clock, now)
+                if verdict is Verdict.PROBE:
+                    if node.status != "stalled":
+                        node.status = "stalled"
+                        self._emit(ev.StageStalled(node.name, now - waiting_since))
+                        self._log(node.name, f"no answer to its step for {now - waiting_since:.2f}s "
+                                             f"(deadline {deadline:.2f}s); asking its agent", "warning")
+                    probes[node.name] = asyncio.create_task(
+                        self._probe_stalled(node, node.agent, waiting_since, last_pong))
+                elif verdict is Verdict.LOST:
+                    self._declare_lost(node, waiting_since,
+                                       f"answers pings but not its step for {now - waiting_since:.0f}s")
+
+    async def _probe_stalled(self, node: Node, agent: Agent, waiting_since: float,
+                             last_pong: dict[str, float]) -> None:
+        timeout = self.stall_policy.probe_timeout(node.rtt_ms)
+        try:
+            await agent.ping(timeout=timeout)
+        except asyncio.CancelledError:
+            if agent.alive:
+                raise  # the watchdog itself is stopping
+            return  # the agent exited: the ordinary failure path names why
+        except (asyncio.TimeoutError, OSError, asyncssh.Error):
+            if node.agent is agent and not node.lost_reason:
+                stalled = time.perf_counter() - waiting_since
+                self._declare_lost(node, waiting_since,
+                                   f"lost after a {stalled:.1f}s stall: no answer to its step, "
+                                   f"nor to a ping within {timeout:.1f}s")
+            return
+        last_pong[node.name] = time.perf_counter()
+        self._log(node.name, "its agent answers: the stage is slow, not lost", "debug")
+
+    def _stall_ended(self, node: Node) -> None:
+        node.status = "load" if self._loading else "ready"
+        self._emit(ev.StageResponsive(node.name))
+        self._log(node.name, "answered its step again", "info")
+
+    def _declare_lost(self, node: Node, waiting_since: float, reason: str) -> None:
+        """Take the stalled stage out: the engine (blocked on it inside ggml) is stopped and the mesh recovers."""
+        node.lost_reason = reason
+        node.stalled_seconds = time.perf_counter() - waiting_since
+        self._log(node.name, reason, "error")
+        if node.tunnel is not None:
+            node.tunnel.abort_connections()
+        if self.engine is not None:
+            self.engine.kill()
 
     # -- all of it -------------------------------------------------------------------------------
     async def up(self) -> None:
@@ -558,6 +636,8 @@ class Mesh:
     async def _recover(self, failed: Node, *, token_index: int, cause: BaseException) -> None:
         """Drop the failed node, re-plan on the survivors, restart the engine on the new split."""
         started = time.perf_counter()
+        stalled_seconds = failed.stalled_seconds
+        self._losses.setdefault(failed.name, []).append(time.monotonic())
         self._recovering = True
         try:
             self._emit(ev.MeshRecovering(failed.name, failed.reason))
@@ -570,9 +650,9 @@ class Mesh:
                                 f"model: {err}") from cause
         finally:
             self._recovering = False
-        recovery = Recovery(failed.name, token_index, time.perf_counter() - started)
+        recovery = Recovery(failed.name, token_index, time.perf_counter() - started, stalled_seconds)
         self.recoveries.append(recovery)
-        self._emit(ev.MeshRecovered(failed.name, token_index, recovery.seconds))
+        self._emit(ev.MeshRecovered(failed.name, token_index, recovery.seconds, stalled_seconds))
 
     async def _replan_and_reload(self) -> None:
         """Plan over the nodes that are not failed, start agents where needed, load a fresh engine."""
@@ -620,7 +700,11 @@ class Mesh:
                     continue
                 now = time.monotonic()
                 if node.name not in next_try:
-                    next_try[node.name] = now + policy.first_delay
+                    losses = self._losses.get(node.name, [])
+                    hold = policy.hold_out(losses, now)
+                    next_try[node.name] = (losses[-1] if losses else now) + hold
+                    if len(losses) > 1:
+                        self._log(node.name, f"lost {len(losses)} times lately: held out for {hold:.0f}s", "warning")
                     continue
                 if now < next_try[node.name]:
                     continue
@@ -632,7 +716,7 @@ class Mesh:
                     conn = await connect_host(node.spec, self.inventory.ssh, pinned_key=node.host_key)
                     conn.close()
                 except HostError as err:
-                    delay = min(policy.max_delay, policy.first_delay * 2**count)
+                    delay = policy.retry_delay(count)
                     next_try[node.name] = time.monotonic() + delay
                     self._log(node.name, f"rejoin attempt {count} failed: {err}; next in {delay:.0f}s", "debug")
                     continue
@@ -655,9 +739,12 @@ class Mesh:
             await node.tunnel.close()
             node.tunnel = None
         if node.agent is not None:
+            # A stalled agent will not see its EOF until it runs again: don't wait for it to exit.
             with contextlib.suppress(Exception):  # the agent is gone already; nothing to report
-                await node.agent.close(timeout=1.0)
+                await node.agent.close(timeout=0.0 if node.lost_reason else 1.0)
             node.agent = None
+        node.lost_reason = ""
+        node.stalled_seconds = None
         if node.conn is not None:
             node.conn.abort()
             node.conn = None
@@ -706,7 +793,9 @@ class Mesh:
             if node.layers is None or node.status == "failed":
                 continue
             reason = ""
-            if node.conn is not None and node.conn.is_closed():
+            if node.lost_reason:
+                reason = node.lost_reason
+            elif node.conn is not None and node.conn.is_closed():
                 reason = "SSH connection lost"
             elif node.agent is not None and not node.agent.alive:
                 tail = node.agent.stderr_tail[-1] if node.agent.stderr_tail else ""
@@ -751,7 +840,7 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
-        for task in (self._rtt_task, self._rejoin_task):
+        for task in (self._rtt_task, self._rejoin_task, self._stall_task):
             if task is not None:
                 task.cancel()
         if self.engine is not None:

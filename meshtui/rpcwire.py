@@ -62,6 +62,7 @@ class RpcMeter:
         self.rounds: deque[Round] = deque(maxlen=max_rounds)
         self.rounds_since_reset = 0
         self._pending: deque[int] = deque()
+        self._awaiting: deque[float] = deque()  # when each answered command still unanswered was fully sent
         self._up_header = bytearray()
         self._up_skip = 0
         self._up_cmd = -1
@@ -80,6 +81,14 @@ class RpcMeter:
         self._round_has_graph = False
         self.rounds.clear()
         self.rounds_since_reset = 0
+
+    @property
+    def awaiting_since(self) -> float | None:
+        """When the oldest command still waiting for the server's answer was fully sent; None if none waits.
+
+        The stall watchdog's clock: a live stage answers every command it was sent, a frozen one never does.
+        """
+        return self._awaiting[0] if self._awaiting else None
 
     def feed_up(self, data: bytes, now: float | None = None) -> bool:
         """Count client-to-server bytes; True when they complete a command the server will answer.
@@ -101,6 +110,7 @@ class RpcMeter:
                 pos += take
                 if self._up_skip == 0 and self._up_cmd in COMMANDS_WITH_REPLY:
                     answered = True
+                    self._awaiting.append(time.perf_counter() if now is None else now)
                 continue
             need = 9 - len(self._up_header)
             chunk = view[pos : pos + need]
@@ -119,6 +129,7 @@ class RpcMeter:
                     self._pending.append(cmd)
                     if size == 0:
                         answered = True
+                        self._awaiting.append(time.perf_counter() if now is None else now)
         return answered
 
     def feed_down(self, data: bytes, now: float | None = None) -> None:
@@ -148,6 +159,8 @@ class RpcMeter:
 
     def _reply_done(self, now: float | None) -> None:
         cmd = self._pending.popleft() if self._pending else -1
+        if self._awaiting:
+            self._awaiting.popleft()
         if cmd != CMD_GET_TENSOR:
             return
         end = time.perf_counter() if now is None else now

@@ -45,10 +45,14 @@ class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
             self._local.transport.close()
 
     def pause_writing(self) -> None:
+        # The stage stopped taking bytes (its channel window is spent): the watchdog's clock for uploads.
+        if self._local.blocked_since is None:
+            self._local.blocked_since = _perf()
         if self._local.transport is not None:
             self._local.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._local.blocked_since = None
         if self._local.transport is not None:
             self._local.transport.resume_reading()
 
@@ -62,6 +66,7 @@ class _LocalSide(asyncio.Protocol):
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
+        self.blocked_since: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -161,6 +166,12 @@ class StageTunnel:
         self.local_port = 0
 
     @property
+    def blocked_since(self) -> float | None:
+        """Since when the stage has taken no upstream bytes though some are waiting; None if it takes them."""
+        times = [side.blocked_since for side in self.connections if side.blocked_since is not None]
+        return min(times) if times else None
+
+    @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.local_port}"
 
@@ -170,12 +181,16 @@ class StageTunnel:
         self.local_port = self._server.sockets[0].getsockname()[1]
         return self.local_port
 
+    def abort_connections(self) -> None:
+        """Cut the engine's connections through this tunnel (the stage behind it is lost)."""
+        for side in list(self.connections):
+            side.abort()
+        self.connections.clear()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for side in list(self.connections):
-            side.abort()
-        self.connections.clear()
+        self.abort_connections()
         for task in list(self.tasks):
             task.cancel()

@@ -94,3 +94,37 @@ def test_feed_up_says_when_a_command_the_server_answers_is_complete(cuts: list[i
         total += len(piece)
         ends.append(total)
     assert seen == sorted({min(end for end in ends if end >= a) for a in answered_at})
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=30), st.integers(1, 9))
+def test_awaiting_since_is_the_oldest_unanswered_command_under_any_chunking(cuts: list[int], n_set: int) -> None:
+    meter = RpcMeter()
+    assert meter.awaiting_since is None
+    up, down = token_exchange(n_set, out_size=2304)
+    pieces = chunks(up, cuts)
+    for i, piece in enumerate(pieces):
+        meter.feed_up(piece, 10.0 + i)
+        if i < len(pieces) - 1:
+            # SET_TENSOR and GRAPH_RECOMPUTE are not answered: nothing waits until GET_TENSOR is complete.
+            assert meter.awaiting_since is None
+    sent_at = 10.0 + len(pieces) - 1
+    assert meter.awaiting_since == sent_at
+    # A second answered command pipelined behind the first: the clock still runs from the oldest.
+    meter.feed_up(frame(CMD_HELLO, bytes(8)), 50.0)
+    assert meter.awaiting_since == sent_at
+    reply_pieces = chunks(down, cuts)
+    for i, piece in enumerate(reply_pieces):
+        meter.feed_down(piece, 60.0)
+        if i < len(reply_pieces) - 1:
+            assert meter.awaiting_since == sent_at  # half an answer is no answer
+    assert meter.awaiting_since == 50.0
+    meter.feed_down(reply(bytes(12)), 61.0)
+    assert meter.awaiting_since is None
+
+
+def test_an_empty_answered_command_waits_too() -> None:
+    meter = RpcMeter()
+    meter.feed_up(frame(CMD_HELLO, b""), 3.0)
+    assert meter.awaiting_since == 3.0
+    meter.feed_down(reply(bytes(3)), 4.0)
+    assert meter.awaiting_since is None

@@ -119,6 +119,12 @@ class EngineProcess:
         with contextlib.suppress(EngineError, OSError, RuntimeError):
             self.send(op="cancel", id=request_id)
 
+    def kill(self) -> None:
+        """Stop the engine at once (it is blocked inside ggml on a lost stage); readers then see it die."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None

@@ -6,6 +6,7 @@ import statistics
 from collections.abc import Sequence
 
 from meshtui.events import StageLatencyMeasured
+from meshtui.stats import p95_index
 from meshtui.units import format_size
 
 NOT_MEASURED = "—"
@@ -41,13 +42,13 @@ def latency_split(total_ms: float, network_ms: float) -> str:
 def latency_columns(samples: Sequence[StageLatencyMeasured]) -> list[str]:
     """Last, mean and p95 per-token latency of one stage, each split as the core measured it.
 
-    The p95 sample is picked the way `Node.latency_summary` picks it, so the totals agree with the core's.
+    The p95 sample is picked by `meshtui.stats.p95_index`, as the core picks it, so the totals agree with the core's.
     """
     if not samples:
         return [NOT_MEASURED] * 3
     last = samples[-1]
     ordered = sorted(samples, key=lambda s: s.total_ms)
-    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
+    p95 = ordered[p95_index(len(ordered))]
     mean_total = statistics.fmean(s.total_ms for s in samples)
     mean_network = statistics.fmean(min(s.network_ms, s.total_ms) for s in samples)
     return [

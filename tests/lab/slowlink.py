@@ -137,10 +137,11 @@ def inventory_through(inventory_toml: str, links: Mapping[str, SlowLink], known_
     for line in text.splitlines():
         if line.startswith("name = "):
             current = line.split("=", 1)[1].strip().strip('"')
-        if current in links and line.startswith("address = "):
+        link = links.get(current) if current is not None else None
+        if link is not None and line.startswith("address = "):
             line = 'address = "127.0.0.1"'
-        if current in links and line.startswith("port = "):
-            line = f"port = {links[current].port}"
+        if link is not None and line.startswith("port = "):
+            line = f"port = {link.port}"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

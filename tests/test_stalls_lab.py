@@ -241,3 +241,42 @@ async def test_soak_with_jitter_and_a_busy_host_drops_no_stage(
     report(capsys, f"soak {SOAK_SECONDS:.0f}s at 2 ms rtt + 0-2 ms jitter each way, CPU hog on h1: {replies} "
                    f"replies, {tokens} tokens, slowest step {slowest_ms:.1f} ms, {len(timeline.stalled)} stalls "
                    f"probed ({stalls_ended} answered), 0 stages dropped")
+
+
+async def test_a_flapping_host_is_held_out_longer_each_time(lab, tmp_path: Path) -> None:
+    """Lost, rejoined, lost again: the second hold-out is twice the first (meshtui/rejoin.py)."""
+    logs: list[str] = []
+    rejoined: list[float] = []
+    lost_at: list[float] = []
+
+    def listener(event: ev.Event) -> None:
+        if isinstance(event, ev.LogRecorded) and event.source == "h1":
+            logs.append(event.message)
+        elif isinstance(event, ev.HostRejoined):
+            rejoined.append(time.monotonic())
+        elif isinstance(event, ev.MeshRecovered):
+            lost_at.append(time.monotonic())
+
+    def kill_h1_agent() -> None:
+        ((pid, _),) = agent_processes(lab)["h1"]
+        os.kill(pid, signal.SIGKILL)
+
+    with lab_inventory(lab, tmp_path, rtt_ms=0) as inventory_file:
+        mesh = Mesh(load_inventory(inventory_file), listener=listener)
+        try:
+            await mesh.up()
+            mesh.enable_auto_rejoin(RejoinPolicy(first_delay=1.0, poll_seconds=0.05))
+            for flap in (1, 2):
+                kill_h1_agent()
+                await mesh.generate(prompt=PROMPT, raw=True, max_tokens=4, temperature=0.0)  # notices the loss
+                assert [a.name for a in mesh.plan.assignments] == ["head", "h2"]
+                deadline = time.monotonic() + 30
+                while "h1" not in mesh._rejoinable:
+                    assert time.monotonic() < deadline, f"h1 was never found reachable again after flap {flap}"
+                    await asyncio.sleep(0.05)
+                await mesh.generate(prompt=PROMPT, raw=True, max_tokens=4, temperature=0.0)  # rejoins first
+                assert [a.name for a in mesh.plan.assignments] == ["head", "h1", "h2"]
+        finally:
+            await mesh.close()
+    assert "lost 2 times lately: held out for 2s" in logs
+    assert len(mesh.recoveries) == 2

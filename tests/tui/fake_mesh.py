@@ -103,6 +103,10 @@ class FakeMesh:
         match event:
             case ev.HostPhaseChanged(host=host, phase=phase):
                 self.node(host).status = phase
+            case ev.StageStalled(host=host):
+                self.node(host).status = "stalled"
+            case ev.StageResponsive(host=host):
+                self.node(host).status = "ready"
             case ev.HostFailed(host=host, reason=reason) | ev.StageFailed(host=host, reason=reason):
                 self.node(host).status = "failed"
                 self.node(host).reason = reason

@@ -44,6 +44,24 @@ async def test_a_stage_lost_after_ready_turns_its_row_failed_with_the_reason(bui
         assert provisioning_row(app, "lab2")[-1] == "agent exited: Segmentation fault"
 
 
+async def test_a_stalled_stage_shows_stalled_then_ready_or_lost(build_app):
+    from meshtui import events as ev
+
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        app.mesh.emit(ev.StageStalled("lab1", 0.3))
+        await wait_until(pilot, lambda: node_row(app, "lab1")[2] == "stalled", what="the stalled row")
+        app.mesh.emit(ev.StageResponsive("lab1"))  # slow, not lost
+        await wait_until(pilot, lambda: node_row(app, "lab1")[2] == "ready", what="the row back to ready")
+        app.mesh.emit(ev.StageStalled("lab2", 0.3))
+        await wait_until(pilot, lambda: node_row(app, "lab2")[2] == "stalled", what="the stalled row")
+        reason = "lost after a 0.8s stall: no answer to its step, nor to a ping within 0.5s"
+        app.mesh.lose_stage("lab2", reason)
+        await wait_until(pilot, lambda: node_row(app, "lab2")[2] == f"failed: {reason}", what="the lost row")
+        assert node_row(app, "lab1")[2] == "ready"
+
+
 async def test_after_a_recovery_the_chat_reopens_and_r_rejoins_the_failed_host(build_app):
     app = build_app()
     async with app.run_test(size=SIZE) as pilot:

@@ -512,8 +512,9 @@ class Mesh:
         except (asyncio.TimeoutError, OSError, asyncssh.Error):
             if node.agent is agent and not node.lost_reason:
                 stalled = time.perf_counter() - waiting_since
+                what = "the model load" if self._loading else "its step"
                 self._declare_lost(node, waiting_since,
-                                   f"lost after a {stalled:.1f}s stall: no answer to its step, "
+                                   f"lost after a {stalled:.1f}s stall: no answer to {what}, "
                                    f"nor to a ping within {timeout:.1f}s")
             return
         last_pong[node.name] = time.perf_counter()

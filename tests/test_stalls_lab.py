@@ -280,3 +280,34 @@ async def test_a_flapping_host_is_held_out_longer_each_time(lab, tmp_path: Path)
             await mesh.close()
     assert "lost 2 times lately: held out for 2s" in logs
     assert len(mesh.recoveries) == 2
+
+
+async def test_a_stage_frozen_while_the_model_loads_is_named_and_nothing_is_left(lab, tmp_path: Path) -> None:
+    """The load has its own, longer deadline (20 s by default; 1 s here to keep the test short)."""
+    from meshtui.errors import HostError
+    from meshtui.watchdog import StallPolicy
+
+    frozen: list[int] = []
+
+    def listener(event: ev.Event) -> None:
+        if isinstance(event, ev.HostPhaseChanged) and event.host == "h1" and event.phase == "load" and not frozen:
+            ((pid, _),) = agent_processes(lab)["h1"]
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+
+    with lab_inventory(lab, tmp_path, rtt_ms=0) as inventory_file:
+        mesh = Mesh(load_inventory(inventory_file), listener=listener, stall_policy=StallPolicy(load_deadline=1.0))
+        try:
+            with pytest.raises(HostError) as caught:
+                await mesh.up()
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            await mesh.close()
+    message = str(caught.value)
+    assert message.startswith("h1: stage failed while loading: lost after a ")
+    assert "no answer to the model load, nor to a ping" in message and "\n" not in message
+    assert frozen
+    await asyncio.to_thread(_wait_until, lambda: not any(agent_processes(lab).values()), 20,
+                            "an agent outlived the failed bring-up")

@@ -492,7 +492,8 @@ class Mesh:
                     if node.status != "stalled":
                         node.status = "stalled"
                         self._emit(ev.StageStalled(node.name, now - waiting_since))
-                        self._log(node.name, f"no answer to its step for {now - waiting_since:.2f}s "
+                        what = "the model load" if self._loading else "its step"
+                        self._log(node.name, f"no answer to {what} for {now - waiting_since:.2f}s "
                                              f"(deadline {deadline:.2f}s); asking its agent", "warning")
                     probes[node.name] = asyncio.create_task(
                         self._probe_stalled(node, node.agent, waiting_since, last_pong))
@@ -704,8 +705,9 @@ class Mesh:
                     losses = self._losses.get(node.name, [])
                     hold = policy.hold_out(losses, now)
                     next_try[node.name] = (losses[-1] if losses else now) + hold
-                    if len(losses) > 1:
-                        self._log(node.name, f"lost {len(losses)} times lately: held out for {hold:.0f}s", "warning")
+                    if hold > policy.first_delay:
+                        recent = policy.recent_losses(losses, now)
+                        self._log(node.name, f"lost {recent} times lately: held out for {hold:.0f}s", "warning")
                     continue
                 if now < next_try[node.name]:
                     continue

@@ -21,10 +21,12 @@ class RejoinPolicy:
     max_hold: float = 600.0  # the longest hold-out after a loss
     flap_window: float = 1800.0  # losses older than this are forgiven
 
+    def recent_losses(self, losses: Sequence[float], now: float) -> int:
+        return sum(1 for t in losses if now - t <= self.flap_window)
+
     def hold_out(self, losses: Sequence[float], now: float) -> float:
         """Seconds to wait after a host's latest loss before the first rejoin attempt (times: monotonic)."""
-        recent = sum(1 for t in losses if now - t <= self.flap_window)
-        return min(self.max_hold, self.first_delay * 2 ** max(0, recent - 1))
+        return min(self.max_hold, self.first_delay * 2 ** max(0, self.recent_losses(losses, now) - 1))
 
     def retry_delay(self, attempts: int) -> float:
         """Seconds until the next attempt after `attempts` failed ones."""

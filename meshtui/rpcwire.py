@@ -82,6 +82,21 @@ class RpcMeter:
         self.rounds.clear()
         self.rounds_since_reset = 0
 
+    def connection_changed(self) -> None:
+        """A connection ended or a new one began: nothing sent on the old one will be answered.
+
+        Byte counts and measured rounds are kept; the parser starts over at a frame boundary.
+        """
+        self._pending.clear()
+        self._awaiting.clear()
+        self._up_header.clear()
+        self._down_header.clear()
+        self._up_skip = self._down_skip = 0
+        self._up_cmd = -1
+        self._round_start = None
+        self._round_up = self._round_down = self._round_frames = 0
+        self._round_has_graph = False
+
     @property
     def awaiting_since(self) -> float | None:
         """When the oldest command still waiting for the server's answer was fully sent; None if none waits.

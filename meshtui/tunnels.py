@@ -72,6 +72,7 @@ class _LocalSide(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.pause_reading()
+        self.meter.connection_changed()  # one engine connection at a time: a new one starts a new stream
         self.tunnel.connections.add(self)
         task = asyncio.get_running_loop().create_task(self._open_channel())
         self.tunnel.tasks.add(task)
@@ -129,6 +130,7 @@ class _LocalSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.connections.discard(self)
+        self.meter.connection_changed()  # what it still waited for will never be answered
         self.flush()
         if self.channel is not None:
             self.channel.close()

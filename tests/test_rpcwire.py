@@ -128,3 +128,18 @@ def test_an_empty_answered_command_waits_too() -> None:
     assert meter.awaiting_since == 3.0
     meter.feed_down(reply(bytes(3)), 4.0)
     assert meter.awaiting_since is None
+
+
+def test_a_new_connection_forgets_what_the_old_one_waited_for() -> None:
+    meter = RpcMeter()
+    up, down = token_exchange(3, out_size=2304)
+    meter.feed_up(up[: len(up) - 5], 1.0)  # the engine died in the middle of a frame
+    meter.connection_changed()
+    assert meter.awaiting_since is None
+    # The next engine's stream parses from a frame boundary: its rounds come out exact.
+    meter.reset_rounds()
+    meter.feed_up(up, 2.0)
+    assert meter.awaiting_since == 2.0
+    meter.feed_down(down, 2.5)
+    assert meter.awaiting_since is None
+    assert [(r.start, r.end, r.frames) for r in meter.rounds] == [(2.0, 2.5, 5)]

@@ -317,8 +317,10 @@ async def test_host_link_down_mid_reply_the_reply_completes_identically(lab, tmp
     assert finished is not None
     assert finished.text == clean.text and finished.token_ids == clean.token_ids
     assert [(r.node, r.token_index) for r in recoveries] == [("h2", 9)]
-    # The step watchdog notices the silent link before SSH's keepalives do (tests/test_stalls_lab.py).
-    assert summary["h2"]["status"] == "failed" and summary["h2"]["reason"].startswith("lost after a ")
+    # Keepalives are 1 s here: SSH or the step watchdog (tests/test_stalls_lab.py) notices first, by load.
+    reason = summary["h2"]["reason"]
+    assert summary["h2"]["status"] == "failed"
+    assert reason == "SSH connection lost" or reason.startswith("lost after a "), reason
     assert [a.name for a in plan.assignments] == ["head", "h1"]
     # Once the link is back, h2's sshd learns the session is gone and its agent exits with it.
     assert _wait_no_agents(lab, timeout=60) == {}

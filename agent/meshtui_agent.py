@@ -9,17 +9,21 @@ Stdlib only, Python 3.8+. Commands:
                              DIR/lib holds either the head's llama-cpp-python ggml libraries or the portable
                              build of native/build_runtime.py, whose best CPU variant for this host is loaded
   down                       stop agents of this user left over from earlier runs, print what was stopped
+  inspect DIR                print owner, mode and sha256 of everything in DIR (and of the folders above it,
+                             from $HOME): the head checks a runtime this way before it runs it
 
 Protocol with the head: one JSON object per line on stdout. Everything native code prints goes to stderr.
 """
 
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import platform
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -48,6 +52,28 @@ def state_dir():
 
 def run_dir():
     return os.path.join(state_dir(), "run")
+
+
+def private_dir(path):
+    """Create `path` and its missing parents with mode 0700 whatever the umask; tighten meshtui's own."""
+    path = os.path.abspath(path)
+    ours = state_dir()
+    parts = []
+    head = path
+    while head and head != os.path.dirname(head):
+        parts.append(head)
+        head = os.path.dirname(head)
+    for folder in reversed(parts):
+        try:
+            os.mkdir(folder, 0o700)
+            os.chmod(folder, 0o700)
+        except FileExistsError:
+            if folder == ours or folder.startswith(ours + os.sep):
+                try:
+                    os.chmod(folder, 0o700)
+                except OSError:  # not ours to change: the head's check reports it
+                    pass
+    return path
 
 
 # ---------------------------------------------------------------- probe
@@ -389,7 +415,7 @@ class Protocol:
 
 
 def write_pidfile(port):
-    os.makedirs(run_dir(), mode=0o700, exist_ok=True)
+    private_dir(run_dir())
     path = os.path.join(run_dir(), "agent-%d.json" % os.getpid())
     with open(path, "w") as f:
         json.dump({"pid": os.getpid(), "port": port, "started": time.time()}, f)
@@ -411,7 +437,7 @@ def serve(args):
         proto.send(event="error", reason="the ggml runtime reports no usable device")
         return 3
     cache_dir = args.cache or os.path.join(state_dir(), "rpc-cache")
-    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    private_dir(cache_dir)
     port = args.port or free_port()
     endpoint = ("%s:%d" % (BIND_HOST, port)).encode()
     handles = (ctypes.c_void_p * len(wanted))(*[d["handle"] for d in wanted])
@@ -483,11 +509,67 @@ def down():
     return 0
 
 
+# ---------------------------------------------------------------- inspect
+
+
+def inspect_tree(folder, home=None, limit=4096):
+    """Owner, mode and kind of `folder`'s ancestors from home, and of everything under it (sha256 of files).
+
+    Links are reported, never followed: the head accepts none in a runtime.
+    """
+    home = os.path.abspath(home or os.path.expanduser("~"))
+    folder = os.path.abspath(os.path.join(home, folder))
+    report = {"uid": os.getuid(), "ancestors": [], "entries": {}}
+    chain = []
+    head = os.path.dirname(folder)
+    while head.startswith(home) and head != os.path.dirname(head):
+        chain.append(head)
+        if head == home:
+            break
+        head = os.path.dirname(head)
+    for path in reversed(chain):
+        info = os.lstat(path)
+        report["ancestors"].append({"path": os.path.relpath(path, home), "uid": info.st_uid,
+                                    "mode": stat.S_IMODE(info.st_mode), "kind": file_kind(info)})
+    if not os.path.lexists(folder):
+        return report
+
+    def add(path):
+        info = os.lstat(path)
+        entry = {"uid": info.st_uid, "mode": stat.S_IMODE(info.st_mode), "kind": file_kind(info)}
+        if entry["kind"] == "file":
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            entry["sha256"] = digest.hexdigest()
+        report["entries"][os.path.relpath(path, folder)] = entry
+        if len(report["entries"]) > limit:
+            raise RuntimeError("more than %d files in %s" % (limit, folder))
+        return entry["kind"]
+
+    if add(folder) == "dir":
+        for root, dirs, files in os.walk(folder):
+            for name in sorted(dirs + files):
+                add(os.path.join(root, name))
+    return report
+
+
+def file_kind(info):
+    if stat.S_ISLNK(info.st_mode):
+        return "link"
+    if stat.S_ISDIR(info.st_mode):
+        return "dir"
+    return "file" if stat.S_ISREG(info.st_mode) else "other"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="meshtui_agent")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("probe")
     sub.add_parser("down")
+    p_inspect = sub.add_parser("inspect")
+    p_inspect.add_argument("folder")
     p_serve = sub.add_parser("serve")
     p_serve.add_argument("--runtime", required=True)
     p_serve.add_argument("--port", type=int, default=0)
@@ -502,6 +584,12 @@ def main(argv=None):
         return serve(args)
     if args.command == "down":
         return down()
+    if args.command == "inspect":
+        try:
+            print(json.dumps(inspect_tree(args.folder)))
+        except (OSError, RuntimeError) as err:
+            print(json.dumps({"error": str(err)}))
+        return 0
     parser.print_usage(sys.stderr)
     return 2
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from meshtui.text import printable
+
 
 class MeshError(Exception):
     """An expected failure. `str(err)` is the one line shown to the user."""
@@ -10,7 +12,8 @@ class MeshError(Exception):
 
     def __init__(self, message: str, *, host: str | None = None) -> None:
         self.host = host
-        super().__init__(f"{host}: {message}" if host else message)
+        # Messages quote what hosts, files and clients said: no control character reaches a terminal.
+        super().__init__(printable(f"{host}: {message}" if host else message))
 
 
 class InventoryError(MeshError):

@@ -14,6 +14,7 @@ from typing import Any
 from gguf import GGUFReader, GGUFValueType
 
 from meshtui.errors import ModelError
+from meshtui.text import printable
 
 GGUF_MAGIC = b"GGUF"
 
@@ -110,6 +111,7 @@ def _facts_from_reader(path: Path, reader: GGUFReader) -> ModelFacts:
     arch = _string_field(path, reader, "general.architecture")
     name_field = reader.fields.get("general.name")
     name = _string_field(path, reader, "general.name") if name_field is not None else path.stem
+    name = printable(name)  # shown in the TUI, the log and `serve`'s banner: no escape sequence gets there
 
     n_layer = _int_field(path, reader, f"{arch}.block_count")
     n_embd = _int_field(path, reader, f"{arch}.embedding_length")

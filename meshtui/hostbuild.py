@@ -8,6 +8,7 @@ and builds the four libraries the agent loads. Results are cached on the host by
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -21,8 +22,11 @@ from types import ModuleType
 import asyncssh
 
 from meshtui.errors import HostError, MeshError
+from meshtui.hosts import MAX_STDERR_CHARS, read_lines, read_tail
+from meshtui.integrity import make_private_dir, make_private_dir_remote
 from meshtui.inventory import HostSpec
 from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, agent_source_path, load_file_module
+from meshtui.text import one_line
 
 NATIVE = Path(__file__).resolve().parent.parent / "native"
 BUILD_TIMEOUT = 1800.0
@@ -55,6 +59,7 @@ def source_tarball() -> tuple[Path, str]:
     key = digest.hexdigest()[:16]
     tarball = cache_root / f"host-source-{key}.tar.gz"
     if not tarball.exists():
+        make_private_dir(cache_root)
         with tempfile.TemporaryDirectory(dir=cache_root) as tmp:
             ggml = native.extract_ggml(sdist, Path(tmp))
             staging = Path(tmp) / "out.tar.gz"
@@ -64,6 +69,20 @@ def source_tarball() -> tuple[Path, str]:
                 tar.add(agent_source_path(), arcname=AGENT_FILE)
             staging.replace(tarball)
     return tarball, key
+
+
+@lru_cache(maxsize=1)
+def source_agent_sha256() -> str:
+    """The sha256 of the agent in the source tarball: the one a runtime built on a host runs."""
+    tarball, _key = source_tarball()
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            member = tar.extractfile(AGENT_FILE)
+            if member is None:
+                raise KeyError(AGENT_FILE)
+            return hashlib.sha256(member.read()).hexdigest()
+    except (OSError, KeyError, tarfile.TarError) as err:
+        raise MeshError(f"{tarball}: cannot read {AGENT_FILE} from it ({one_line(err)})") from err
 
 
 # Ninja's "[12/345]" and make's "[ 12%]" become one "compiling 3%" line per percent (a shell loop, not awk:
@@ -92,6 +111,7 @@ def remote_build_script(key: str, jobs: int | None) -> str:
     make_jobs = f"-j {int(jobs)}" if jobs else '-j "$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)"'
     lines = [
         "set -e",
+        "umask 077",  # every folder and file the build makes is the user's alone
         f"if [ -f {final}/.complete ]; then echo 'meshtui-build: cached'; exit 0; fi",
         "command -v cmake >/dev/null 2>&1 || { echo 'cmake is not installed there: install cmake and a C++ compiler "
         "(Debian/Ubuntu: sudo apt install cmake g++; Fedora: sudo dnf install cmake gcc-c++)' >&2; exit 3; }",
@@ -145,9 +165,9 @@ async def build_on_host(
     try:
         async with conn.start_sftp_client() as sftp:
             remote_source = f".cache/meshtui/src/{key}.tar.gz"
+            await make_private_dir_remote(sftp, ".cache/meshtui/src")
             if not await sftp.exists(remote_source):
                 on_progress(f"pushing the source ({tarball.stat().st_size} bytes)")
-                await sftp.makedirs(".cache/meshtui/src", exist_ok=True)
                 await sftp.put(str(tarball), remote_source + ".partial")
                 with contextlib.suppress(asyncssh.SFTPError):
                     await sftp.remove(remote_source)
@@ -155,14 +175,25 @@ async def build_on_host(
         process = await conn.create_process("sh -s", encoding="utf-8", errors="replace")
         process.stdin.write(remote_build_script(key, None))
         process.stdin.write_eof()
-        async for line in process.stdout:
-            if line.startswith("meshtui-build: "):
-                on_progress(line.removeprefix("meshtui-build: ").strip())
-        result = await process.wait(check=False, timeout=BUILD_TIMEOUT)
+
+        async def progress() -> None:
+            async for line in read_lines(process.stdout):
+                if line.startswith("meshtui-build: "):
+                    on_progress(one_line(line.removeprefix("meshtui-build: "), 120))
+
+        try:
+            _, stderr = await asyncio.wait_for(
+                asyncio.gather(progress(), read_tail(process.stderr, MAX_STDERR_CHARS)), BUILD_TIMEOUT)
+            result = await asyncio.wait_for(process.wait(check=False), BUILD_TIMEOUT)
+        finally:
+            process.close()
     except (OSError, asyncssh.Error) as err:
-        raise HostError(f"building the runtime on the host failed: {err}", host=host.name) from err
+        raise HostError(f"building the runtime on the host failed: {one_line(err)}", host=host.name) from err
+    except asyncio.TimeoutError as err:
+        raise HostError(f"building the runtime on the host took more than {BUILD_TIMEOUT:.0f}s",
+                        host=host.name) from err
     if result.exit_status != 0:
-        detail = " ".join(str(result.stderr or "").split())[-300:] or f"exit status {result.exit_status}"
+        detail = one_line(stderr, 10**6)[-300:] or f"exit status {result.exit_status}"
         raise HostError(f"building the runtime on the host failed: {detail}", host=host.name)
     return f"{REMOTE_ROOT}/build-{key}"
 

@@ -10,18 +10,25 @@ import secrets
 import shlex
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 
 from meshtui.errors import HostError
+from meshtui.integrity import make_private_dir_remote, runtime_problems
 from meshtui.inventory import HostSpec
-from meshtui.runtime import AGENT_FILE, RuntimeBundle, agent_source_path
+from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, RuntimeBundle, agent_source_path, file_digests
+from meshtui.text import one_line, printable
 
 PROBE_TIMEOUT = 30.0
 LAUNCH_TIMEOUT = 60.0
+# What the head reads from a host at most: a host cannot make it hold more than this (see docs/security.md).
+READ_CHUNK = 65536
+MAX_ANSWER_CHARS = 256 * 1024  # a probe's or a check's JSON answer
+MAX_STDERR_CHARS = 16 * 1024  # the tail of a command's stderr, for its error message
+MAX_LINE_CHARS = 4096  # one line of an agent's or a build's output
 
 
 @dataclass(frozen=True)
@@ -42,20 +49,34 @@ class HostFacts:
     cmake: bool = False
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> HostFacts:
+    def from_json(cls, data: object) -> HostFacts:
+        """The probe's answer, checked field by field: a host can send anything, the head accepts only this.
+
+        Raises ValueError naming the first bad key; every string is made printable (see meshtui.text).
+        """
+        if not isinstance(data, dict):
+            raise ValueError("the answer is not a JSON object")
+        unknown = sorted(set(data) - _PROBE_KEYS)
+        if unknown:
+            raise ValueError(f"unexpected key '{one_line(unknown[0], 40)}'")
+        gpus = data.get("gpus")
+        if gpus is None:
+            gpus = []
+        if not isinstance(gpus, list) or len(gpus) > MAX_GPUS:
+            raise ValueError(f"key 'gpus': expected a list of at most {MAX_GPUS} objects")
         return cls(
-            hostname=str(data["hostname"]),
-            os=str(data["os"]),
-            arch=str(data["arch"]),
-            python=str(data["python"]),
-            glibc=data.get("glibc"),
-            cores=int(data["cores"]),
-            mem_total=int(data["mem_total"]),
-            mem_available=int(data["mem_available"]),
-            gpus=tuple(data.get("gpus") or ()),
-            mem_bandwidth=int(data["mem_bandwidth"]) if data.get("mem_bandwidth") else None,
-            nvcc=bool(data.get("nvcc")),
-            cmake=bool(data.get("cmake")),
+            hostname=_text(data, "hostname"),
+            os=_text(data, "os"),
+            arch=_text(data, "arch"),
+            python=_text(data, "python"),
+            glibc=_text(data, "glibc", optional=True),
+            cores=_count(data, "cores", 1, MAX_CORES),
+            mem_total=_count(data, "mem_total", 0, MAX_BYTES),
+            mem_available=_count(data, "mem_available", 0, MAX_BYTES),
+            gpus=tuple(_gpu(gpu, i) for i, gpu in enumerate(gpus)),
+            mem_bandwidth=_count(data, "mem_bandwidth", 0, MAX_BYTES, optional=True) or None,
+            nvcc=_flag(data, "nvcc"),
+            cmake=_flag(data, "cmake"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -67,20 +88,142 @@ class HostFacts:
         }
 
 
+# What a probe may answer (agent/meshtui_agent.py's probe()), and the bounds of each number.
+_PROBE_KEYS = frozenset({"agent_version", "hostname", "python", "os", "kernel", "arch", "glibc", "cores", "mem_total",
+                         "mem_available", "gpus", "mem_bandwidth", "nvcc", "cmake"})
+_GPU_KEYS = {"name": str, "vendor": str, "memory_total": int, "memory_free": int, "unified": bool}
+MAX_GPUS = 64
+MAX_CORES = 1 << 20
+MAX_BYTES = 1 << 60  # an exbibyte: more memory (or bandwidth) than any host has
+MAX_TEXT = 256
+
+
+def _text(data: dict[str, Any], key: str, *, optional: bool = False, where: str = "") -> Any:
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ValueError(f"key '{where}{key}': expected a string of at most {MAX_TEXT} characters")
+    return printable(value)
+
+
+def _count(data: dict[str, Any], key: str, low: int, high: int, *, optional: bool = False, where: str = "") -> Any:
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    # bool is an int to Python, and JSON's Infinity/NaN and 1e999 are floats: neither is a count.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"key '{where}{key}': expected an integer from {low} to {high}")
+    return value
+
+
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"key '{key}': expected true or false")
+    return value
+
+
+def _gpu(gpu: object, index: int) -> dict[str, Any]:
+    where = f"gpus[{index}]."
+    if not isinstance(gpu, dict):
+        raise ValueError(f"key 'gpus[{index}]': expected an object")
+    unknown = sorted(set(gpu) - set(_GPU_KEYS))
+    if unknown:
+        raise ValueError(f"unexpected key '{where}{one_line(unknown[0], 40)}'")
+    checked: dict[str, Any] = {"name": _text(gpu, "name", where=where),
+                               "vendor": _text(gpu, "vendor", where=where),
+                               "memory_total": _count(gpu, "memory_total", 0, MAX_BYTES, where=where),
+                               "memory_free": _count(gpu, "memory_free", 0, MAX_BYTES, where=where)}
+    if "unified" in gpu:
+        if not isinstance(gpu["unified"], bool):
+            raise ValueError(f"key '{where}unified': expected true or false")
+        checked["unified"] = gpu["unified"]
+    return checked
+
+
 def _last_json_line(text: str) -> dict[str, Any] | None:
     for line in reversed(text.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):
-            with contextlib.suppress(ValueError):
+            # RecursionError: a host can nest brackets deeper than the parser goes.
+            with contextlib.suppress(ValueError, RecursionError):
                 value = json.loads(line)
                 if isinstance(value, dict):
                     return value
     return None
 
 
-def _oneline(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+class OutputTooLong(Exception):
+    """A host printed more than the head reads from it."""
+
+
+@dataclass(frozen=True)
+class Captured:
+    """What a command on a host printed, read within limits."""
+
+    exit_status: int | None
+    stdout: str
+    stderr: str  # its last MAX_STDERR_CHARS characters
+
+
+async def _read_capped(stream: asyncssh.SSHReader[str], limit: int,
+                       on_line: Callable[[str], None] | None = None) -> str:
+    """Everything `stream` sends, but at most `limit` characters (more raises OutputTooLong)."""
+    chunks: list[str] = []
+    size = 0
+    pending = on_line is not None
+    while data := await stream.read(READ_CHUNK):
+        size += len(data)
+        if size > limit:
+            raise OutputTooLong()
+        chunks.append(data)
+        if pending and on_line is not None and "\n" in data:
+            pending = False
+            on_line("".join(chunks).split("\n", 1)[0])
+    return "".join(chunks)
+
+
+async def read_tail(stream: asyncssh.SSHReader[str], limit: int) -> str:
+    """The last `limit` characters `stream` sends; the rest is read and dropped (so the writer never blocks)."""
+    tail = ""
+    while data := await stream.read(READ_CHUNK):
+        tail = (tail + data)[-limit:]
+    return tail
+
+
+async def read_lines(stream: asyncssh.SSHReader[str], limit: int = MAX_LINE_CHARS) -> AsyncIterator[str]:
+    """Lines of `stream`; a line longer than `limit` is cut there (the rest of it is dropped)."""
+    buffer = ""
+    dropping = False
+    while data := await stream.read(READ_CHUNK):
+        buffer += data
+        while "\n" in buffer:
+            line, buffer = buffer.split("\n", 1)
+            if not dropping:
+                yield line
+            dropping = False
+        if len(buffer) > limit:
+            if not dropping:
+                yield buffer[:limit]
+            buffer = ""
+            dropping = True
+    if buffer and not dropping:
+        yield buffer
+
+
+async def run_capped(process: asyncssh.SSHClientProcess[str], timeout: float,
+                     max_stdout: int = MAX_ANSWER_CHARS,
+                     on_first_line: Callable[[str], None] | None = None) -> Captured:
+    """Wait for a started command, reading at most `max_stdout` of its output and the tail of its stderr.
+
+    Raises OutputTooLong, or asyncio.TimeoutError when it does not end within `timeout`.
+    """
+    out, err = await asyncio.wait_for(asyncio.gather(
+        _read_capped(process.stdout, max_stdout, on_first_line), read_tail(process.stderr, MAX_STDERR_CHARS)),
+        timeout)
+    result = await asyncio.wait_for(process.wait(check=False), timeout)
+    return Captured(result.exit_status, out, err)
 
 
 async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
@@ -97,29 +240,35 @@ async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
     command = (f'echo "meshtui-pid $$"; if command -v timeout >/dev/null 2>&1; '
                f'then exec timeout -s KILL {limit} {python} - probe; else exec {python} - probe; fi')
     pid: int | None = None
+
+    def first_line(line: str) -> None:
+        nonlocal pid
+        words = line.split()
+        if len(words) == 2 and words[0] == "meshtui-pid" and words[1].isdigit():
+            pid = int(words[1])
+
     try:
         process = await conn.create_process(command, encoding="utf-8", errors="replace")
     except (OSError, asyncssh.Error) as err:
-        raise HostError(f"probe failed: {err}", host=host.name) from err
+        raise HostError(f"probe failed: {one_line(err)}", host=host.name) from err
     try:
         process.stdin.write(agent_source_path().read_text())
         process.stdin.write_eof()
-        first = await asyncio.wait_for(process.stdout.readline(), timeout)
-        if first.startswith("meshtui-pid "):
-            pid = int(first.split()[1])
-        result = await asyncio.wait_for(process.wait(check=False), timeout)
+        result = await run_capped(process, timeout, on_first_line=first_line)
     except (asyncio.TimeoutError, asyncssh.TimeoutError) as err:
-        with contextlib.suppress(OSError, asyncssh.Error):
-            process.kill()  # a signal request on the channel, where sshd supports it
-        await _kill_remote_group(conn, pid)
+        await _stop(process, conn, pid)
         raise HostError(f"probe did not answer within {timeout:.0f}s", host=host.name) from err
-    except (OSError, asyncssh.Error, ValueError) as err:
+    except OutputTooLong as err:
+        await _stop(process, conn, pid)
+        raise HostError(f"probe printed more than {MAX_ANSWER_CHARS // 1024} KiB; stopped reading",
+                        host=host.name) from err
+    except (OSError, asyncssh.Error) as err:
         await _kill_remote_group(conn, pid)
-        raise HostError(f"probe failed: {err}", host=host.name) from err
+        raise HostError(f"probe failed: {one_line(err)}", host=host.name) from err
     finally:
         process.close()
-    stdout = str(result.stdout or "")
-    stderr = str(result.stderr or "")
+    stdout = result.stdout.split("\n", 1)[1] if result.stdout.startswith("meshtui-pid ") else result.stdout
+    stderr = result.stderr
     if result.exit_status == 127:
         raise HostError(f"'{host.python}' was not found on the host (set python = ... for this host)",
                         host=host.name)
@@ -127,12 +276,19 @@ async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
         raise HostError(f"'{host.python}' is too old for the agent (it needs Python 3.8+)", host=host.name)
     data = _last_json_line(stdout)
     if result.exit_status != 0 or data is None:
-        detail = _oneline(stderr or stdout or f"exit status {result.exit_status}")
+        detail = one_line(stderr or stdout or f"exit status {result.exit_status}")
         raise HostError(f"probe failed: {detail}", host=host.name)
     try:
         return HostFacts.from_json(data)
-    except (KeyError, TypeError, ValueError) as err:
-        raise HostError(f"probe answered something unexpected: {_oneline(stdout)}", host=host.name) from err
+    except ValueError as err:
+        raise HostError(f"probe answered something unexpected: {err}", host=host.name) from err
+
+
+async def _stop(process: asyncssh.SSHClientProcess[str], conn: asyncssh.SSHClientConnection,
+                pid: int | None) -> None:
+    with contextlib.suppress(OSError, asyncssh.Error):
+        process.kill()  # a signal request on the channel, where sshd supports it
+    await _kill_remote_group(conn, pid)
 
 
 async def _kill_remote_group(conn: asyncssh.SSHClientConnection, pid: int | None) -> None:
@@ -142,22 +298,71 @@ async def _kill_remote_group(conn: asyncssh.SSHClientConnection, pid: int | None
         await conn.run(f"kill -9 -{pid} {pid} 2>/dev/null; kill -9 -- -{pid} 2>/dev/null", check=False, timeout=20)
 
 
+async def inspect_runtime(conn: asyncssh.SSHClientConnection, host: HostSpec, folder: str) -> Any:
+    """What `meshtui_agent.py inspect` (the head's copy, fed on stdin) reports about ~/`folder` on the host."""
+    command = f"{shlex.quote(host.python)} - inspect {shlex.quote(folder)}"
+    try:
+        process = await conn.create_process(command, encoding="utf-8", errors="replace")
+        try:
+            process.stdin.write(agent_source_path().read_text())
+            process.stdin.write_eof()
+            result = await run_capped(process, PROBE_TIMEOUT)
+        finally:
+            process.close()
+    except (OSError, asyncssh.Error) as err:
+        raise HostError(f"checking the runtime failed: {one_line(err)}", host=host.name) from err
+    except asyncio.TimeoutError as err:
+        raise HostError(f"checking the runtime did not end within {PROBE_TIMEOUT:.0f}s", host=host.name) from err
+    except OutputTooLong as err:
+        raise HostError(f"checking the runtime printed more than {MAX_ANSWER_CHARS // 1024} KiB", host=host.name) \
+            from err
+    report = _last_json_line(result.stdout)
+    if report is None:
+        raise HostError(f"checking the runtime failed: {one_line(result.stderr or result.stdout or 'no output')}",
+                        host=host.name)
+    return report
+
+
+async def runtime_check(conn: asyncssh.SSHClientConnection, host: HostSpec, bundle: RuntimeBundle,
+                        runtime_dir: str | None = None) -> list[str]:
+    """Problems with the pushed bundle (or with `runtime_dir`, a runtime built on the host) on the host."""
+    folder = runtime_dir or bundle.remote_dir
+    report = await inspect_runtime(conn, host, folder)
+    if runtime_dir is None:
+        return runtime_problems(report, file_digests(bundle), file_digests(bundle)[AGENT_FILE], AGENT_FILE)
+    from meshtui.hostbuild import source_agent_sha256  # only hosts that build need the source
+
+    return runtime_problems(report, None, source_agent_sha256(), AGENT_FILE)
+
+
 async def push_runtime(
     conn: asyncssh.SSHClientConnection,
     host: HostSpec,
     bundle: RuntimeBundle,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    on_log: Callable[[str], None] = lambda line: None,
 ) -> int:
-    """Put the bundle at ~/<bundle.remote_dir>/ unless it is already there; returns bytes sent."""
+    """Put the bundle at ~/<bundle.remote_dir>/ unless it is there intact; returns bytes sent.
+
+    A copy whose files were changed (or made writable by others) is replaced, never run; one that cannot be
+    replaced (not the user's) is refused with the reason.
+    """
     total = bundle.total_bytes
     final = bundle.remote_dir
     try:
         async with conn.start_sftp_client() as sftp:
             if await sftp.exists(f"{final}/.complete"):
-                on_progress(0, 0)
-                return 0
+                problems = await runtime_check(conn, host, bundle)
+                if not problems:
+                    on_progress(0, 0)
+                    return 0
+                on_log(f"the runtime on the host was changed ({problems[0]}); pushing it again")
+                stale = f"{final}.stale-{secrets.token_hex(4)}"
+                await sftp.rename(final, stale)
+                await sftp.rmtree(stale)
+            await make_private_dir_remote(sftp, REMOTE_ROOT)
             staging = f"{final}.partial-{secrets.token_hex(4)}"
-            await sftp.makedirs(f"{staging}/lib", exist_ok=True)
+            await make_private_dir_remote(sftp, f"{staging}/lib")
             sent_before = 0
             for rel, local in bundle.files:
                 base = sent_before
@@ -166,21 +371,22 @@ async def push_runtime(
                     on_progress(base + done, total)
 
                 await sftp.put(str(local), f"{staging}/{rel}", progress_handler=progress)
+                # Not sftp.put(preserve=True): the head's mode may be group-writable; nobody else writes these.
+                await sftp.chmod(f"{staging}/{rel}", 0o700 if rel == AGENT_FILE or ".so" in rel else 0o600)
                 sent_before += local.stat().st_size
-            await sftp.chmod(f"{staging}/{AGENT_FILE}", 0o755)
-            async with sftp.open(f"{staging}/.complete", "w") as marker:
+            async with sftp.open(f"{staging}/.complete", "w", asyncssh.SFTPAttrs(permissions=0o600)) as marker:
                 await marker.write(f"{bundle.digest}\n")
             try:
                 await sftp.rename(staging, final)
             except asyncssh.SFTPError:
-                # Another head pushed the same bundle meanwhile: theirs is as good as ours.
+                # Another head pushed the same bundle meanwhile: theirs is as good as ours (checked at launch).
                 if not await sftp.exists(f"{final}/.complete"):
                     raise
                 await sftp.rmtree(staging)
             on_progress(total, total)
             return sent_before
     except (OSError, asyncssh.Error) as err:
-        raise HostError(f"pushing the runtime failed: {err}", host=host.name) from err
+        raise HostError(f"pushing the runtime failed: {one_line(err)}", host=host.name) from err
 
 
 class Agent:
@@ -204,16 +410,18 @@ class Agent:
 
     async def _read_stdout(self) -> None:
         try:
-            async for line in self.process.stdout:
+            async for line in read_lines(self.process.stdout):
                 if not line.strip():
                     continue
                 try:
                     msg = json.loads(line)
-                except ValueError:
-                    self.on_log(f"agent printed: {_oneline(line)}")
+                    if not isinstance(msg, dict):
+                        raise ValueError("not an object")
+                except (ValueError, RecursionError):  # RecursionError: brackets nested deeper than json goes
+                    self.on_log(f"agent printed: {one_line(line)}")
                     if not self._ready.done():
                         self._ready.set_exception(HostError(
-                            f"agent printed garbage instead of starting: {_oneline(line)}", host=self.host.name))
+                            f"agent printed garbage instead of starting: {one_line(line)}", host=self.host.name))
                     continue
                 event = msg.get("event")
                 if event in ("ready", "error") and not self._ready.done():
@@ -223,7 +431,7 @@ class Agent:
                     if future and not future.done():
                         future.set_result(time.perf_counter())
         except (OSError, asyncssh.Error) as err:
-            self.on_log(f"agent channel error: {err}")
+            self.on_log(f"agent channel error: {one_line(err)}")
         finally:
             self.exited.set()
             if not self._ready.done():
@@ -234,8 +442,8 @@ class Agent:
 
     async def _read_stderr(self) -> None:
         with contextlib.suppress(OSError, asyncssh.Error):
-            async for line in self.process.stderr:
-                line = line.rstrip()
+            async for raw in read_lines(self.process.stderr):
+                line = printable(raw.rstrip())
                 if line:
                     self.stderr_tail.append(line)
                     self.on_log(line)
@@ -250,13 +458,22 @@ class Agent:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._tasks[1]), 2.0)
             detail = self.stderr_tail[-1] if self.stderr_tail else "no output"
-            raise HostError(f"agent exited at start: {_oneline(detail)}", host=self.host.name)
+            raise HostError(f"agent exited at start: {one_line(detail)}", host=self.host.name)
         if msg.get("event") == "error":
-            raise HostError(f"agent cannot serve: {msg.get('reason')}", host=self.host.name)
-        self.port = int(msg["port"])
-        self.pid = int(msg["pid"])
-        self.devices = list(msg.get("devices") or [])
-        self.backends = list(msg.get("backends") or [])
+            raise HostError(f"agent cannot serve: {one_line(msg.get('reason'))}", host=self.host.name)
+        try:
+            self.port = _count(msg, "port", 1, 65535)
+            self.pid = _count(msg, "pid", 1, 1 << 31)
+            devices, backends = msg.get("devices") or [], msg.get("backends") or []
+            if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices) or len(devices) > 64:
+                raise ValueError("key 'devices': expected a list of objects")
+            if not isinstance(backends, list) or not all(isinstance(b, str) for b in backends) or len(backends) > 16:
+                raise ValueError("key 'backends': expected a list of names")
+        except ValueError as err:
+            raise HostError(f"agent answered something unexpected: {err}", host=self.host.name) from err
+        self.devices = [{str(k)[:64]: printable(v) if isinstance(v, str) else v for k, v in d.items()}
+                        for d in devices]
+        self.backends = [printable(b[:64]) for b in backends]
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds through the same SSH connection the stage traffic uses."""
@@ -292,6 +509,10 @@ async def launch_agent(
     runtime_dir: str | None = None,
 ) -> Agent:
     """Start the agent from the pushed bundle, or from `runtime_dir` (a runtime built on the host)."""
+    problems = await runtime_check(conn, host, bundle, runtime_dir)
+    if problems:
+        raise HostError(f"refusing to run the agent from ~/{runtime_dir or bundle.remote_dir}: {problems[0]}"
+                        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""), host=host.name)
     remote = f'"$HOME"/{runtime_dir or bundle.remote_dir}'
     command = f"{shlex.quote(host.python)} {remote}/{AGENT_FILE} serve --runtime {remote}"
     if host.threads:
@@ -301,7 +522,7 @@ async def launch_agent(
     try:
         process = await conn.create_process(command, encoding="utf-8", errors="replace")
     except (OSError, asyncssh.Error) as err:
-        raise HostError(f"cannot start the agent: {err}", host=host.name) from err
+        raise HostError(f"cannot start the agent: {one_line(err)}", host=host.name) from err
     agent = Agent(host, process, on_log)
     try:
         await agent.wait_ready()
@@ -315,10 +536,24 @@ async def stop_leftover_agents(conn: asyncssh.SSHClientConnection, host: HostSpe
     """`meshtui down`: stop agents of this user that outlived their head (by their pid files)."""
     command = f"{shlex.quote(host.python)} - down"
     try:
-        result = await conn.run(command, input=agent_source_path().read_text(), check=False, timeout=PROBE_TIMEOUT)
+        process = await conn.create_process(command, encoding="utf-8", errors="replace")
+        try:
+            process.stdin.write(agent_source_path().read_text())
+            process.stdin.write_eof()
+            result = await run_capped(process, PROBE_TIMEOUT)
+        finally:
+            process.close()
     except (OSError, asyncssh.Error) as err:
-        raise HostError(f"cleanup failed: {err}", host=host.name) from err
-    data = _last_json_line(str(result.stdout or ""))
-    if data is None:
-        raise HostError(f"cleanup failed: {_oneline(str(result.stderr or result.stdout))}", host=host.name)
-    return list(data.get("stopped") or [])
+        raise HostError(f"cleanup failed: {one_line(err)}", host=host.name) from err
+    except asyncio.TimeoutError as err:
+        raise HostError(f"cleanup did not end within {PROBE_TIMEOUT:.0f}s", host=host.name) from err
+    except OutputTooLong as err:
+        raise HostError(f"cleanup printed more than {MAX_ANSWER_CHARS // 1024} KiB; stopped reading",
+                        host=host.name) from err
+    data = _last_json_line(result.stdout)
+    stopped = data.get("stopped") if data is not None else None
+    if not isinstance(stopped, list):
+        raise HostError(f"cleanup failed: {one_line(result.stderr or result.stdout)}", host=host.name)
+    # What `down` lists comes from the host: numbers as numbers, command lines made printable.
+    return [{"pid": item["pid"], "cmdline": one_line(item.get("cmdline", ""), 300)} for item in stopped
+            if isinstance(item, dict) and isinstance(item.get("pid"), int) and not isinstance(item["pid"], bool)]

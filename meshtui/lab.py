@@ -100,7 +100,8 @@ class EmbeddedLab:
         for i in range(1, self.n_hosts + 1):
             name = f"lab{i}"
             home = self.root / name
-            home.mkdir(parents=True, exist_ok=True)
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(home, 0o700)  # whatever the umask
             host_key = asyncssh.generate_private_key("ssh-ed25519")
 
             def process_factory(process: asyncssh.SSHServerProcess[bytes], home: Path = home) -> object:

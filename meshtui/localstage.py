@@ -9,6 +9,7 @@ and so the logits, on the head: only hidden states cross the network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -18,25 +19,51 @@ from collections import deque
 from pathlib import Path
 
 from meshtui.errors import EngineError
+from meshtui.integrity import make_private_dir, runtime_problems
 from meshtui.procs import wait_or_kill
-from meshtui.runtime import AGENT_FILE, RuntimeBundle
+from meshtui.runtime import AGENT_FILE, RuntimeBundle, agent_source_path, file_digests, load_file_module
 
 
 def install_locally(bundle: RuntimeBundle, home: Path | None = None) -> Path:
-    """Copy the bundle to ~/<bundle.remote_dir> on the head (once), the layout hosts get."""
-    final = (home or Path.home()) / bundle.remote_dir
+    """Copy the bundle to ~/<bundle.remote_dir> on the head (once), the layout hosts get.
+
+    Checked like a host's copy before it is used: a changed copy is replaced, one that cannot be is refused.
+    """
+    home = home or Path.home()
+    final = home / bundle.remote_dir
     if (final / ".complete").exists():
-        return final
+        if not _problems(final, bundle, home):
+            return final
+        stale = final.with_name(f"{final.name}.stale-{secrets.token_hex(4)}")
+        with contextlib.suppress(OSError):  # not ours to move: refused below
+            final.rename(stale)
+            shutil.rmtree(stale)
+    make_private_dir(final.parent, home)
     staging = final.with_name(f"{final.name}.partial-{secrets.token_hex(4)}")
     for rel, local in bundle.files:
-        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(local, staging / rel)
+        make_private_dir((staging / rel).parent, home)
+        shutil.copyfile(local, staging / rel)
+        os.chmod(staging / rel, 0o700 if rel == AGENT_FILE or ".so" in rel else 0o600)
     (staging / ".complete").write_text(bundle.digest + "\n")
+    os.chmod(staging / ".complete", 0o600)
     try:
         staging.rename(final)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another process installed it meanwhile
+    problems = _problems(final, bundle, home)
+    if problems:
+        raise EngineError(f"refusing to run the head's output stage from {final}: {problems[0]}")
     return final
+
+
+def _problems(folder: Path, bundle: RuntimeBundle, home: Path) -> list[str]:
+    inspect = load_file_module(agent_source_path(), "meshtui_agent_local").inspect_tree
+    try:
+        report = inspect(str(folder.relative_to(home)), home=str(home))
+    except (OSError, RuntimeError) as err:
+        report = {"error": str(err)}
+    digests = file_digests(bundle)
+    return runtime_problems(report, digests, digests[AGENT_FILE], AGENT_FILE)
 
 
 class LocalStage:

@@ -302,6 +302,7 @@ class Mesh:
                 sent = await push_runtime(
                     node.conn, node.spec, bundle,
                     on_progress=lambda done, total: self._emit(ev.TransferProgressed(node.name, "push", done, total)),
+                    on_log=lambda line: self._log(node.name, line, "warning"),
                 )
                 pushed = f"pushed {sent} bytes" if sent else "already there"
                 self._log(node.name, f"runtime {bundle.digest} ({bundle.kind}): {pushed}")

@@ -168,6 +168,20 @@ def _digest(files: list[tuple[str, Path]]) -> str:
     return digest.hexdigest()[:16]
 
 
+@lru_cache(maxsize=8)
+def file_digests(bundle: RuntimeBundle) -> dict[str, str]:
+    """The sha256 of every file of the bundle, by its path in the runtime folder: what a host must hold."""
+    return {rel: sha256_file(path) for rel, path in bundle.files}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_file_module(path: Path, name: str) -> ModuleType:
     """Import a script that is not part of the package (the agent, native/build_runtime.py) by its path."""
     spec = importlib.util.spec_from_file_location(name, path)

@@ -81,6 +81,16 @@ def log(message: str) -> None:
     print(f"build_runtime: {message}", file=sys.stderr, flush=True)
 
 
+def private_dir(path: Path) -> None:
+    """Create `path` and its missing parents with mode 0700, whatever the umask (only the user uses them)."""
+    for folder in [*reversed(path.absolute().parents), path.absolute()]:
+        try:
+            folder.mkdir(mode=0o700)
+            os.chmod(folder, 0o700)
+        except FileExistsError:
+            pass
+
+
 def default_cache_root() -> Path:
     """Same rule as meshtui/runtime.py's portable_cache_root()."""
     if os.environ.get("MESHTUI_RUNTIME_BUILD_CACHE"):
@@ -130,7 +140,7 @@ def fetch_sdist(version: str, cache_root: Path, given: Path | None) -> Path:
         folder = cache_root / "sdist"
         path = folder / f"llama_cpp_python-{version}.tar.gz"
         if not path.exists():
-            folder.mkdir(parents=True, exist_ok=True)
+            private_dir(folder)
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
                 log(f"fetching the llama-cpp-python {version} sdist with pip")
                 run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
@@ -314,7 +324,7 @@ def build(version: str, sdist_arg: Path | None, variants: list[str] | None, cach
     ninja = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
     if ninja is None:
         raise BuildError("`ninja` is not on PATH (apt-get install ninja-build, or pip install ninja)")
-    cache_root.mkdir(parents=True, exist_ok=True)
+    private_dir(cache_root)
     started = time.monotonic()
     sdist = fetch_sdist(version, cache_root, sdist_arg)
     sdist_sha256 = sha256_file(sdist)
@@ -337,7 +347,7 @@ def build(version: str, sdist_arg: Path | None, variants: list[str] | None, cach
             files, built_variants = build_tree(ggml, work / "build", variants, ninja, jobs, log_file)
             build_seconds = time.monotonic() - t_build
             staging = work / "out"
-            (staging / "lib").mkdir(parents=True)
+            private_dir(staging / "lib")
             for name, path in files.items():
                 shutil.copy2(path, staging / "lib" / name)
                 os.chmod(staging / "lib" / name, 0o755)

@@ -30,3 +30,20 @@ def meshtui_json(*args: str, timeout: float = 300) -> dict[str, Any]:
 def agent_processes(lab: Any) -> dict[str, list[tuple[int, str]]]:
     """Agent processes alive on each lab host (by the host's user)."""
     return {h.name: [p for p in lab.processes_of(h) if "meshtui_agent" in p[1]] for h in lab.hosts}
+
+
+def user_processes(lab: Any) -> dict[str, list[tuple[int, str]]]:
+    """Every live process of each lab host's user, whatever it is (agents, probes, shells, sleeps)."""
+    return {h.name: lab.processes_of(h) for h in lab.hosts}
+
+
+def wait_nothing_left(lab: Any, timeout: float = 10.0) -> dict[str, list[tuple[int, str]]]:
+    """Wait until no host's user runs anything; returns what is still running then ({} when nothing is)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {name: procs for name, procs in user_processes(lab).items() if procs}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)

@@ -81,12 +81,14 @@ def _tensor_dtype(name: str, shape: SyntheticShape) -> type[np.floating]:
     return np.float16
 
 
-def _copy_tokenizer(writer: GGUFWriter, source: Path) -> int:
-    """Copy every tokenizer.* key verbatim; return the vocabulary size."""
+def _copy_tokenizer(writer: GGUFWriter, source: Path, chat_template: str | None = None) -> int:
+    """Copy every tokenizer.* key verbatim (the chat template replaced when given); return the vocabulary size."""
     reader = GGUFReader(source)
     n_vocab = 0
+    if chat_template is not None:
+        writer.add_key_value("tokenizer.chat_template", chat_template, GGUFValueType.STRING)
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
+        if not key.startswith("tokenizer.") or (chat_template is not None and key == "tokenizer.chat_template"):
             continue
         main_type = field.types[0]
         if main_type == GGUFValueType.ARRAY:
@@ -120,6 +122,8 @@ def write_synthetic_llama(
     seed: int = 0,
     tied_output: bool = False,
     source_tokenizer: Path = SMOLLM2_PATH,
+    name: str | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a random-weight llama GGUF to `path`, one tensor at a time (large shapes never sit in memory)."""
     if dtype not in ("f32", "f16"):
@@ -127,7 +131,7 @@ def write_synthetic_llama(
     shape = SyntheticShape(n_layer, n_embd, n_head, n_head_kv, n_ff, dtype, seed, tied_output)
     path = Path(path)
     writer = GGUFWriter(path, arch="llama")
-    writer.add_name(f"synthetic-llama-{n_layer}L-{n_embd}E-{dtype}")
+    writer.add_name(name if name is not None else f"synthetic-llama-{n_layer}L-{n_embd}E-{dtype}")
     writer.add_file_type(LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16)
     writer.add_block_count(n_layer)
     writer.add_context_length(_CONTEXT_LENGTH)
@@ -138,7 +142,7 @@ def write_synthetic_llama(
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_rope_freq_base(_ROPE_FREQ_BASE)
     writer.add_layer_norm_rms_eps(_RMS_EPS)
-    n_vocab = _copy_tokenizer(writer, Path(source_tokenizer))
+    n_vocab = _copy_tokenizer(writer, Path(source_tokenizer), chat_template)
     writer.add_vocab_size(n_vocab)
 
     shapes = tensor_shapes(shape, n_vocab)
@@ -171,14 +175,20 @@ def synthetic_model(
     seed: int = 0,
     tied_output: bool = False,
     cache_dir: Path | None = None,
+    name: str | None = None,
+    chat_template: str | None = None,
 ) -> Path:
-    """A cached synthetic model: written once per parameter set under ~/.cache/meshtui/models/."""
+    """A cached synthetic model: written once per parameter set under ~/.cache/meshtui/models/.
+
+    `name` replaces its general.name and `chat_template` SmolLM2's template (tests of hostile model files).
+    """
     shape = SyntheticShape(n_layer, n_embd, n_head, n_head_kv, n_ff, dtype, seed, tied_output)
     source = SMOLLM2_PATH
     tokenizer = [source.name, source.stat().st_size]
-    key_material = json.dumps(
-        {"format": _FORMAT_VERSION, "shape": asdict(shape), "tokenizer": tokenizer}, sort_keys=True
-    )
+    material: dict[str, object] = {"format": _FORMAT_VERSION, "shape": asdict(shape), "tokenizer": tokenizer}
+    if name is not None or chat_template is not None:
+        material["overrides"] = [name, chat_template]
+    key_material = json.dumps(material, sort_keys=True)
     digest = hashlib.sha256(key_material.encode()).hexdigest()[:16]
     directory = cache_dir if cache_dir is not None else CACHE_DIR
     target = directory / f"synthetic-llama-{n_layer}L-{n_embd}E-{dtype}-{digest}.gguf"
@@ -199,6 +209,8 @@ def synthetic_model(
             seed=seed,
             tied_output=tied_output,
             source_tokenizer=source,
+            name=name,
+            chat_template=chat_template,
         )
         os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600; lab users other than root read it too
         os.replace(tmp_name, target)  # atomic: a concurrent reader sees no file or the whole file

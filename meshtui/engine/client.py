@@ -13,6 +13,7 @@ from typing import Any
 
 from meshtui.errors import EngineError
 from meshtui.procs import wait_or_kill
+from meshtui.text import printable
 
 
 class ContextOverflow(EngineError):
@@ -59,7 +60,7 @@ class EngineProcess:
     async def _read_stderr(self) -> None:
         assert self.proc and self.proc.stderr
         async for raw in self.proc.stderr:
-            line = raw.decode("utf-8", errors="replace").rstrip()
+            line = printable(raw.decode("utf-8", errors="replace").rstrip())  # llama.cpp quotes the model's strings
             if line:
                 self.stderr_tail.append(line)
                 self.on_log(line)

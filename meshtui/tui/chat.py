@@ -19,6 +19,7 @@ from textual.worker import Worker, WorkerState
 from meshtui import events as ev
 from meshtui.api import MeshRequests
 from meshtui.errors import MeshError
+from meshtui.text import printable
 from meshtui.tui.throttle import Throttle
 
 REPLY_REDRAW_INTERVAL = 0.1  # seconds: at most 10 redraws of a streaming reply a second
@@ -28,14 +29,14 @@ class ChatMessage(Static):
     """One turn on screen: the user's prompt, the assistant's reply, or an error."""
 
     def __init__(self, role: str, text: str = "") -> None:
-        super().__init__(Text(text), classes=f"message -{role}")
+        super().__init__(Text(printable(text, keep_newlines=True)), classes=f"message -{role}")
         self.role = role
         self.text = text
 
     def set_text(self, text: str) -> bool:
         """Show `text`; True when it changed the widget's height (which costs a layout of the screen)."""
         self.text = text
-        content = Text(text)
+        content = Text(printable(text, keep_newlines=True))  # a model's text may hold escape sequences
         width = self.size.width
         # the measure Textual's own layout uses (Widget.get_content_height passes its styles the same way)
         height = visualize(self, content).get_height(self.styles, width) if width else None  # type: ignore[arg-type]

@@ -13,10 +13,12 @@ import hmac
 import ipaddress
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 from urllib.parse import urlsplit
 
@@ -27,7 +29,8 @@ from meshtui.api_http import (
     ClientGone,
     Request,
     end_events,
-    read_request,
+    read_body,
+    read_head,
     start_events,
     write_error,
     write_event,
@@ -50,10 +53,13 @@ from meshtui.api_openai import (
 )
 from meshtui.errors import EngineError, InventoryError, MeshError
 from meshtui.mesh import Mesh
+from meshtui.text import one_line
 
 API_KEY_ENV = "MESHTUI_API_KEY"
 RETRY_AFTER_SECONDS = 5
-REQUEST_TIMEOUT_SECONDS = 30.0
+HEADER_TIMEOUT_SECONDS = 10.0  # from the connection to the end of the headers
+BODY_TIMEOUT_SECONDS = 30.0  # for the whole body, once the request is allowed
+MAX_CONNECTIONS = 64  # open at once; one more is answered 503 and closed before anything is read
 _END = object()
 
 
@@ -239,6 +245,7 @@ def mesh_ready(mesh: Mesh) -> bool:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether a Host or Origin header names this machine (browsers resolve *.localhost to loopback)."""
     host = host.strip("[]").lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
@@ -248,13 +255,47 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def resolve_api_key(api_key: str | None) -> str | None:
-    """--api-key, else $MESHTUI_API_KEY; empty means none."""
-    return api_key or os.environ.get(API_KEY_ENV) or None
+def binds_loopback_only(host: str) -> bool:
+    """Whether listening on `host` listens on loopback addresses alone: a name is resolved, and every address
+    it resolves to must be loopback (a `*.localhost` or `localhost` that /etc/hosts maps elsewhere is not)."""
+    name = host.strip("[]")
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a name: what it resolves to decides
+        pass
+    if not name:
+        return False  # all interfaces
+    try:
+        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # does not resolve: start() will say so
+        return False
+    addresses = {str(info[4][0]) for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def resolve_api_key(api_key: str | None, api_key_file: Path | None = None) -> str | None:
+    """--api-key, else --api-key-file's first line, else $MESHTUI_API_KEY; empty means none.
+
+    A file or the environment keeps the key out of `ps`.
+    """
+    if api_key:
+        return api_key
+    if api_key_file is not None:
+        try:
+            text = api_key_file.expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise InventoryError(f"--api-key-file {api_key_file}: cannot read it: {reason}") from err
+        lines = text.strip().splitlines()
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise InventoryError(f"--api-key-file {api_key_file}: the file holds no key")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def check_api_options(host: str, api_key: str | None) -> None:
-    if not is_loopback(host) and not api_key:
+    if not binds_loopback_only(host) and not api_key:
         raise InventoryError(f"--api-host {host} would serve the model beyond this machine without a key; "
                              f"pass --api-key KEY (or set {API_KEY_ENV})")
 
@@ -263,7 +304,9 @@ class ApiServer:
     def __init__(self, mesh: Mesh, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
                  requests: MeshRequests | None = None, ready: Callable[[], bool] | None = None,
                  on_request: Callable[[ApiRequestRecord], None] | None = None,
-                 max_body: int = MAX_BODY_BYTES) -> None:
+                 max_body: int = MAX_BODY_BYTES, max_connections: int = MAX_CONNECTIONS,
+                 header_timeout: float = HEADER_TIMEOUT_SECONDS,
+                 body_timeout: float = BODY_TIMEOUT_SECONDS) -> None:
         check_api_options(host, api_key)
         self.mesh = mesh
         self.host = host
@@ -274,6 +317,9 @@ class ApiServer:
         self.ready: Callable[[], bool] = ready or (lambda: mesh_ready(mesh))
         self.on_request = on_request
         self.max_body = max_body
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.created = int(time.time())
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
@@ -322,6 +368,14 @@ class ApiServer:
         peer = writer.get_extra_info("peername")
         exchange = _Exchange(client=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?")
         try:
+            if len(self._connections) > self.max_connections:
+                exchange.status = 503
+                exchange.detail = f"more than {self.max_connections} connections at once"
+                await write_error(writer, ApiError(
+                    503, f"Too many connections at once (at most {self.max_connections}); retry soon.",
+                    type="server_error", code="too_many_connections",
+                    headers=[("Retry-After", str(RETRY_AFTER_SECONDS))]))
+                return
             await self._exchange(reader, writer, exchange)
         except ClientGone:
             exchange.detail = exchange.detail or "client gone"
@@ -341,13 +395,17 @@ class ApiServer:
                         x: _Exchange) -> None:
         try:
             try:
-                request = await asyncio.wait_for(read_request(reader, writer, self.max_body),
-                                                 REQUEST_TIMEOUT_SECONDS)
+                request = await asyncio.wait_for(read_head(reader, self.max_body), self.header_timeout)
             except asyncio.TimeoutError as err:
-                raise ApiError(408, "the request did not arrive in time") from err
+                raise ApiError(408, "the request headers did not arrive in time") from err
             x.method, x.path = request.method, request.path
             handler = self._route(request)
+            # The key is checked before the body is read: without it, nobody makes the server read 1 MB.
             self._authorize(request)
+            try:
+                request = await asyncio.wait_for(read_body(request, reader, writer), self.body_timeout)
+            except asyncio.TimeoutError as err:
+                raise ApiError(408, "the request body did not arrive in time") from err
             if not self.ready():
                 raise self._not_ready()
             await self._until_disconnected(reader, handler(request, writer, x), x)
@@ -355,6 +413,7 @@ class ApiServer:
             x.status = err.status
             x.detail = x.detail or err.message
             await write_error(writer, err)
+            await _linger(reader, writer)
         except (ClientGone, OSError):
             raise  # the client went away: nothing to answer
         except Exception as err:  # a bug: answer 500 (if nothing was sent yet) rather than drop the client
@@ -382,11 +441,12 @@ class ApiServer:
             await asyncio.wait({watcher, worker})
 
     def _record(self, x: _Exchange) -> None:
+        # The method, path and details are the client's words: made printable before any log shows them.
         record = ApiRequestRecord(
-            client=x.client, method=x.method, path=x.path, status=x.status,
+            client=x.client, method=one_line(x.method, 20), path=one_line(x.path, 300), status=x.status,
             seconds=time.perf_counter() - x.started, stream=x.stream, prompt_tokens=x.prompt_tokens,
             completion_tokens=x.completion_tokens if x.prompt_tokens is not None else None,
-            finish_reason=x.finish_reason, detail=x.detail)
+            finish_reason=x.finish_reason, detail=one_line(x.detail, 300))
         level = "warning" if record.status >= 500 else "info"
         self.mesh.listener(ev.LogRecorded(source="api", message=record.line(), level=level))
         if self.on_request is not None:
@@ -528,6 +588,25 @@ class ApiServer:
             await write_event(writer, usage_chunk(gen, reply_id, created, started.prompt_tokens,
                                                   x.completion_tokens))
         await end_events(writer)
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float = 2.0) -> None:
+    """After an error answered before the body was read: end our side, then drop what the client still sends.
+
+    Closing with unread bytes would make the kernel reset the connection, and the client could lose the answer.
+    Nothing is kept: at most MAX_BODY_BYTES are read and thrown away, for at most `seconds`.
+    """
+    with contextlib.suppress(OSError, RuntimeError, asyncio.TimeoutError):
+        if writer.can_write_eof():
+            writer.write_eof()
+        left = MAX_BODY_BYTES
+
+        async def drain() -> None:
+            nonlocal left
+            while left > 0 and (data := await reader.read(min(left, 65536))):
+                left -= len(data)
+
+        await asyncio.wait_for(drain(), seconds)
 
 
 async def _wait_for_eof(reader: asyncio.StreamReader) -> None:

@@ -28,19 +28,33 @@ class Request:
     headers: dict[str, str]  # lower-cased names
     body: bytes = b""
 
+    @property
+    def content_length(self) -> int:
+        return int(self.headers.get("content-length", "0"))  # checked by read_head
+
     def json(self) -> Any:
+        """The body as JSON: anything else (bad UTF-8, lone surrogates, NaN, nesting past the parser) is a 400."""
         try:
-            return json.loads(self.body)
-        except (UnicodeDecodeError, ValueError) as err:  # the client sent something that is not JSON
+            value = json.loads(self.body, parse_constant=_no_constant)
+            # Strings must be text that can be sent on: a lone surrogate ("\\ud800") cannot be encoded.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except RecursionError as err:  # nesting deeper than the parser goes
+            raise ApiError(400, "We could not parse the JSON body of your request: nested too deeply") from err
+        except (UnicodeError, ValueError) as err:  # the client sent something that is not JSON
             raise ApiError(400, f"We could not parse the JSON body of your request: {err}") from err
+        return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class ClientGone(Exception):
     """The client closed the connection before sending a whole request: there is no one to answer."""
 
 
-async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       max_body: int = MAX_BODY_BYTES) -> Request:
+async def read_head(reader: asyncio.StreamReader, max_body: int = MAX_BODY_BYTES) -> Request:
+    """The request line and headers (the body is not read: see read_body)."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError as err:
@@ -62,22 +76,25 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         headers[name.lower()] = value.strip()
     if "transfer-encoding" in headers:
         raise ApiError(411, "chunked request bodies are not supported; send a Content-Length")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError as err:
-        raise ApiError(400, "Content-Length is not a number") from err
-    if length < 0:
-        raise ApiError(400, "Content-Length is negative")
-    if length > max_body:
-        raise ApiError(413, f"the request body is {length} bytes; at most {max_body} are accepted",
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit() or len(length_text) > 18:
+        raise ApiError(400, "Content-Length is not a number")
+    if int(length_text) > max_body:
+        raise ApiError(413, f"the request body is {int(length_text)} bytes; at most {max_body} are accepted",
                        code="request_too_large")
-    if length and headers.get("expect", "").lower() == "100-continue":
+    return Request(method.upper(), unquote(urlsplit(target).path), headers)
+
+
+async def read_body(request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request:
+    """The request with its body, read only once the request is allowed (after the key check)."""
+    length = request.content_length
+    if length and request.headers.get("expect", "").lower() == "100-continue":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     try:
         body = await reader.readexactly(length) if length else b""
     except asyncio.IncompleteReadError as err:
         raise ClientGone() from err
-    return Request(method.upper(), unquote(urlsplit(target).path), headers, body)
+    return Request(request.method, request.path, request.headers, body)
 
 
 def _head(status: int, headers: Sequence[tuple[str, str]]) -> bytes:

@@ -19,6 +19,7 @@ from meshtui.errors import InventoryError, MeshError
 from meshtui.inventory import ModelSpec, load_inventory
 from meshtui.lab import EmbeddedLab
 from meshtui.mesh import Mesh
+from meshtui.text import printable
 from meshtui.units import format_size
 
 HEADLESS_MAX_TOKENS = 128
@@ -52,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port of the OpenAI-compatible API"
                             + (f" (default {default_port})" if default_port else ""))
         p.add_argument("--api-key", metavar="K",
-                       help="bearer key clients must send (default: $MESHTUI_API_KEY)")
+                       help="bearer key clients must send (visible in `ps`: prefer --api-key-file or "
+                            "$MESHTUI_API_KEY)")
+        p.add_argument("--api-key-file", type=Path, metavar="FILE",
+                       help="read the bearer key from the first line of FILE")
 
     up = sub.add_parser("up", help="bring the mesh up and chat (TUI), or answer once (--headless)")
     common(up)
@@ -175,7 +179,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
         api = None
         if args.api_port is not None:
-            api_key = resolve_api_key(args.api_key)
+            api_key = resolve_api_key(args.api_key, args.api_key_file)
             check_api_options(args.api_host, api_key)
             api = ApiOptions(args.api_host, args.api_port, api_key)
         async with _inventory_for(args) as inventory:
@@ -201,7 +205,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
                 if isinstance(event, ev.TokenGenerated):
                     text_parts.append(event.text)
                     if not args.json:
-                        sys.stdout.write(event.text)
+                        sys.stdout.write(printable(event.text, keep_newlines=True))
                         sys.stdout.flush()
                 elif isinstance(event, ev.ReplyStarted):
                     prompt_tokens = event.prompt_tokens
@@ -279,7 +283,7 @@ async def cmd_down(args: argparse.Namespace) -> int:
 async def cmd_serve(args: argparse.Namespace) -> int:
     from meshtui.api import check_api_options, request_logger, resolve_api_key, serve_forever
 
-    api_key = resolve_api_key(args.api_key)
+    api_key = resolve_api_key(args.api_key, args.api_key_file)
     check_api_options(args.api_host, api_key)
     async with _inventory_for(args) as inventory:
         listener = request_logger(_stderr_listener(args.verbose))

@@ -271,12 +271,15 @@ async def test_serve_command_serves_until_sigterm(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "MESHTUI_API_KEY")}
     log = tmp_path / "serve.log"
+    key_file = tmp_path / "api-key"
+    key_file.write_text(f"{KEY}\n")  # from a file, the key is not on the command line for `ps` to show
     with log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "meshtui", "serve", "--api-port", str(port), "--lab-hosts", "1",
-            "--context", str(CONTEXT), cwd=REPO, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+            "--context", str(CONTEXT), "--api-key-file", str(key_file), cwd=REPO, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
     try:
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
         async with client:
             deadline = time.monotonic() + 120
             while True:
@@ -289,6 +292,12 @@ async def test_serve_command_serves_until_sigterm(tmp_path: Path) -> None:
                     await asyncio.sleep(0.5)
             reply = await client.chat.completions.create(model=models.data[0].id, messages=CHAT, max_tokens=4)
             assert reply.choices[0].message.content
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong",
+                                      max_retries=0) as stranger:
+            with pytest.raises(openai.AuthenticationError):
+                await stranger.models.list()
+        status, _, _ = await http(port, "GET", "/%1b]0;owned%07")  # an escape sequence for the terminal
+        assert status == 404
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) in (0, 130)
     finally:
@@ -298,6 +307,9 @@ async def test_serve_command_serves_until_sigterm(tmp_path: Path) -> None:
     text = log.read_text()
     assert f"meshtui: serving {models.data[0].id} on http://127.0.0.1:{port}/v1" in text
     assert "POST /v1/chat/completions 200" in text
+    assert "GET /v1/models 401" in text
+    assert "  api: 127.0.0.1:" in text and " GET /\\x1b]0;owned\\x07 404 " in text
+    assert "\x1b" not in text and "\x07" not in text
 
 
 async def test_serve_refuses_the_network_without_a_key() -> None:
@@ -308,3 +320,90 @@ async def test_serve_refuses_the_network_without_a_key() -> None:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     assert len(err.decode().strip().splitlines()) == 1 and "--api-key" in err.decode()
+
+
+# ---------------------------------------------------------------- hostile clients
+
+
+async def _raw(port: int, data: bytes, *, then_wait: bool = True) -> bytes:
+    """Send `data` (perhaps an incomplete request) and return everything the server answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+
+
+async def test_the_key_is_checked_before_the_body_is_read(served: Served) -> None:
+    # A megabyte announced but never sent: the wrong key is answered at once, nothing waits for the body.
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Length: 1000000\r\n\r\n")
+    answer = await _raw(served.server.port, head)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b'"code": "invalid_api_key"' in answer
+
+
+async def test_malformed_deep_or_invalid_unicode_json_is_a_400(served: Served) -> None:
+    port = served.server.port
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"messages": ' + b"[" * 50_000,
+                 b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',
+                 b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                 b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+                 b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}'):
+        status, _, answer = await http(port, "POST", "/v1/chat/completions", body)
+        assert status == 400, (body[:60], answer)
+        assert_error_shape(answer)
+    status, _, _ = await http(port, "POST", "/v1/completions", b'{"prompt": "Hi", "max_tokens": 2}')
+    assert status == 200
+
+
+async def test_slow_clients_and_too_many_connections_are_cut(served: Served) -> None:
+    strict = ApiServer(served.mesh, port=0, api_key=KEY, requests=served.server.requests, max_connections=2,
+                       header_timeout=0.5, body_timeout=0.5)
+    await strict.start()
+    try:
+        # Headers that never end, and a body that never comes: 408, not a connection held forever.
+        answer = await _raw(strict.port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"headers did not arrive" in answer
+        answer = await _raw(strict.port, (f"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n"
+                                          "Content-Length: 100\r\n\r\n{").encode())
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"body did not arrive" in answer
+        # Two idle connections take the two places; a third is answered 503 without being read.
+        idle = [await asyncio.open_connection("127.0.0.1", strict.port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        answer = await _raw(strict.port, b"")
+        assert answer.startswith(b"HTTP/1.1 503 ") and b'"code": "too_many_connections"' in answer
+        for _reader, writer in idle:
+            writer.close()
+    finally:
+        await strict.close()
+    status, _, _ = await http(served.server.port, "GET", "/v1/models")
+    assert status == 200
+
+
+async def test_a_request_that_fails_in_the_engine_leaves_it_serving() -> None:
+    from synth import synthetic_model
+
+    # A chat template that raises while it renders (ZeroDivisionError: no ValueError a handler would expect).
+    broken = "{% for m in messages %}{{ m.content }}{% endfor %}{{ 1 // (messages|length - messages|length) }}"
+    model = synthetic_model(n_layer=2, name="broken-template", chat_template=broken)
+    lab = EmbeddedLab(n_hosts=1)
+    await lab.start()
+    mesh = Mesh(lab.inventory(ModelSpec(path=model, name=None, context=CONTEXT)))
+    try:
+        await mesh.up()
+        async with ApiServer(mesh, port=0, api_key=KEY) as server, openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
+            for _ in range(2):
+                with pytest.raises(openai.InternalServerError) as failed:
+                    await client.chat.completions.create(model="meshtui", messages=CHAT, max_tokens=2)
+                assert failed.value.status_code == 500 and failed.value.code == "engine_error"
+                assert "ZeroDivisionError" in failed.value.message
+                # The engine is still there: a raw completion (no template) is answered.
+                reply = await client.completions.create(model="meshtui", prompt="Hi", max_tokens=2, temperature=0)
+                assert reply.usage is not None and reply.usage.completion_tokens == 2
+            assert mesh.engine is not None and mesh.engine.alive
+    finally:
+        await mesh.close()
+        await lab.close()

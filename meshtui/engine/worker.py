@@ -225,6 +225,11 @@ class Engine:
                         text="".join(text_parts), seconds=seconds, prompt_tokens=len(prompt_tokens))
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def main() -> int:
     proto = Protocol()
     engine = Engine(proto)
@@ -265,8 +270,12 @@ def main() -> int:
                     engine.generate(cmd)
             else:
                 proto.send(ev="error", message=f"unknown op {op!r}")
-        except (ValueError, RuntimeError, OSError) as err:
-            proto.send(ev="error", id=cmd.get("id"), message=str(err))
+        except Exception as err:
+            # One request's failure (a chat template that does not render, a bad value) is that request's
+            # error, not the engine's end: the engine keeps serving the next one.
+            expected = isinstance(err, (ValueError, RuntimeError, OSError))
+            proto.send(ev="error", id=cmd.get("id"),
+                       message=_one_line(str(err) if expected else f"{type(err).__name__}: {err}"))
     proto.send(ev="bye")
     os._exit(0)  # skip ggml's finalizers: remote buffers may already be gone
 

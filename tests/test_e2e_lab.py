@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import asyncssh
 import pytest
-from helpers import SMOLLM2, agent_processes, meshtui, meshtui_json
+from helpers import SMOLLM2, agent_processes, meshtui, meshtui_json, wait_nothing_left
 from reference import reference_greedy
 
 from meshtui.inventory import load_inventory
@@ -23,15 +21,6 @@ PROMPT = "The three primary colors are"
 MAX_TOKENS = 24
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
-
-
-def _wait_no_agents(lab, timeout: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = {name: procs for name, procs in agent_processes(lab).items() if procs}
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
 
 
 def _connects(lab, host, address: str, port: int) -> bool:
@@ -79,7 +68,7 @@ async def test_mesh_on_sshd_hosts_places_layers_and_matches_single_process(
         reply = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=MAX_TOKENS, temperature=0.0)
     finally:
         await mesh.close()
-    assert _wait_no_agents(lab) == {}
+    assert wait_nothing_left(lab) == {}
     expected = reference_greedy(SMOLLM2, PROMPT, MAX_TOKENS, context=512)
     assert list(reply.token_ids) == expected["tokens"]
     assert reply.text == expected["text"]
@@ -108,7 +97,7 @@ def test_cli_synthetic_model_with_other_layer_count_matches_single_process(lab, 
         latency = nodes[name]["latency_ms"]
         assert latency["mean"] > 0 and latency["p95"] >= latency["mean"] * 0.5
     assert result["tokens_per_second"] > 0
-    assert _wait_no_agents(lab) == {}
+    assert wait_nothing_left(lab) == {}
 
 
 # ---------------------------------------------------------------- bad input: one line, non-zero, nothing left
@@ -128,7 +117,7 @@ def _run_bad(lab, tmp_path: Path, text: str) -> str:
     inventory_file.write_text(text)
     result = meshtui("up", str(inventory_file), "--headless", "--prompt", "hi", "--max-tokens", "4", timeout=120)
     line = _one_error_line(result)
-    assert _wait_no_agents(lab) == {}
+    assert wait_nothing_left(lab) == {}
     return line
 
 
@@ -246,7 +235,9 @@ def test_down_stops_agents_left_behind(lab, tmp_path: Path) -> None:
     runtime = h1.home / local_runtime_bundle().remote_dir
     script = h1.home / "orphan.sh"
     # The sleep holds the agent's stdin open; it is this test's to clean up (the agent is `down`'s).
-    script.write_text(f"sleep 299 | /usr/bin/python3 {runtime}/meshtui_agent.py serve --runtime {runtime}\n")
+    # Its command line carries an escape sequence, as a hostile host's could: `down` must not print it raw.
+    script.write_text(f"sleep 299 | /usr/bin/python3 {runtime}/meshtui_agent.py serve --runtime {runtime} "
+                      "--cache \"/tmp/meshtui-cache-$(printf '\\033]0;owned\\007')\"\n")
     orphan = lab.popen_in(h1, ["runuser", "-u", h1.user, "--", "env", f"HOME={h1.home}", "sh", str(script)])
     deadline = time.monotonic() + 20
     while not agent_processes(lab)["h1"] or not list((h1.home / ".cache/meshtui/run").glob("agent-*.json")):
@@ -257,11 +248,16 @@ def test_down_stops_agents_left_behind(lab, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"h1: stopped agent pid {pid}: " in result.stdout
     assert "h2: nothing to stop" in result.stdout
-    assert _wait_no_agents(lab) == {}
+    # The listing shows the agent's command line, its escape sequence made printable.
+    assert "--cache /tmp/meshtui-cache-\\x1b]0;owned\\x07 " in result.stdout or result.stdout.rstrip().endswith(
+        "--cache /tmp/meshtui-cache-\\x1b]0;owned\\x07")
+    assert "\x1b" not in result.stdout
+    assert not agent_processes(lab)["h1"]
     orphan.kill()
     for pid, cmdline in lab.processes_of(h1):
         if cmdline.startswith("sleep 299"):
             os.kill(pid, 9)
+    assert wait_nothing_left(lab) == {}
 
 
 # ---------------------------------------------------------------- node loss mid-reply
@@ -303,7 +299,7 @@ async def test_killed_agent_mid_reply_the_reply_completes_identically(lab, tmp_p
     assert recoveries[0].seconds > 0
     assert summary["h1"]["status"] == "failed" and "agent exited" in summary["h1"]["reason"]
     assert [a.name for a in plan.assignments] == ["head", "h2"]  # re-planned on the survivors
-    assert _wait_no_agents(lab) == {}
+    assert wait_nothing_left(lab) == {}
 
 
 async def test_host_link_down_mid_reply_the_reply_completes_identically(lab, tmp_path: Path) -> None:
@@ -323,7 +319,7 @@ async def test_host_link_down_mid_reply_the_reply_completes_identically(lab, tmp
     assert reason == "SSH connection lost" or reason.startswith("lost after a "), reason
     assert [a.name for a in plan.assignments] == ["head", "h1"]
     # Once the link is back, h2's sshd learns the session is gone and its agent exits with it.
-    assert _wait_no_agents(lab, timeout=60) == {}
+    assert wait_nothing_left(lab, timeout=60) == {}
 
 
 async def test_sshd_and_its_sessions_killed_mid_reply_the_reply_completes_identically(lab, tmp_path: Path) -> None:
@@ -339,7 +335,7 @@ async def test_sshd_and_its_sessions_killed_mid_reply_the_reply_completes_identi
     assert [r.node for r in recoveries] == ["h1"]
     assert summary["h1"]["status"] == "failed"
     assert [a.name for a in plan.assignments] == ["head", "h2"]
-    assert _wait_no_agents(lab) == {}
+    assert wait_nothing_left(lab) == {}
 
 
 async def test_when_the_survivors_cannot_hold_the_model_the_error_says_so(lab, tmp_path: Path) -> None:
@@ -363,7 +359,7 @@ async def test_when_the_survivors_cannot_hold_the_model_the_error_says_so(lab, t
         assert not mesh.ready
     finally:
         await mesh.close()
-    assert _wait_no_agents(lab) == {}
+    assert wait_nothing_left(lab) == {}
 
 
 async def test_failed_host_rejoins_automatically_before_the_next_reply(lab, tmp_path: Path) -> None:
@@ -394,7 +390,7 @@ async def test_failed_host_rejoins_automatically_before_the_next_reply(lab, tmp_
     finally:
         await mesh.close()
     assert after_loss.token_ids == clean.token_ids == rejoined.token_ids
-    assert _wait_no_agents(lab) == {}
+    assert wait_nothing_left(lab) == {}
 
 
 def test_host_that_builds_its_own_runtime_joins_with_identical_output(lab, tmp_path: Path) -> None:
@@ -408,28 +404,26 @@ def test_host_that_builds_its_own_runtime_joins_with_identical_output(lab, tmp_p
     built = list((lab.host("h2").home / ".cache/meshtui/runtime").glob("build-*/lib/libggml-cpu.so.0"))
     assert len(built) == 1
     assert not list((lab.host("h1").home / ".cache/meshtui/runtime").glob("build-*"))  # h1 got the pushed one
-    assert _wait_no_agents(lab) == {}
+    assert wait_nothing_left(lab) == {}
 
 
-def test_host_that_cannot_load_the_pushed_runtime_builds_its_own(lab, tmp_path: Path, monkeypatch) -> None:
-    from meshtui.runtime import local_runtime_bundle
-
-    # h2 already "has" the head's runtime, but its copy cannot load there (as on a host with another libc).
+def test_host_that_cannot_load_the_pushed_runtime_builds_its_own(lab, tmp_path: Path) -> None:
+    # h2's agent cannot load the pushed runtime (as on a host with another libc); the one it builds loads.
     h2 = lab.host("h2")
-    broken = h2.home / local_runtime_bundle(kind="head-build").remote_dir
-    for rel, local in local_runtime_bundle(kind="head-build").files:
-        (broken / rel).parent.mkdir(parents=True, exist_ok=True)
-        (broken / rel).write_bytes(b"not a library" if rel == "lib/libggml-base.so.0" else local.read_bytes())
-    (broken / ".complete").write_text("x\n")
-    subprocess.run(["chown", "-R", f"{h2.user}:", str(h2.home / ".cache")], check=True)
-    monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")
+    wrapper = h2.home / "old-libc-python"
+    wrapper.write_text('#!/bin/sh\ncase "$*" in\n*/runtime/build-*) ;;\n*serve*) '
+                       'echo \'{"event": "error", "reason": "cannot load libggml-base.so.0: GLIBC_2.38 not found"}\'; '
+                       'exit 3;;\nesac\nexec /usr/bin/python3 "$@"\n')
+    os.chmod(wrapper, 0o755)
+    text = lab.inventory_toml('name = "smollm2"')
+    lines = text.splitlines()
+    start = lines.index('name = "h2"')
+    index = next(i for i in range(start, len(lines)) if lines[i].startswith("python = "))
+    lines[index] = f'python = "{wrapper}"'
     inventory_file = tmp_path / "inventory.toml"
-    inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
-    try:
-        run = meshtui("up", str(inventory_file), "--headless", "--prompt", PROMPT, "--raw", "--temperature", "0",
-                      "--max-tokens", str(MAX_TOKENS), "--json", timeout=1800)
-    finally:
-        shutil.rmtree(broken)
+    inventory_file.write_text("\n".join(lines) + "\n")
+    run = meshtui("up", str(inventory_file), "--headless", "--prompt", PROMPT, "--raw", "--temperature", "0",
+                  "--max-tokens", str(MAX_TOKENS), "--json", timeout=1800)
     assert run.returncode == 0, run.stderr
     assert "  h2: agent cannot serve: cannot load libggml-base.so.0" in run.stderr
     assert "building the runtime on the host instead" in run.stderr
@@ -438,4 +432,4 @@ def test_host_that_cannot_load_the_pushed_runtime_builds_its_own(lab, tmp_path: 
     assert result["tokens"] == expected["tokens"] and result["text"] == expected["text"]
     assert result["placement"]["h2"]
     assert list((h2.home / ".cache/meshtui/runtime").glob("build-*/lib/libggml-cpu.so.0"))
-    assert _wait_no_agents(lab) == {}
+    assert wait_nothing_left(lab) == {}

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, agent_processes, meshtui
+from helpers import REPO, agent_processes, meshtui, wait_nothing_left
 
 from meshtui.inventory import load_inventory
 from meshtui.mesh import Mesh
@@ -90,8 +90,9 @@ def test_head_killed_or_stopped_mid_reply_leaves_no_agent(lab, tmp_path: Path, s
     if sig != signal.SIGKILL:
         assert code == 130
         assert head.stderr is not None and "torn down" in head.stderr.read()
-    # Agents notice their SSH channel is gone; the engine notices its orchestrator is gone.
-    assert _wait(lambda: not any(agent_processes(lab).values()), 10), agent_processes(lab)
+    # Agents notice their SSH channel is gone; the engine notices its orchestrator is gone. Nothing else of the
+    # hosts' users is left either.
+    assert wait_nothing_left(lab) == {}
     assert _wait(lambda: not _alive(engines[0]), 10), f"engine {engines[0]} still running"
 
 
@@ -101,7 +102,7 @@ def test_host_whose_agent_prints_garbage_is_named(lab, tmp_path: Path) -> None:
     result = meshtui("up", str(inventory), "--headless", "--prompt", "hi", timeout=120)
     assert result.returncode == 4
     assert result.stderr.strip() == "meshtui: error: h2: probe failed: Welcome to the jungle"
-    assert not any(agent_processes(lab).values())
+    assert wait_nothing_left(lab) == {}
 
 
 def test_host_that_hangs_in_probe_times_out_and_is_cleaned_up(lab, tmp_path: Path) -> None:
@@ -112,8 +113,7 @@ def test_host_that_hangs_in_probe_times_out_and_is_cleaned_up(lab, tmp_path: Pat
     assert result.returncode == 4
     assert result.stderr.strip() == "meshtui: error: h1: probe did not answer within 4s"
     assert time.monotonic() - started < 60
-    sleepers = lambda: [p for p in lab.processes_of(lab.host("h1")) if "sleep 300" in p[1]]  # noqa: E731
-    assert _wait(lambda: not sleepers(), 10), sleepers()
+    assert wait_nothing_left(lab) == {}  # the hung probe's sleep too
 
 
 def _listening_ports() -> set[str]:

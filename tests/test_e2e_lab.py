@@ -249,8 +249,7 @@ def test_down_stops_agents_left_behind(lab, tmp_path: Path) -> None:
     assert f"h1: stopped agent pid {pid}: " in result.stdout
     assert "h2: nothing to stop" in result.stdout
     # The listing shows the agent's command line, its escape sequence made printable.
-    assert "--cache /tmp/meshtui-cache-\\x1b]0;owned\\x07 " in result.stdout or result.stdout.rstrip().endswith(
-        "--cache /tmp/meshtui-cache-\\x1b]0;owned\\x07")
+    assert "--cache /tmp/meshtui-cache-\\x1b]0;owned\\x07\n" in result.stdout
     assert "\x1b" not in result.stdout
     assert not agent_processes(lab)["h1"]
     orphan.kill()

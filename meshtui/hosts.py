@@ -335,6 +335,11 @@ async def runtime_check(conn: asyncssh.SSHClientConnection, host: HostSpec, bund
     return runtime_problems(report, None, source_agent_sha256(), AGENT_FILE)
 
 
+def _refusal(host: HostSpec, folder: str, problems: list[str]) -> HostError:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return HostError(f"refusing to run the agent from ~/{folder}: {problems[0]}{more}", host=host.name)
+
+
 async def push_runtime(
     conn: asyncssh.SSHClientConnection,
     host: HostSpec,
@@ -356,6 +361,8 @@ async def push_runtime(
                 if not problems:
                     on_progress(0, 0)
                     return 0
+                if problems[0].startswith("~"):  # a folder above the runtime: pushing again would not help
+                    raise _refusal(host, final, problems)
                 on_log(f"the runtime on the host was changed ({problems[0]}); pushing it again")
                 stale = f"{final}.stale-{secrets.token_hex(4)}"
                 await sftp.rename(final, stale)
@@ -511,8 +518,7 @@ async def launch_agent(
     """Start the agent from the pushed bundle, or from `runtime_dir` (a runtime built on the host)."""
     problems = await runtime_check(conn, host, bundle, runtime_dir)
     if problems:
-        raise HostError(f"refusing to run the agent from ~/{runtime_dir or bundle.remote_dir}: {problems[0]}"
-                        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""), host=host.name)
+        raise _refusal(host, runtime_dir or bundle.remote_dir, problems)
     remote = f'"$HOME"/{runtime_dir or bundle.remote_dir}'
     command = f"{shlex.quote(host.python)} {remote}/{AGENT_FILE} serve --runtime {remote}"
     if host.threads:

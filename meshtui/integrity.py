@@ -68,7 +68,8 @@ def runtime_problems(report: Any, expected: Mapping[str, str] | None, agent_sha2
     """What is wrong with a runtime folder as `inspect` reported it; empty when it is safe to run.
 
     `expected` maps every file of a pushed runtime to its sha256 (then nothing else may be there); for a
-    runtime built on the host it is None, and only the agent's digest is known to the head.
+    runtime built on the host it is None, and only the agent's digest is known to the head. Problems with the
+    folders above the runtime come first and start with "~" (pushing the runtime again cannot fix them).
     """
     if not isinstance(report, dict) or "error" in report:
         detail = report.get("error") if isinstance(report, dict) else None
@@ -84,7 +85,8 @@ def runtime_problems(report: Any, expected: Mapping[str, str] | None, agent_sha2
     for item in ancestors:
         if not isinstance(item, dict):
             return ["the check answered something unexpected"]
-        problems += _unsafe(str(item.get("path")), item, uid, allow_root=True)
+        path = str(item.get("path"))
+        problems += _unsafe("~" if path == "." else f"~/{path}", item, uid, allow_root=True)
     for rel, entry in sorted(entries.items()):
         if not isinstance(entry, dict):
             return ["the check answered something unexpected"]

@@ -119,7 +119,7 @@ def test_a_runtime_under_a_folder_others_can_write_is_refused(lab, tmp_path: Pat
         subprocess.run(["chown", f"{h1.user}:", str(cache)], check=True)
     line = _one_error_line(result)
     assert line.startswith("meshtui: error: h1: refusing to run the agent from ~/.cache/meshtui/runtime/")
-    assert line.endswith(": .cache/meshtui: writable by group or others (mode 0777)")
+    assert line.endswith(": ~/.cache/meshtui: writable by group or others (mode 0777)")
     assert result.returncode == 4
     assert wait_nothing_left(lab) == {}
 

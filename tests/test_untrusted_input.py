@@ -176,7 +176,7 @@ def test_an_intact_runtime_passes_and_every_change_is_named(tmp_path: Path) -> N
     (folder / "lib/libggml.so.0").unlink()
     (folder / "lib/libggml.so.0").write_bytes(b"ggml")
     os.chmod(tmp_path / ".cache/meshtui/runtime", 0o777)
-    assert check() == [".cache/meshtui/runtime: writable by group or others (mode 0777)"]
+    assert check() == ["~/.cache/meshtui/runtime: writable by group or others (mode 0777)"]
     os.chmod(tmp_path / ".cache/meshtui/runtime", 0o700)
     assert check() == []
     os.chown(folder / "lib/libggml.so.0", 12345, -1)

@@ -194,6 +194,7 @@ async def test_cut_link_is_lost_in_seconds_then_rejoins_when_it_is_back(
 
 
 SOAK_SECONDS = float(os.environ.get("MESHTUI_SOAK_SECONDS", "60"))
+HOG = "while True: pass  # meshtui soak hog"
 
 
 async def test_soak_with_jitter_and_a_busy_host_drops_no_stage(
@@ -203,7 +204,7 @@ async def test_soak_with_jitter_and_a_busy_host_drops_no_stage(
     MESHTUI_SOAK_SECONDS sets the length (60 s in the suite; docs/architecture.md reports a 10-minute run).
     """
     h1 = lab.host("h1")
-    hog = lab.popen_in(h1, ["runuser", "-u", h1.user, "--", "/usr/bin/python3", "-c", "while True: pass"])
+    hog = lab.popen_in(h1, ["runuser", "-u", h1.user, "--", "/usr/bin/python3", "-c", HOG])
     timeline = Timeline()
     stalls_ended = 0
     replies = tokens = 0
@@ -233,8 +234,15 @@ async def test_soak_with_jitter_and_a_busy_host_drops_no_stage(
             finally:
                 await mesh.close()
     finally:
+        # runuser stays the hog's parent: kill the hog itself, by its command line, then runuser.
+        for pid, cmdline in lab.processes_of(h1):
+            if cmdline.endswith(HOG):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         hog.kill()
         hog.wait()
+        await asyncio.to_thread(_wait_until, lambda: not any(c.endswith(HOG) for _, c in lab.processes_of(h1)),
+                                10, "the CPU hog outlived the soak")
     assert replies > 0 and tokens > 0
     assert recoveries == []
     assert statuses == {"head": "ready", "h1": "ready", "h2": "ready"}

@@ -15,8 +15,9 @@ import pytest
 # `lab` (session) is a 2-host lab; `lab_factory(n_hosts)` makes extra labs that
 # close when the test ends. A test using either, or marked `@pytest.mark.lab`,
 # is skipped with the reason when the lab cannot run here (not root, no sshd,
-# no namespaces) -- except under CI=true, where that is a failure: CI must run
-# them. MESHTUI_NO_LAB=1 turns the lab off on purpose.
+# no namespaces) -- except when CI is set to anything (CI=true, CI=1, ...),
+# where that is a failure: CI must run them. MESHTUI_NO_LAB=1 turns the lab
+# off on purpose (and so fails every lab test under CI).
 # ============================================================================
 
 try:  # tests/ has no __init__.py, so pytest puts tests/ itself on sys.path
@@ -34,8 +35,9 @@ def _require_lab() -> None:
     reason = _lab_unavailable()
     if reason is None:
         return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true needs the namespace lab, but it cannot run: {reason}", pytrace=False)
+    ci = os.environ.get("CI")
+    if ci:
+        pytest.fail(f"CI={ci} needs the namespace lab, but it cannot run: {reason}", pytrace=False)
     pytest.skip(f"namespace lab unavailable: {reason}")
 
 

@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP API over the mesh: /v1/models, /v1/chat/completions, /v1/completions.
 
 The engine serves one reply at a time, so every reply (the API's and the chat pane's) takes its turn on
-one `MeshRequests`. The wire format is decided purely in `api_openai`; this module reads sockets and drives
-the mesh.
+one `ReplyQueue` (meshtui/replies.py). The wire format is decided purely in `api_openai`; this module reads
+sockets and drives the mesh.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from meshtui import events as ev
@@ -53,6 +53,7 @@ from meshtui.api_openai import (
 )
 from meshtui.errors import EngineError, InventoryError, MeshError
 from meshtui.mesh import Mesh
+from meshtui.replies import ReplyQueue
 from meshtui.text import one_line
 
 API_KEY_ENV = "MESHTUI_API_KEY"
@@ -60,133 +61,6 @@ RETRY_AFTER_SECONDS = 5
 HEADER_TIMEOUT_SECONDS = 10.0  # from the connection to the end of the headers
 BODY_TIMEOUT_SECONDS = 30.0  # for the whole body, once the request is allowed
 MAX_CONNECTIONS = 64  # open at once; one more is answered 503 and closed before anything is read
-_END = object()
-
-
-# -- one reply at a time ---------------------------------------------------------------------------
-@dataclass
-class _Turn:
-    source: str
-    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
-    abandoned: bool = False
-    stopping: bool = False  # stop generating, but hand the consumer the reply up to its end
-    started: bool = False
-    cancelled: bool = False
-
-
-class Streams(Protocol):
-    """What the queue needs of a mesh (a `Mesh`, or a test's fake)."""
-
-    @property
-    def stream(self) -> Callable[..., AsyncIterator[ev.Event]]: ...
-
-    def cancel(self) -> None: ...
-
-
-class MeshRequests:
-    """The queue in front of the engine, shared by the API and the chat pane: one reply at a time."""
-
-    def __init__(self, mesh: Streams) -> None:
-        self.mesh = mesh
-        self.lock = asyncio.Lock()
-        self.waiting = 0
-        self._active: _Turn | None = None
-        self._pumps: set[asyncio.Task[None]] = set()
-
-    @property
-    def active_source(self) -> str | None:
-        """Who the reply being generated is for ("api", "chat"), or None when the engine is idle."""
-        return self._active.source if self._active else None
-
-    async def stream(self, *, source: str = "chat", **params: Any) -> AsyncGenerator[ev.Event, None]:
-        """`Mesh.stream(**params)` in turn.
-
-        A separate task drives the mesh, so a consumer that leaves early (break, cancelled, client gone)
-        cancels the reply and the task drains what the engine still sends: the next reply starts clean.
-        """
-        turn = _Turn(source)
-        pump = asyncio.create_task(self._pump(turn, params))
-        self._pumps.add(pump)
-        pump.add_done_callback(self._pumps.discard)
-        ended = False
-        try:
-            while True:
-                item = await turn.queue.get()
-                if item is _END:
-                    ended = True
-                    return
-                if isinstance(item, BaseException):
-                    ended = True
-                    raise item
-                assert isinstance(item, ev.Event)
-                yield item
-        finally:
-            if not ended:
-                turn.abandoned = True
-                self._cancel(turn)
-
-    async def _pump(self, turn: _Turn, params: dict[str, Any]) -> None:
-        try:
-            self.waiting += 1
-            try:
-                await self.lock.acquire()
-            finally:
-                self.waiting -= 1
-            try:
-                if turn.abandoned:
-                    return
-                self._active = turn
-                async for event in self.mesh.stream(**params):
-                    turn.started = turn.started or isinstance(event, ev.ReplyStarted)
-                    if turn.abandoned or turn.stopping:
-                        self._cancel(turn)
-                    if not turn.abandoned:
-                        turn.queue.put_nowait(event)
-            finally:
-                self._active = None
-                self.lock.release()
-        except asyncio.CancelledError:
-            turn.queue.put_nowait(EngineError("the reply was interrupted"))
-            raise
-        except Exception as err:  # handed to the consumer, which raises it where it can be handled
-            turn.queue.put_nowait(err)
-        finally:
-            turn.queue.put_nowait(_END)
-
-    def _cancel(self, turn: _Turn) -> None:
-        # Only once the engine has started this reply: a cancel sent before would be cleared by its start.
-        if turn.started and not turn.cancelled and turn is self._active:
-            turn.cancelled = True
-            self.mesh.cancel()
-
-    def stop(self, source: str) -> bool:
-        """Stop the reply being generated if it is `source`'s; its consumer still gets it, cut, to the end."""
-        turn = self._active
-        if turn is None or turn.source != source:
-            return False
-        turn.stopping = True
-        self._cancel(turn)
-        return True
-
-    def cancel(self, source: str | None = None) -> bool:
-        """Cancel the reply being generated, if it is `source`'s (any source's when None)."""
-        turn = self._active
-        if turn is None or (source is not None and turn.source != source):
-            return False
-        turn.abandoned = True
-        self._cancel(turn)
-        return True
-
-    async def settle(self, timeout: float = 10.0) -> None:
-        """Wait for replies still draining (after a cancel they end within a token); then stop them."""
-        pumps = set(self._pumps)
-        if not pumps:
-            return
-        _done, pending = await asyncio.wait(pumps, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -236,12 +110,6 @@ class _Exchange:
 
 
 Handler = Callable[[Request, asyncio.StreamWriter, _Exchange], Awaitable[None]]
-
-
-def mesh_ready(mesh: Mesh) -> bool:
-    """Up and not re-planning (the head is in "load" while the mesh recovers), and the engine alive."""
-    return (mesh.model is not None and mesh.head.status == "ready"
-            and mesh.engine is not None and mesh.engine.alive)
 
 
 def is_loopback(host: str) -> bool:
@@ -302,7 +170,7 @@ def check_api_options(host: str, api_key: str | None) -> None:
 
 class ApiServer:
     def __init__(self, mesh: Mesh, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-                 requests: MeshRequests | None = None, ready: Callable[[], bool] | None = None,
+                 requests: ReplyQueue | None = None, ready: Callable[[], bool] | None = None,
                  on_request: Callable[[ApiRequestRecord], None] | None = None,
                  max_body: int = MAX_BODY_BYTES, max_connections: int = MAX_CONNECTIONS,
                  header_timeout: float = HEADER_TIMEOUT_SECONDS,
@@ -312,9 +180,9 @@ class ApiServer:
         self.host = host
         self.port = port
         self.api_key = api_key
-        self.requests = requests or MeshRequests(mesh)
+        self.requests = requests or ReplyQueue(mesh)
         self._owns_requests = requests is None
-        self.ready: Callable[[], bool] = ready or (lambda: mesh_ready(mesh))
+        self.ready: Callable[[], bool] = ready or (lambda: self.requests.ready)  # the core's one definition
         self.on_request = on_request
         self.max_body = max_body
         self.max_connections = max_connections

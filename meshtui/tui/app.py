@@ -17,10 +17,11 @@ from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Input
 from textual.worker import Worker, WorkerError, WorkerState
 
 from meshtui import events as ev
-from meshtui.api import ApiServer, MeshRequests
+from meshtui.api import ApiServer
 from meshtui.errors import MeshError
 from meshtui.inventory import Inventory
 from meshtui.mesh import Mesh
+from meshtui.replies import ReplyQueue
 from meshtui.tui.chat import ChatPane
 from meshtui.tui.help import HelpScreen
 from meshtui.tui.log import LogPanel
@@ -65,6 +66,12 @@ class MeshApp(App[None]):
     class MeshWentUp(Message):
         pass
 
+    class CoreChanged(Message):
+        """The core reported something that may change whether it can answer; coalesced when busy."""
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, MeshApp.CoreChanged)
+
     class MeshRecovered(Message):
         def __init__(self, host: str, seconds: float) -> None:
             super().__init__()
@@ -88,7 +95,7 @@ class MeshApp(App[None]):
         super().__init__()
         self.inventory = inventory
         self.mesh: MeshLike = mesh_factory(inventory, accept_new=accept_new, listener=self._on_core_event)
-        self.requests = MeshRequests(self.mesh)  # one reply at a time: the chat's and the API's take turns
+        self.requests = ReplyQueue(self.mesh)  # one reply at a time: the chat's and the API's take turns
         self.api_options = api
         self.api_server: ApiServer | None = None
         self.chat = ChatPane(self.requests, max_tokens=max_tokens, temperature=temperature, seed=seed, id="chat")
@@ -124,7 +131,7 @@ class MeshApp(App[None]):
             case ev.StageLatencyMeasured():
                 self.nodes_view.post_message(NodesView.Changed())
             case ev.ReplyStarted() | ev.TokenGenerated() | ev.ReplyFinished():
-                pass  # the chat pane consumes its own stream
+                return  # the chat pane consumes its own stream
             case ev.MeshReady():
                 self.post_message(self.MeshWentUp())
             case ev.MeshRecovered():
@@ -138,10 +145,23 @@ class MeshApp(App[None]):
                 self.nodes_view.post_message(NodesView.Changed())
                 if isinstance(event, ev.StageFailed) or (isinstance(event, ev.HostFailed) and self.is_up):
                     self.post_message(self.StageLost(event.host, event.reason))
+        if not isinstance(event, (ev.LogRecorded, ev.StageLatencyMeasured, ev.TransferProgressed)):
+            self.post_message(self.CoreChanged())
+
+    @on(CoreChanged)
+    def _on_core_changed(self) -> None:
+        # The core's one definition of ready; the chat pane keeps no rule of its own. Asked only once the mesh
+        # is up, as the API is only served then: during the first load Mesh.ready already holds (the engine
+        # process is alive) before the model is loaded.
+        if self.is_up:
+            self.chat.sync_ready()
 
     @work(exclusive=True, exit_on_error=False, group="mesh")
     async def bring_up(self) -> None:
         await self.mesh.up()
+        # As headless `up` and `serve` do: failed hosts are retried in the background and rejoin before the
+        # next reply once they are reachable (`r` asks at once).
+        self.mesh.enable_auto_rejoin()
 
     @on(Worker.StateChanged)
     def _on_worker_state(self, event: Worker.StateChanged) -> None:
@@ -157,14 +177,14 @@ class MeshApp(App[None]):
         self.query_one("#views", ContentSwitcher).current = "provisioning"
         self.provisioning.set_status(f"✗ {self.up_error}\nEverything started was torn down. Press q to quit.",
                                      failed=True)
-        self.chat.down_reason = self.up_error
+        self.chat.give_up(self.up_error)
 
     @on(MeshWentUp)
     def _on_mesh_up(self) -> None:
         self.is_up = True
         self.query_one("#views", ContentSwitcher).current = "nodes"
         self.nodes_view.redraw()
-        self.chat.ready = True
+        self.chat.sync_ready()
         if self.api_options is not None and self.api_server is None:
             self.serve_api(self.api_options)
 
@@ -190,7 +210,6 @@ class MeshApp(App[None]):
         if message.host in self.lost:
             return  # the core reports a lost stage twice: HostFailed, then StageFailed
         self.lost.add(message.host)
-        self.chat.ready = False
         self.chat.down_reason = f"{message.host}: {message.reason}"
         self.notify(f"{message.host}: {message.reason}", title="stage lost", severity="error", timeout=10)
 
@@ -198,15 +217,13 @@ class MeshApp(App[None]):
     def _on_recovered(self, message: MeshRecovered) -> None:
         """The core re-planned without the lost stage and the reply went on: the chat is usable again."""
         self.chat.down_reason = ""
-        self.chat.ready = True
-        self.notify(f"continuing without {message.host} (recovered in {message.seconds:.1f}s); r rejoins it "
-                    "once it is back", title="mesh recovered", timeout=8)
+        self.notify(f"continuing without {message.host} (recovered in {message.seconds:.1f}s); it rejoins by "
+                    "itself once it is back (r tries now)", title="mesh recovered", timeout=8)
 
     @on(HostRejoined)
     def _on_rejoined(self, message: HostRejoined) -> None:
         self.lost.discard(message.host)
         self.chat.down_reason = ""
-        self.chat.ready = True
         self.notify(f"{message.host} is back in the mesh", title="rejoined", timeout=6)
 
     # -- actions ---------------------------------------------------------------------------------
@@ -221,16 +238,14 @@ class MeshApp(App[None]):
 
     @work(exclusive=True, exit_on_error=False, group="rejoin")
     async def rejoin_hosts(self, names: list[str]) -> None:
-        self.chat.ready = False
-        try:
+        # A rejoin reloads the engine: it takes its turn like a reply, so none starts meanwhile.
+        async with self.requests.exclusive("rejoin"):
             for name in names:
                 try:
                     await self.mesh.rejoin(name)
                 except MeshError as err:
                     self.notify(str(err), title=f"{name} cannot rejoin yet", severity="error", timeout=8)
-        finally:
-            self.chat.ready = self.mesh.ready
-
+        self.post_message(self.CoreChanged())
 
     async def action_quit(self) -> None:
         self.sub_title = "tearing the mesh down…"

@@ -1,7 +1,8 @@
 """The conversation: every turn sends the whole history; the reply streams in as tokens arrive.
 
 A prompt submitted while a reply is still streaming is refused with a notice (the text stays in the input),
-so the history the model sees is always the one on screen.
+so the history the model sees is always the one on screen. A prompt submitted before the mesh is ready (while
+it comes up, or recovers) is kept, shown as waiting, and sent as soon as it is ready.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from textual.widgets import Input, Static
 from textual.worker import Worker, WorkerState
 
 from meshtui import events as ev
-from meshtui.api import MeshRequests
 from meshtui.errors import MeshError
+from meshtui.replies import ReplyQueue
 from meshtui.text import printable
 from meshtui.tui.throttle import Throttle
 
 REPLY_REDRAW_INTERVAL = 0.1  # seconds: at most 10 redraws of a streaming reply a second
+WAITING_TEXT = "waiting for the mesh: sent when it is ready"
 
 
 class ChatMessage(Static):
@@ -47,7 +49,8 @@ class ChatMessage(Static):
 
 class ChatPane(Vertical):
     ready: reactive[bool] = reactive(False)
-    """The mesh is up and can answer."""
+    """The mesh can answer: a copy of the core's one definition (`ReplyQueue.ready`, which is `Mesh.ready`),
+    taken by `sync_ready` whenever the core reports a change. Never set from anywhere else."""
     down_reason: reactive[str] = reactive("")
     """Why the mesh cannot answer (empty while it is coming up)."""
 
@@ -69,7 +72,7 @@ class ChatPane(Vertical):
             self.finished = finished
             self.error = error
 
-    def __init__(self, requests: MeshRequests, *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0,
+    def __init__(self, requests: ReplyQueue, *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0,
                  id: str | None = None) -> None:
         super().__init__(id=id)
         self.requests = requests  # the queue in front of the engine: the chat's replies take turns with the API's
@@ -80,6 +83,8 @@ class ChatPane(Vertical):
         self.stopping = False
         self._turn = 0  # the turn on screen; bumped by clearing so late messages of the old one are dropped
         self._streaming_turn: int | None = None
+        self._waiting_turn: int | None = None  # a prompt kept until the mesh is ready
+        self._gave_up = False  # the mesh will not come up: nothing typed can be sent
         self._reply: ChatMessage | None = None
         self._reply_text = ""
         self._reply_throttle = Throttle(self, REPLY_REDRAW_INTERVAL, self._show_reply)
@@ -87,25 +92,51 @@ class ChatPane(Vertical):
     def compose(self) -> ComposeResult:
         yield VerticalScroll(id="transcript")
         yield Static("", id="chat-status")
-        yield Input(placeholder="waiting for the mesh…", id="prompt", disabled=True)
+        yield Input(placeholder="ask something; it is sent once the mesh is ready", id="prompt")
 
     def on_mount(self) -> None:
         self.border_title = "Chat"
-        self._set_status("the chat opens when the mesh is ready")
+        self._set_status("the mesh is coming up · a prompt typed now is sent when it is ready")
+        self.focus_prompt()
 
     # -- readiness -------------------------------------------------------------------------------
+    def sync_ready(self) -> None:
+        """Take the core's readiness (the app calls this whenever the core reports something changed)."""
+        self.ready = self.requests.ready
+
     def watch_ready(self, ready: bool) -> None:
+        if self._gave_up:
+            return
         prompt = self.query_one("#prompt", Input)
-        prompt.disabled = not ready
         if ready:
             prompt.placeholder = "ask something; Enter sends"
-            self._set_status("ready · Enter sends · Esc stops a reply · Ctrl+L clears")
+            if self._waiting_turn is not None:
+                self._send_waiting()
+            elif not self.streaming:
+                self._set_status("ready · Enter sends · Esc stops a reply · Ctrl+L clears")
             prompt.focus()
+        else:
+            prompt.placeholder = "ask something; it is sent once the mesh is ready"
 
     def watch_down_reason(self, reason: str) -> None:
-        if reason:
-            self.query_one("#prompt", Input).placeholder = "the mesh is down"
-            self._set_status(f"the mesh is down: {reason}", error=True)
+        if reason and not self._gave_up:
+            if self._waiting_turn is not None:
+                self._set_status(f"the mesh is down: {reason} · the prompt waits for it · Esc withdraws it",
+                                 error=True)
+            else:
+                self._set_status(f"the mesh is down: {reason}", error=True)
+
+    def give_up(self, reason: str) -> None:
+        """The mesh will not come up (bringing it up failed): close the prompt, fail a waiting one."""
+        self.down_reason = reason
+        self._gave_up = True
+        prompt = self.query_one("#prompt", Input)
+        prompt.placeholder = "the mesh is down"
+        prompt.disabled = True
+        if self._waiting_turn is not None:
+            turn, self._waiting_turn = self._waiting_turn, None
+            self.post_message(self.ReplyEnded(turn, None, f"not sent: the mesh did not come up: {reason}"))
+        self._set_status(f"the mesh is down: {reason}", error=True)
 
     # -- sending ---------------------------------------------------------------------------------
     @on(Input.Submitted, "#prompt")
@@ -113,8 +144,8 @@ class ChatPane(Vertical):
         text = event.value.strip()
         if not text:
             return
-        if not self.ready:
-            self.notify("The mesh is not ready.", severity="warning")
+        if self._waiting_turn is not None:
+            self.notify("A prompt is already waiting for the mesh: Esc withdraws it.", severity="warning")
             return
         if self.streaming:
             self.notify("A reply is still streaming: wait for it, or press Esc to stop it.", severity="warning")
@@ -123,6 +154,7 @@ class ChatPane(Vertical):
         self.send(text)
 
     def send(self, text: str) -> None:
+        """Show the prompt and send it; before the mesh is ready, keep it (shown as waiting) until it is."""
         self.messages.append({"role": "user", "content": text})
         self._turn += 1
         self._reply_text = ""
@@ -132,8 +164,28 @@ class ChatPane(Vertical):
         transcript.scroll_end(animate=False)
         self._streaming_turn = self._turn
         self.stopping = False
+        if self.ready:
+            self._set_status("streaming… Esc stops the reply")
+            self._stream_reply(self._turn, list(self.messages))
+            return
+        self._waiting_turn = self._turn
+        self._reply.set_text(WAITING_TEXT)
+        self._reply.add_class("-waiting")
+        self._reply.border_subtitle = "waiting"
+        why = f"the mesh is down: {self.down_reason}" if self.down_reason else "the mesh is coming up"
+        self._set_status(f"{why} · the prompt is sent when it is ready · Esc withdraws it",
+                         error=bool(self.down_reason))
+
+    def _send_waiting(self) -> None:
+        turn, self._waiting_turn = self._waiting_turn, None
+        if turn is None or turn != self._turn:
+            return
+        if self._reply is not None:
+            self._reply.set_text("…")
+            self._reply.remove_class("-waiting")
+            self._reply.border_subtitle = ""
         self._set_status("streaming… Esc stops the reply")
-        self._stream_reply(self._turn, list(self.messages))
+        self._stream_reply(turn, list(self.messages))
 
     @work(exclusive=True, exit_on_error=False, group="chat")
     async def _stream_reply(self, turn: int, messages: list[dict[str, str]]) -> None:
@@ -187,6 +239,7 @@ class ChatPane(Vertical):
         if finished is None:
             if reply is not None:
                 reply.set_text(self._reply_text or "(no reply)")
+                reply.remove_class("-waiting")
                 reply.add_class("-failed")
                 reply.border_subtitle = "failed"
             self.query_one("#transcript").mount(ChatMessage("error", message.error))
@@ -205,6 +258,10 @@ class ChatPane(Vertical):
         """Stop the streaming reply; False when none is streaming."""
         if not self.streaming:
             return False
+        if self._waiting_turn is not None:  # not sent yet: withdraw it
+            turn, self._waiting_turn = self._waiting_turn, None
+            self.post_message(self.ReplyEnded(turn, None, "withdrawn before the mesh was ready"))
+            return True
         if not self.stopping:
             self.stopping = True
             if not self.requests.stop("chat") and self._streaming_turn is not None:
@@ -228,8 +285,13 @@ class ChatPane(Vertical):
     # -- helpers ---------------------------------------------------------------------------------
     @property
     def streaming(self) -> bool:
-        """A reply is in flight (including one being stopped)."""
+        """A reply is in flight (including one being stopped, and a prompt waiting for the mesh)."""
         return self._streaming_turn is not None
+
+    @property
+    def waiting(self) -> bool:
+        """A prompt is kept until the mesh is ready."""
+        return self._waiting_turn is not None
 
     def _follow(self) -> None:
         transcript = self.query_one("#transcript", VerticalScroll)

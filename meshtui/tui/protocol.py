@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from meshtui import events as ev
 from meshtui.inventory import Inventory
-from meshtui.mesh import Node
+from meshtui.mesh import Node, RejoinPolicy
 
 
 class MeshLike(Protocol):
@@ -27,6 +27,8 @@ class MeshLike(Protocol):
     def ready(self) -> bool: ...
 
     async def rejoin(self, name: str) -> None: ...
+
+    def enable_auto_rejoin(self, policy: RejoinPolicy | None = None) -> None: ...
 
     async def close(self) -> None: ...
 

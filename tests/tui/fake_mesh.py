@@ -13,7 +13,7 @@ from typing import Any
 from meshtui import events as ev
 from meshtui.errors import MeshError
 from meshtui.inventory import HeadSpec, HostSpec, Inventory, ModelSpec, SSHSpec
-from meshtui.mesh import Node
+from meshtui.mesh import Node, RejoinPolicy
 from meshtui.planner import NodeAssignment, Plan
 
 MiB = 1024**2
@@ -73,7 +73,8 @@ def provisioning_script(plan: Plan, *, until: str = "ready") -> list[ev.Event]:
 class FakeMesh:
     def __init__(self, inventory: Inventory, *, listener: ev.Listener, until: str = "ready",
                  fail_up: MeshError | None = None, reply: Sequence[str] = ("Hello", " there", "!"),
-                 tokens_per_second: float = 42.5, hold_after: int | None = None, token_gap: float = 0.0) -> None:
+                 tokens_per_second: float = 42.5, hold_after: int | None = None, token_gap: float = 0.0,
+                 hold_up: bool = False) -> None:
         self.listener = listener
         self.head = Node(name="head", address="127.0.0.1", is_head=True)
         self.hosts = [Node(name=h.name, address=h.address, spec=h) for h in inventory.hosts]
@@ -84,8 +85,13 @@ class FakeMesh:
         self.tokens_per_second = tokens_per_second
         self.hold_after = hold_after  # stop streaming after this many tokens until cancel()
         self.token_gap = token_gap  # seconds between tokens (0: just yield to the loop)
+        self.release_up = asyncio.Event()  # with hold_up, up() waits for it before MeshReady (or failing)
+        if not hold_up:
+            self.release_up.set()
         self.stream_calls: list[list[dict[str, str]]] = []
         self.rejoined: list[str] = []
+        self.auto_rejoin: RejoinPolicy | None = None
+        self.engine_alive = False  # what Mesh.ready reads: loaded, and not lost with a stage
         self.cancelled = False
         self.closed = False
         self._cancel = asyncio.Event()
@@ -120,14 +126,21 @@ class FakeMesh:
                 self.node(host).rtt_ms = RTT_MS.get(host)
             case ev.StageLatencyMeasured(host=host):
                 self.node(host).latencies.append(event)
+        if isinstance(event, (ev.MeshReady, ev.MeshRecovered, ev.HostRejoined)):
+            self.engine_alive = True
+        elif isinstance(event, (ev.StageFailed, ev.MeshRecovering)):
+            self.engine_alive = False  # ggml took the engine down with the stage
         self.listener(event)
         return event
 
     async def up(self) -> None:
         for event in provisioning_script(make_plan(), until=self.until):
+            if isinstance(event, ev.MeshReady):
+                await self.release_up.wait()
             self.emit(event)
             await asyncio.sleep(0)
         if self.fail_up is not None:
+            await self.release_up.wait()
             self.emit(ev.HostFailed("lab2", "push", str(self.fail_up).removeprefix("lab2: ")))
             raise self.fail_up
         if self.until != "ready":
@@ -164,7 +177,10 @@ class FakeMesh:
 
     @property
     def ready(self) -> bool:
-        return self.head.status == "ready" and not self.closed
+        return self.engine_alive and not self.closed
+
+    def enable_auto_rejoin(self, policy: RejoinPolicy | None = None) -> None:
+        self.auto_rejoin = policy or RejoinPolicy()
 
     def recover_from(self, host: str, seconds: float = 0.8) -> None:
         """What the core reports once it re-planned on the survivors and the engine is loaded again."""

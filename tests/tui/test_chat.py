@@ -5,7 +5,8 @@ from __future__ import annotations
 from pilot_helpers import wait_until
 from textual.widgets import Input
 
-from meshtui.tui.chat import ChatMessage
+from meshtui.errors import HostError
+from meshtui.tui.chat import WAITING_TEXT, ChatMessage
 
 SIZE = (120, 36)
 
@@ -156,3 +157,58 @@ async def test_an_api_port_already_taken_is_reported_and_the_chat_still_works(bu
             assert app.chat.messages[-1]["content"] == "fine"
     finally:
         taken.close()
+
+
+async def test_a_prompt_typed_while_the_mesh_comes_up_is_kept_shown_waiting_and_sent_when_ready(build_app):
+    app = build_app(hold_up=True, reply=["Hi", "!"])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.mesh.head.status == "ready", what="the bring-up up to its last step")
+        assert not app.chat.ready and isinstance(app.focused, Input)  # typing goes to the prompt at once
+        await pilot.press(*"early", "enter")
+        await wait_until(pilot, lambda: len(transcript(app)) == 2, what="the kept prompt")
+        assert transcript(app) == [("user", "early"), ("assistant", WAITING_TEXT)]
+        assert app.chat.query(ChatMessage).last().border_subtitle == "waiting"
+        assert app.chat.waiting and app.mesh.stream_calls == []
+        status = app.chat.query_one("#chat-status").render().plain
+        assert status == "the mesh is coming up · the prompt is sent when it is ready · Esc withdraws it"
+
+        await pilot.press(*"more", "enter")  # one prompt waits at a time; this one stays in the input
+        await pilot.pause()
+        assert app.query_one("#prompt", Input).value == "more"
+        assert any("already waiting for the mesh" in str(n.message) for n in app._notifications)
+
+        app.mesh.release_up.set()  # the core reports MeshReady: the kept prompt goes out
+        await wait_until(pilot, lambda: len(app.chat.messages) == 2, what="the kept prompt's reply")
+        assert app.mesh.stream_calls == [[{"role": "user", "content": "early"}]]
+        assert transcript(app) == [("user", "early"), ("assistant", "Hi!")]
+        assert not app.chat.query(ChatMessage).last().has_class("-waiting")
+
+
+async def test_escape_withdraws_a_prompt_waiting_for_the_mesh(build_app):
+    app = build_app(hold_up=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.mesh.head.status == "ready", what="the bring-up up to its last step")
+        await pilot.press(*"early", "enter")
+        await wait_until(pilot, lambda: app.chat.waiting, what="the kept prompt")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.chat.streaming, what="the prompt to be withdrawn")
+        assert transcript(app)[-1] == ("error", "withdrawn before the mesh was ready")
+        assert app.chat.messages == []
+        app.mesh.release_up.set()
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        await pilot.pause()
+        assert app.mesh.stream_calls == []  # never sent
+
+
+async def test_a_waiting_prompt_fails_with_the_reason_when_the_mesh_does_not_come_up(build_app):
+    app = build_app(hold_up=True, until="push", fail_up=HostError("disk full while pushing the runtime", host="lab2"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.mesh.node("lab2").status == "push", what="the push")
+        await pilot.press(*"early", "enter")
+        await wait_until(pilot, lambda: app.chat.waiting, what="the kept prompt")
+        app.mesh.release_up.set()
+        await wait_until(pilot, lambda: not app.chat.streaming, what="the waiting prompt to fail")
+        assert transcript(app)[-1] == ("error", "not sent: the mesh did not come up: "
+                                                "lab2: disk full while pushing the runtime")
+        assert app.query_one("#prompt", Input).disabled
+        assert app.chat.messages == []

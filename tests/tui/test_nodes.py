@@ -6,6 +6,7 @@ from pilot_helpers import node_row, provisioning_row, wait_until
 from textual.widgets import ContentSwitcher, Sparkline
 
 from meshtui.errors import HostError
+from meshtui.mesh import RejoinPolicy
 
 SIZE = (120, 36)
 
@@ -70,12 +71,14 @@ async def test_after_a_recovery_the_chat_reopens_and_r_rejoins_the_failed_host(b
         await wait_until(pilot, lambda: not app.chat.ready, what="the chat to close")
         app.mesh.recover_from("lab2")
         await wait_until(pilot, lambda: app.chat.ready, what="the chat to reopen after the recovery")
-        assert node_row(app, "lab2")[2] == "failed: SSH connection lost"
+        await wait_until(pilot, lambda: node_row(app, "lab2")[2] == "failed: SSH connection lost",
+                         what="the failed row (redraws are throttled)")
         app.chat.query_one("Input").blur()
         await pilot.press("r")
         await wait_until(pilot, lambda: app.mesh.rejoined == ["lab2"], what="the rejoin")
         await wait_until(pilot, lambda: node_row(app, "lab2")[2] == "ready", what="the row back to ready")
         assert app.chat.ready and "lab2" not in app.lost
+        assert app.mesh.auto_rejoin == RejoinPolicy()  # r or not, failed hosts are retried in the background
 
 
 async def test_a_failed_bring_up_is_shown_in_place_and_q_quits_with_its_exit_code(build_app):
@@ -94,5 +97,5 @@ async def test_a_failed_bring_up_is_shown_in_place_and_q_quits_with_its_exit_cod
         assert app.is_running  # the app stays open so the error can be read
         await pilot.press("q")
         await wait_until(pilot, lambda: not app.is_running, what="quit")
-    assert app.mesh.closed
+    assert app.mesh.closed and app.mesh.auto_rejoin is None  # nothing to rejoin: the mesh never came up
     assert app.return_code == HostError.exit_code

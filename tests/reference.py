@@ -2,6 +2,9 @@
 
 Run as a script so the model lives in its own process:
     python tests/reference.py MODEL PROMPT MAX_TOKENS CONTEXT  ->  {"text": ..., "tokens": [...]}
+    python tests/reference.py --chat MODEL MESSAGES_JSON MAX_TOKENS CONTEXT
+        ->  {"text": ..., "prompt_tokens": N, "completion_tokens": N, "finish_reason": ...}
+            (llama-cpp-python's own `create_chat_completion`: its chat template handling, its sampling)
 """
 
 from __future__ import annotations
@@ -20,9 +23,32 @@ def reference_greedy(model: Path, prompt: str, max_tokens: int, context: int = 5
     return json.loads(out.strip().splitlines()[-1])
 
 
+def reference_chat(model: Path, messages: list[dict[str, str]], max_tokens: int,
+                   context: int = 512) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--chat", str(model), json.dumps(messages), str(max_tokens), str(context)],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _chat_main() -> None:
+    import llama_cpp
+
+    model, messages, max_tokens, context = sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    llm = llama_cpp.Llama(model_path=model, n_ctx=context, n_threads=1, n_gpu_layers=0, verbose=False)
+    out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, seed=0)
+    choice, usage = out["choices"][0], out["usage"]
+    print(json.dumps({"text": choice["message"]["content"], "prompt_tokens": usage["prompt_tokens"],
+                      "completion_tokens": usage["completion_tokens"], "finish_reason": choice["finish_reason"]}))
+
+
 def _main() -> None:
     import llama_cpp
 
+    if sys.argv[1] == "--chat":
+        _chat_main()
+        return
     model, prompt, max_tokens, context = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     llm = llama_cpp.Llama(model_path=model, n_ctx=context, n_threads=1, n_gpu_layers=0, verbose=False)
     prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)

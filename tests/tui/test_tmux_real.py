@@ -84,7 +84,7 @@ def test_meshtui_up_in_tmux_chats_measures_and_tears_down(tmp_path: Path) -> Non
     started = tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40", command)
     assert started.returncode == 0, started.stderr
     try:
-        wait_for("the mesh to come up", lambda: "ask something" in screen(session), session, 120)
+        wait_for("the mesh to come up", lambda: "ask something; Enter sends" in screen(session), session, 120)
         pane_pid = int(tmux("display-message", "-p", "-t", session, "#{pane_pid}").stdout.strip())
         ours = {pid: line for line in agent_lines()
                 if (pid := line.split()[0]).isdigit() and int(pid) in descendants(pane_pid)}

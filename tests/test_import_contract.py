@@ -28,6 +28,8 @@ TUI_SEAMS = {
     "meshtui.replies": "the reply queue the chat pane shares with the API",
     "meshtui.api": "the OpenAI-compatible API served beside the chat (up --api-port)",
     "meshtui.units": "sizes as people read them",
+    "meshtui.text": "text from hosts and models made safe to print (no terminal escapes)",
+    "meshtui.stats": "the one definition of the latency statistics (p95) the core and the bench report too",
 }
 # Core modules that may import meshtui.tui, and only inside a function (so importing them loads no UI).
 LAZY_UI_DOORS = {"meshtui.cli"}

@@ -31,14 +31,16 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from meshtui import events as ev
+from meshtui.capacity import HEAD_NAME, HEAD_RESERVE_BYTES, head_capacity
 from meshtui.engine.client import EngineProcess
 from meshtui.errors import InventoryError, MeshError, PlanError
 from meshtui.gguf_facts import ModelFacts, read_model_facts
-from meshtui.inventory import Inventory
+from meshtui.inventory import HeadSpec, Inventory
 from meshtui.localstage import LocalStage
-from meshtui.mesh import HEAD_NAME, HEAD_RESERVE_BYTES, Mesh, placement_by_node
+from meshtui.mesh import Mesh
 from meshtui.models import resolve_model_path
-from meshtui.planner import NodeCapacity, Plan, plan_layer_split
+from meshtui.placement import engine_split, expected_placement, placement_by_node
+from meshtui.planner import Plan, plan_layer_split
 from meshtui.runtime import local_runtime_bundle
 from meshtui.stats import p95
 from meshtui.units import format_size
@@ -236,10 +238,9 @@ def _mem_available() -> int:
 
 
 def single_does_not_fit(model: ModelFacts, context: int) -> str | None:
-    """Why the whole model cannot run on the head alone, or None when it can (same rule as the planner)."""
-    usable = max(0, _mem_available() - HEAD_RESERVE_BYTES)
+    """Why the whole model cannot run on the head alone, or None when it can (the rules of `up`)."""
     try:
-        plan_layer_split(model, [NodeCapacity(HEAD_NAME, usable, is_head=True)], context)
+        plan_layer_split(model, [head_capacity(model, HeadSpec(), _mem_available())], context)
     except PlanError as err:
         return str(err)
     return None
@@ -342,7 +343,8 @@ class _EngineMode:
         await self.engine.start()
         split: dict[str, Any] = {}
         if self.plan is not None:
-            split = {"tensor_split": list(self.plan.tensor_split), "n_gpu_layers": self.plan.n_gpu_layers}
+            placed = engine_split(self.plan)  # plain TCP stage servers: one device each
+            split = {"tensor_split": list(placed.tensor_split), "n_gpu_layers": placed.n_gpu_layers}
         endpoints = list(self.endpoints)
         if self.endpoints and self.plan is not None and self.plan.output_on_head:
             self.local_stage = LocalStage(local_runtime_bundle(), threads=self.ctx.inventory.head.threads)
@@ -393,8 +395,7 @@ class _EngineMode:
             names[self.local_stage.endpoint] = HEAD_NAME
         placement = placement_by_node(self.loaded.get("placement") or {}, self.loaded.get("device_endpoints") or {},
                                        names)
-        expected = {a.name: self.plan.layers_of(a.name) for a in self.plan.assignments
-                    if self.plan.layers_of(a.name)} if self.plan else {}
+        expected = expected_placement(self.plan) if self.plan else {}
         run.update({"placement": placement, "placement_matches_plan": placement == expected,
                     "bytes_source": "kernel TCP counters (ss -ti); no proxy in the path, so per-stage latency "
                                     "and round trips are not measured"})
@@ -571,7 +572,7 @@ async def run_bench(inventory: Inventory, options: BenchOptions, *, accept_new: 
     plan = mesh_mode.plan
     report["runs"] = [mode.result() for mode in modes]
     report["plan"] = {"assignments": plan.to_json(), "n_gpu_layers": plan.n_gpu_layers,
-                      "tensor_split": list(plan.tensor_split)}
+                      "tensor_split": list(engine_split(plan).tensor_split)}
     report.update(await _reload_over_ssh(ctx, accept_new, listener, plan))
     by_mode = {run["mode"]: run for run in report["runs"]}
     ssh_tps = by_mode["ssh"]["decode_tokens_per_second"]

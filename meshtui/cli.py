@@ -19,6 +19,7 @@ from meshtui.errors import InventoryError, MeshError
 from meshtui.inventory import ModelSpec, load_inventory
 from meshtui.lab import EmbeddedLab
 from meshtui.mesh import Mesh
+from meshtui.placement import engine_split
 from meshtui.text import printable
 from meshtui.units import format_size
 
@@ -164,7 +165,7 @@ async def cmd_plan(args: argparse.Namespace) -> int:
             await mesh.close()
         if args.json:
             print(json.dumps({"plan": plan.to_json(), "reasons": list(plan.reasons),
-                              "n_gpu_layers": plan.n_gpu_layers, "tensor_split": list(plan.tensor_split),
+                              "n_gpu_layers": plan.n_gpu_layers, "tensor_split": list(engine_split(plan).tensor_split),
                               "nodes": [{"name": n.name, "facts": n.facts.to_json() if n.facts else None}
                                         for n in mesh.nodes]}))
         else:

@@ -18,7 +18,9 @@ from typing import Any
 
 import asyncssh
 
+from meshtui import capacity
 from meshtui import events as ev
+from meshtui.capacity import HEAD_NAME, ProbedHost, gpu_verdict
 from meshtui.engine.client import EngineDied, EngineProcess
 from meshtui.errors import EngineError, HostError, MeshError, PlanError
 from meshtui.gguf_facts import ModelFacts, read_model_facts
@@ -27,7 +29,8 @@ from meshtui.hosts import Agent, HostFacts, launch_agent, probe_host, push_runti
 from meshtui.inventory import HostSpec, Inventory
 from meshtui.localstage import LocalStage
 from meshtui.models import resolve_model_path
-from meshtui.planner import NODE_OVERHEAD_BYTES, NodeCapacity, Plan, plan_layer_split, split_among_devices
+from meshtui.placement import check_placement, engine_split, placement_by_node
+from meshtui.planner import NodeCapacity, Plan, plan_layer_split
 from meshtui.predict import Prediction, predict_decode
 from meshtui.rejoin import RejoinPolicy
 from meshtui.rpcwire import rpc_hello
@@ -37,10 +40,6 @@ from meshtui.stats import p95
 from meshtui.tunnels import StageTunnel
 from meshtui.watchdog import StageClock, StallPolicy, Verdict, judge
 
-HEAD_NAME = "head"
-HEAD_RESERVE_BYTES = 512 * 1024**2  # left free on the head for the OS, the TUI and the engine process
-HOST_RESERVE_BYTES = 256 * 1024**2  # left free on each host for the OS and the agent itself
-GPU_RESERVE_BYTES = 1024**3  # left free on each GPU for the CUDA context and the RPC server's buffers
 LATENCY_HISTORY = 256
 
 
@@ -195,57 +194,23 @@ class Mesh:
             self._fail(node, node.status, str(err).removeprefix(f"{node.name}: "))
             raise
         self._emit(ev.HostProbed(node.name, node.facts.to_json()))
-        gpu, why_not = self.gpu_verdict(node)
-        if node.facts.gpus and not gpu:
-            self._log(node.name, f"its GPU is not used: {why_not}; its layers go to the CPU", "warning")
+        verdict = gpu_verdict(node.spec, node.facts)
+        if node.facts.gpus and not verdict.serves:
+            self._log(node.name, f"its GPU is not used: {verdict.why_not}; its layers go to the CPU", "warning")
 
     # -- step 2: plan (pure) ---------------------------------------------------------------------
-    def capacities(self) -> list[NodeCapacity]:
-        assert self.model is not None and self.head.facts is not None
-        head = self.inventory.head
-        if head.compute:
-            usable = self.head.facts.mem_available - HEAD_RESERVE_BYTES
-            if head.max_memory is not None:
-                usable = min(usable, head.max_memory)
-        else:
-            usable = self.model.input_bytes + NODE_OVERHEAD_BYTES  # room for the embeddings only
-        caps = [NodeCapacity(HEAD_NAME, max(0, usable), is_head=True)]
+    def _probed_hosts(self) -> list[ProbedHost]:
+        """The hosts still in the mesh, as the capacity rule needs them."""
+        hosts = []
         for node in self.hosts:
             if node.status == "failed":
                 continue
             assert node.facts is not None and node.spec is not None
-            usable = node.facts.mem_available - HOST_RESERVE_BYTES
-            device = "cpu"
-            if self.serves_gpu(node):
-                gpus = node.facts.gpus
-                usable = sum(max(0, int(g.get("memory_free") or 0) - GPU_RESERVE_BYTES) for g in gpus)
-                names = sorted({str(g.get("name") or "GPU") for g in gpus})
-                device = (f"{len(gpus)}x " if len(gpus) > 1 else "") + ", ".join(names)
-            if node.spec.max_memory is not None:
-                usable = min(usable, node.spec.max_memory)
-            caps.append(NodeCapacity(node.name, max(0, usable), device=device))
-        return caps
+            hosts.append(ProbedHost(node.spec, node.facts))
+        return hosts
 
-    def gpu_verdict(self, node: Node) -> tuple[bool, str]:
-        """(serve from its GPUs?, why not): a host's layers go to its GPUs when it has some (NVIDIA, or Apple
-        silicon's), the inventory allows it and a GPU runtime can be built there (the pushed one is CPU-only)."""
-        facts, spec = node.facts, node.spec
-        if facts is None or spec is None or not facts.gpus:
-            return False, ""
-        if not spec.gpu:
-            return False, "gpu = false in the inventory"
-        if spec.runtime == "push":
-            return False, 'runtime = "push" (the pushed runtime is CPU-only)'
-        apple = all(g.get("vendor") == "apple" for g in facts.gpus)
-        backend = "Metal" if apple else "CUDA"
-        if not apple and not facts.nvcc:
-            return False, "no nvcc on the host: install the CUDA toolkit so meshtui can build a CUDA runtime there"
-        if not facts.cmake:
-            return False, f"no cmake on the host: install cmake so meshtui can build a {backend} runtime there"
-        return True, ""
-
-    def serves_gpu(self, node: Node) -> bool:
-        return self.gpu_verdict(node)[0]
+    def _serves_gpu(self, node: Node) -> bool:
+        return node.spec is not None and node.facts is not None and gpu_verdict(node.spec, node.facts).serves
 
     def _speeds(self, capacities: Sequence[NodeCapacity]) -> list[float] | None:
         """Each planned node's probed memory bandwidth, when the split is to follow speed."""
@@ -261,8 +226,8 @@ class Mesh:
         return speeds
 
     def make_plan(self) -> Plan:
-        assert self.model is not None
-        capacities = self.capacities()
+        assert self.model is not None and self.head.facts is not None
+        capacities = capacity.capacities(self.model, self.inventory.head, self.head.facts, self._probed_hosts())
         self.plan = plan_layer_split(self.model, capacities, self.inventory.model.context,
                                      output_on_head=self.output_on_head, speeds=self._speeds(capacities))
         for assignment in self.plan.assignments:
@@ -294,7 +259,7 @@ class Mesh:
         on_log = lambda line: self._log(node.name, line, "debug")  # noqa: E731
         try:
             runtime_dir = None
-            gpu = self.serves_gpu(node)
+            gpu = self._serves_gpu(node)
             if node.spec.runtime == "build" or gpu:
                 runtime_dir = await self._build_on_host(node)
             else:
@@ -387,14 +352,15 @@ class Mesh:
         self._phase(self.head, "load")
         progress = asyncio.create_task(self._report_load_progress(remote))
         started = time.perf_counter()
+        split = engine_split(self.plan, self._device_memory())
         self._loading = True
         try:
             loaded = await self.engine.load(
                 model=str(self.model_path),
                 context=self.inventory.model.context,
                 endpoints=self._endpoints(remote),
-                tensor_split=self._device_split(),
-                n_gpu_layers=self.plan.n_gpu_layers,
+                tensor_split=list(split.tensor_split),
+                n_gpu_layers=split.n_gpu_layers,
                 threads=self.inventory.head.threads,
             )
         except EngineError as err:
@@ -412,7 +378,7 @@ class Mesh:
             endpoint_names[self.local_stage.endpoint] = HEAD_NAME
         self.placement = placement_by_node(loaded.get("placement") or {},
                                            loaded.get("device_endpoints") or {}, endpoint_names)
-        self._check_placement()
+        check_placement(self.placement, self.plan)
         for node in remote:
             if node.tunnel:
                 self._emit(ev.TransferProgressed(node.name, "load", node.tunnel.meter.bytes_up, None))
@@ -421,19 +387,10 @@ class Mesh:
             self._phase(node, "ready")
         self._emit(ev.MeshReady())
 
-    def _device_split(self) -> list[float]:
-        """The plan's tensor_split, one entry per RPC device: a host serving several GPUs shares its layers."""
-        assert self.plan is not None
-        split: list[float] = []
-        for a in self.plan.remote:
-            agent = self.node(a.name).agent
-            devices = agent.devices if agent else []
-            if len(devices) > 1:
-                weights = [int(d.get("memory_free") or 0) for d in devices]
-                split.extend(float(x) for x in split_among_devices(a.n_layers, weights))
-            else:
-                split.append(float(a.n_layers))
-        return [*split, 1.0] if self.plan.output_on_head else split
+    def _device_memory(self) -> dict[str, list[int]]:
+        """Each remote stage's devices' free memory: a host serving several GPUs shares its layers by it."""
+        return {n.name: [int(d.get("memory_free") or 0) for d in n.agent.devices]
+                for n in self.hosts if n.agent is not None}
 
     async def _report_load_progress(self, remote: Sequence[Node]) -> None:
         while True:
@@ -442,14 +399,6 @@ class Mesh:
                 if node.tunnel:
                     self._emit(ev.TransferProgressed(node.name, "load", node.tunnel.meter.bytes_up,
                                                      node.planned_bytes or None))
-
-    def _check_placement(self) -> None:
-        """llama.cpp must have put every layer exactly where the plan said."""
-        assert self.plan is not None
-        expected = {a.name: self.plan.layers_of(a.name) for a in self.plan.assignments}
-        expected = {name: layers for name, layers in expected.items() if layers}
-        if self.placement and self.placement != expected:
-            raise EngineError(f"llama.cpp placed layers differently from the plan: {self.placement} != {expected}")
 
     async def _measure_rtt_forever(self, interval: float = 2.0) -> None:
         while True:
@@ -875,16 +824,6 @@ def _raise_first(results: Sequence[object]) -> None:
             raise err
     if errors:
         raise errors[0]
-
-
-def placement_by_node(by_device: dict[str, list[int]], device_endpoints: dict[str, str],
-                      endpoint_to_node: dict[str, str]) -> dict[str, list[int]]:
-    """llama.cpp's layer -> device log, as layer lists per node name (the head's CPU is "CPU")."""
-    placement: dict[str, list[int]] = {}
-    for device, layers in by_device.items():
-        name = HEAD_NAME if device == "CPU" else endpoint_to_node.get(device_endpoints.get(device, ""), device)
-        placement.setdefault(name, []).extend(layers)
-    return {k: sorted(v) for k, v in placement.items()}
 
 
 def _probe_head() -> dict[str, Any]:

@@ -81,11 +81,6 @@ class Plan:
         """The nodes that become RPC devices, in device order (nodes given no layers are left out)."""
         return tuple(a for a in self.assignments[1:] if a.n_layers > 0)
 
-    @property
-    def tensor_split(self) -> tuple[float, ...]:
-        split = tuple(float(a.n_layers) for a in self.remote)
-        return (*split, 1.0) if self.output_on_head else split
-
     def layers_of(self, name: str) -> list[int]:
         """Every layer a node holds, the head's output layer included."""
         a = next(x for x in self.assignments if x.name == name)

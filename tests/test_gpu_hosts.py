@@ -8,13 +8,11 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from synth import synthetic_model
 
-from meshtui.gguf_facts import read_model_facts
+from meshtui.capacity import GPU_RESERVE_BYTES, HOST_RESERVE_BYTES, GpuVerdict, ProbedHost, gpu_verdict, host_capacity
 from meshtui.hostbuild import PROGRESS_FILTER, remote_build_script
 from meshtui.hosts import HostFacts
-from meshtui.inventory import HeadSpec, HostSpec, Inventory, ModelSpec, SSHSpec
-from meshtui.mesh import GPU_RESERVE_BYTES, HOST_RESERVE_BYTES, Mesh
+from meshtui.inventory import HostSpec
 
 GiB = 1024**3
 H200 = {"name": "NVIDIA H200", "vendor": "nvidia", "memory_total": 141 * GiB, "memory_free": 140 * GiB}
@@ -25,16 +23,6 @@ def facts(**overrides: Any) -> HostFacts:
     base = HostFacts(hostname="h", os="Linux", arch="x86_64", python="3.11", glibc="2.36", cores=16,
                      mem_total=128 * GiB, mem_available=100 * GiB, gpus=(H200,), nvcc=True, cmake=True)
     return replace(base, **overrides)
-
-
-def mesh_with(spec: HostSpec, host_facts: HostFacts) -> Mesh:
-    inventory = Inventory(source="t", model=ModelSpec(path=None, name="x"), head=HeadSpec(), ssh=SSHSpec(),
-                          hosts=(spec,))
-    mesh = Mesh(inventory)
-    mesh.model = read_model_facts(synthetic_model(4))
-    mesh.head.facts = facts(gpus=(), mem_available=8 * GiB)
-    mesh.hosts[0].facts = host_facts
-    return mesh
 
 
 @pytest.mark.parametrize(
@@ -54,21 +42,19 @@ def mesh_with(spec: HostSpec, host_facts: HostFacts) -> Mesh:
     ],
 )
 def test_which_hosts_serve_from_their_gpus(spec: HostSpec, host_facts: HostFacts, serves: bool, why: str) -> None:
-    mesh = mesh_with(spec, host_facts)
-    assert mesh.gpu_verdict(mesh.hosts[0]) == (serves, why)
+    assert gpu_verdict(spec, host_facts) == GpuVerdict(serves, why)
 
 
 def test_a_gpu_host_is_sized_by_its_gpus_free_memory() -> None:
-    mesh = mesh_with(HostSpec("g", "a"), facts(gpus=(H200, {**H200, "memory_free": 10 * GiB})))
-    cap = mesh.capacities()[1]
+    cap = host_capacity(ProbedHost(HostSpec("g", "a"), facts(gpus=(H200, {**H200, "memory_free": 10 * GiB}))))
     assert cap.usable_bytes == 140 * GiB + 10 * GiB - 2 * GPU_RESERVE_BYTES
     assert cap.device == "2x NVIDIA H200"
 
 
 def test_max_memory_caps_a_gpu_host_and_a_cpu_host_is_sized_by_its_ram() -> None:
-    gpu = mesh_with(HostSpec("g", "a", max_memory=3 * GiB), facts()).capacities()[1]
+    gpu = host_capacity(ProbedHost(HostSpec("g", "a", max_memory=3 * GiB), facts()))
     assert (gpu.usable_bytes, gpu.device) == (3 * GiB, "NVIDIA H200")
-    cpu = mesh_with(HostSpec("g", "a", gpu=False), facts()).capacities()[1]
+    cpu = host_capacity(ProbedHost(HostSpec("g", "a", gpu=False), facts()))
     assert (cpu.usable_bytes, cpu.device) == (100 * GiB - HOST_RESERVE_BYTES, "cpu")
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from meshtui.errors import PlanError
 from meshtui.gguf_facts import ModelFacts
+from meshtui.placement import engine_split
 from meshtui.planner import (
     NODE_OVERHEAD_BYTES,
     NodeAssignment,
@@ -69,7 +70,7 @@ def test_equal_nodes_get_equal_layers() -> None:
     plan = plan_layer_split(model, [head(10 * GiB, model), node("a", 10 * GiB), node("b", 10 * GiB)], CONTEXT)
     assert ranges(plan) == [("head", 0, 10), ("a", 10, 20), ("b", 20, 30)]
     assert plan.n_gpu_layers == 20
-    assert plan.tensor_split == (10.0, 10.0)
+    assert engine_split(plan).tensor_split == (10.0, 10.0)
     assert [a.name for a in plan.remote] == ["a", "b"]
 
 
@@ -95,7 +96,7 @@ def test_head_without_room_for_layers_sends_everything_remote() -> None:
     plan = plan_layer_split(model, [head_node, node("a", 4 * GiB), node("b", 4 * GiB)], CONTEXT)
     assert ranges(plan) == [("head", 0, 0), ("a", 0, 5), ("b", 5, 10)]
     assert plan.n_gpu_layers == 10 == model.n_layer + 1
-    assert plan.tensor_split == (5.0, 5.0)
+    assert engine_split(plan).tensor_split == (5.0, 5.0)
     head_assignment = plan.assignments[0]
     assert head_assignment.weight_bytes == model.input_bytes
     assert head_assignment.used_bytes == head_assignment.usable_bytes  # exactly full, not over
@@ -111,7 +112,7 @@ def test_output_layer_lands_on_the_last_node_with_layers() -> None:
     assert a.weight_bytes == 4 * (100 * MiB - KV_PER_LAYER) + model.output_bytes
     assert a.kv_bytes == 4 * KV_PER_LAYER  # the output layer has no KV cache
     assert [r.name for r in plan.remote] == ["a"]
-    assert plan.tensor_split == (5.0,)
+    assert engine_split(plan).tensor_split == (5.0,)
     assert plan.assignments[2].used_bytes == 0  # nodes without layers pay no compute buffers
     assert plan.reasons[-1] == "the output layer goes to a, the last node with layers"
 
@@ -276,7 +277,7 @@ def test_any_plan_is_contiguous_complete_and_within_capacity(
     # What llama.cpp is told matches the ranges.
     assert plan.n_gpu_layers == sum(a.n_layers for a in plan.remote)
     assert plan.n_gpu_layers == model.n_layer + 1 - plan.assignments[0].n_layers
-    assert plan.tensor_split == tuple(float(a.n_layers) for a in plan.remote)
+    assert engine_split(plan).tensor_split == tuple(float(a.n_layers) for a in plan.remote)
     assert all(a.n_layers > 0 for a in plan.remote)
     assert len(plan.reasons) >= 3
 
@@ -322,7 +323,8 @@ def test_llama_cpp_reproduces_planned_ranges(problem: tuple[ModelFacts, list[Nod
         plan = plan_layer_split(model, nodes, context)
     except PlanError:
         return
-    assert llama_cpp_layer_devices(plan.n_layer, plan.n_gpu_layers, plan.tensor_split) == plan_devices(plan)
+    split = engine_split(plan)
+    assert llama_cpp_layer_devices(plan.n_layer, split.n_gpu_layers, split.tensor_split) == plan_devices(plan)
 
 
 @settings(max_examples=500, deadline=None)
@@ -339,7 +341,8 @@ def test_llama_cpp_reproduces_any_layer_counts(counts: list[int]) -> None:
         assignments.append(NodeAssignment(f"n{j}", boundary, boundary + count, 0, 0, 1, is_head=(j == 0)))
         boundary += count
     plan = Plan(n_layer=total - 1, context=1, assignments=tuple(assignments), reasons=())
-    assert llama_cpp_layer_devices(plan.n_layer, plan.n_gpu_layers, plan.tensor_split) == plan_devices(plan)
+    split = engine_split(plan)
+    assert llama_cpp_layer_devices(plan.n_layer, split.n_gpu_layers, split.tensor_split) == plan_devices(plan)
 
 
 def test_output_on_head_keeps_the_output_layer_home_and_splits_only_blocks() -> None:
@@ -348,14 +351,14 @@ def test_output_on_head_keeps_the_output_layer_home_and_splits_only_blocks() -> 
     plan = plan_layer_split(model, nodes, CONTEXT, output_on_head=True)
     assert plan.output_on_head
     assert [(a.start, a.end) for a in plan.assignments] == [(0, 3), (3, 6), (6, 9)]  # blocks only
-    assert plan.tensor_split == (3.0, 3.0, 1.0)  # the head's local output stage is the last device
+    assert engine_split(plan).tensor_split == (3.0, 3.0, 1.0)  # the head's local output stage is the last device
     assert plan.n_gpu_layers == 7  # 6 remote blocks + the output layer, on devices
     assert plan.layers_of("head") == [0, 1, 2, 9]
     head = plan.assignments[0]
     assert head.weight_bytes == model.input_bytes + model.output_bytes + 3 * (100 * MiB - KV_PER_LAYER)
     assert plan.reasons[-1].startswith("the output layer stays on the head")
     # llama.cpp's own rule puts layer 9 on the third device (the head's local stage).
-    splits = np.cumsum(np.array(plan.tensor_split, dtype=np.float32))
+    splits = np.cumsum(np.array(engine_split(plan).tensor_split, dtype=np.float32))
     splits = splits / splits[-1]
     start = model.n_layer + 1 - plan.n_gpu_layers
     device = int(np.searchsorted(splits, np.float32(9 - start) / np.float32(plan.n_gpu_layers), side="right"))

@@ -43,6 +43,11 @@ GGML_BACKEND_DEVICE_TYPE_CPU = 0
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
 GGML_BACKEND_DEVICE_TYPE_IGPU = 2  # an integrated GPU (Vulkan on a laptop); served like a GPU
 BIND_HOST = "127.0.0.1"  # never configurable: a stage is reachable only through SSH
+# Codes of the "error" event, for the head to act on (meshtui.hosts.AGENT_ERROR_CODES; a test checks they match).
+CANNOT_LOAD = "cannot_load"  # the runtime's libraries do not load here: the head builds one on the host
+RUNTIME_ERROR = "runtime_error"  # any other problem with the runtime (wrong arch, glibc, manifest, files)
+NO_DEVICE = "no_device"
+NOT_LISTENING = "not_listening"
 
 
 def state_dir():
@@ -298,6 +303,14 @@ class Runtime:
         return found
 
 
+class RuntimeFailure(RuntimeError):
+    """The runtime cannot serve here, with a code the head acts on (the message is for people)."""
+
+    def __init__(self, message, code):
+        RuntimeError.__init__(self, message)
+        self.code = code
+
+
 def read_manifest(libdir):
     """The portable build's manifest, or None for the head-build layout."""
     path = os.path.join(libdir, PORTABLE_MANIFEST)
@@ -335,7 +348,7 @@ def load_library(libdir, name, mode):
     try:
         return ctypes.CDLL(path, mode=mode)
     except OSError as err:
-        raise RuntimeError("cannot load %s: %s" % (name, err)) from err
+        raise RuntimeFailure("cannot load %s: %s" % (name, err), CANNOT_LOAD) from err
 
 
 def pick_cpu_variant(libdir):
@@ -427,14 +440,14 @@ def serve(args):
     try:
         runtime = Runtime(os.path.join(args.runtime, "lib"))
     except RuntimeError as err:
-        proto.send(event="error", reason=str(err))
+        proto.send(event="error", code=getattr(err, "code", RUNTIME_ERROR), reason=str(err))
         return 3
     devices = runtime.devices()
     wanted = [d for d in devices if d["type"] == "gpu"] if args.gpu else []
     if not wanted:
         wanted = [d for d in devices if d["type"] == "cpu"][:1]
     if not wanted:
-        proto.send(event="error", reason="the ggml runtime reports no usable device")
+        proto.send(event="error", code=NO_DEVICE, reason="the ggml runtime reports no usable device")
         return 3
     cache_dir = args.cache or os.path.join(state_dir(), "rpc-cache")
     private_dir(cache_dir)
@@ -449,7 +462,8 @@ def serve(args):
     server = threading.Thread(target=run_server, name="ggml-rpc", daemon=True)
     server.start()
     if not wait_listening(port, server, timeout=20.0):
-        proto.send(event="error", reason="ggml RPC server did not start listening on %s:%d" % (BIND_HOST, port))
+        proto.send(event="error", code=NOT_LISTENING,
+                   reason="ggml RPC server did not start listening on %s:%d" % (BIND_HOST, port))
         return 3
     pidfile = write_pidfile(port)
     proto.send(event="ready", port=port, pid=os.getpid(), threads=threads, cache_dir=cache_dir, runtime=runtime.kind,

@@ -6,17 +6,16 @@ already knows its HTTP status and its OpenAI error body.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshtui.engine.client import ContextOverflow
 from meshtui.errors import MeshError
 
 MODEL_ALIAS = "meshtui"
 OWNER = "meshtui"
 MAX_STOP_SEQUENCES = 4
-_CONTEXT_OVERFLOW = re.compile(r"^prompt is (\d+) tokens; the context holds (\d+)")
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
@@ -39,13 +38,11 @@ class ApiError(MeshError):
 
 
 def context_overflow(err: MeshError, param: str) -> ApiError | None:
-    """The engine's "prompt is N tokens; the context holds M" as OpenAI's context_length_exceeded."""
-    match = _CONTEXT_OVERFLOW.match(str(err))
-    if match is None:
+    """The engine's typed context overflow as OpenAI's context_length_exceeded."""
+    if not isinstance(err, ContextOverflow):
         return None
-    n_prompt, n_ctx = match.groups()
-    return ApiError(400, f"This model's maximum context length is {n_ctx} tokens. However, your request has "
-                         f"{n_prompt} prompt tokens. Please reduce the length of the {param}.",
+    return ApiError(400, f"This model's maximum context length is {err.context} tokens. However, your request has "
+                         f"{err.prompt_tokens} prompt tokens. Please reduce the length of the {param}.",
                     code="context_length_exceeded", param=param)
 
 

@@ -33,6 +33,7 @@ from xml.sax.saxutils import escape
 from meshtui import events as ev
 from meshtui.capacity import HEAD_NAME, HEAD_RESERVE_BYTES, head_capacity
 from meshtui.engine.client import EngineProcess
+from meshtui.engine.protocol import Done, Generate, Load, Loaded, Started, Token
 from meshtui.errors import InventoryError, MeshError, PlanError
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.inventory import HeadSpec, Inventory
@@ -141,15 +142,14 @@ def summarise_replies(replies: Sequence[ReplyTiming]) -> dict[str, Any]:
 
 async def _engine_reply(engine: EngineProcess, request_id: int, prompt: str, max_tokens: int) -> ReplyTiming:
     timing = ReplyTiming(prompt, time.perf_counter())
-    async for event in engine.generate(id=request_id, prompt=prompt, raw=True, max_tokens=max_tokens,
-                                       temperature=0.0, seed=0, resume_tokens=[]):
-        kind = event["ev"]
-        if kind == "started":
-            timing.prompt_tokens = int(event["prompt_tokens"])
-        elif kind == "token":
-            timing.token(int(event["token_id"]), time.perf_counter())
-        elif kind == "done":
-            timing.stop_reason = str(event["stop_reason"])
+    async for event in engine.generate(Generate(id=request_id, prompt=prompt, raw=True, max_tokens=max_tokens,
+                                                temperature=0.0, seed=0)):
+        if isinstance(event, Started):
+            timing.prompt_tokens = event.prompt_tokens
+        elif isinstance(event, Token):
+            timing.token(event.token_id, time.perf_counter())
+        elif isinstance(event, Done):
+            timing.stop_reason = event.stop_reason
     return timing
 
 
@@ -324,7 +324,7 @@ class _EngineMode:
         self.engine: EngineProcess | None = None
         self.replies: list[ReplyTiming] = []
         self.load_seconds = 0.0
-        self.loaded: dict[str, Any] = {}
+        self.loaded: Loaded | None = None
         self.after_load: dict[str, tuple[int, int]] | None = None
         self.reply_bytes: dict[str, list[int]] = {}
         self.counted = True
@@ -341,19 +341,18 @@ class _EngineMode:
             self.ctx.progress("single: the whole model in one engine process on the head")
         self.engine = EngineProcess(on_log=self.ctx.on_engine_log)
         await self.engine.start()
-        split: dict[str, Any] = {}
-        if self.plan is not None:
-            placed = engine_split(self.plan)  # plain TCP stage servers: one device each
-            split = {"tensor_split": list(placed.tensor_split), "n_gpu_layers": placed.n_gpu_layers}
+        # Plain TCP stage servers: one device each.
+        placed = engine_split(self.plan) if self.plan is not None else None
         endpoints = list(self.endpoints)
         if self.endpoints and self.plan is not None and self.plan.output_on_head:
             self.local_stage = LocalStage(local_runtime_bundle(), threads=self.ctx.inventory.head.threads)
             await self.local_stage.start()
             endpoints.append(self.local_stage.endpoint)
         started = time.perf_counter()
-        self.loaded = await self.engine.load(
-            model=str(self.ctx.model_path), context=self.ctx.inventory.model.context, endpoints=endpoints,
-            threads=self.ctx.inventory.head.threads, **(split or {"n_gpu_layers": 0}))
+        self.loaded = await self.engine.load(Load(
+            model=str(self.ctx.model_path), context=self.ctx.inventory.model.context, endpoints=tuple(endpoints),
+            threads=self.ctx.inventory.head.threads, tensor_split=placed.tensor_split if placed else (),
+            n_gpu_layers=placed.n_gpu_layers if placed else 0))
         self.load_seconds = time.perf_counter() - started
         if self.endpoints:
             self.after_load = await _tcp_counters(self.engine.pid)
@@ -393,8 +392,8 @@ class _EngineMode:
         names = dict(zip(self.endpoints, self.names, strict=True))
         if self.local_stage is not None:
             names[self.local_stage.endpoint] = HEAD_NAME
-        placement = placement_by_node(self.loaded.get("placement") or {}, self.loaded.get("device_endpoints") or {},
-                                       names)
+        placement = (placement_by_node(self.loaded.placement, self.loaded.device_endpoints, names)
+                     if self.loaded else {})
         expected = expected_placement(self.plan) if self.plan else {}
         run.update({"placement": placement, "placement_matches_plan": placement == expected,
                     "bytes_source": "kernel TCP counters (ss -ti); no proxy in the path, so per-stage latency "

@@ -6,12 +6,16 @@ from meshtui.text import printable
 
 
 class MeshError(Exception):
-    """An expected failure. `str(err)` is the one line shown to the user."""
+    """An expected failure. `str(err)` is the one line shown to the user: "host: reason", or the reason alone.
+
+    The host and the reason stay fields, so nobody takes the message apart again.
+    """
 
     exit_code = 1
 
     def __init__(self, message: str, *, host: str | None = None) -> None:
         self.host = host
+        self.reason = printable(message)
         # Messages quote what hosts, files and clients said: no control character reaches a terminal.
         super().__init__(printable(f"{host}: {message}" if host else message))
 
@@ -35,9 +39,17 @@ class PlanError(MeshError):
 
 
 class HostError(MeshError):
-    """A host could not be reached, authenticated, probed, provisioned or kept alive."""
+    """A host could not be reached, authenticated, probed, provisioned or kept alive.
+
+    `code` is the agent's own code for why it cannot serve (e.g. "cannot_load": the pushed runtime does not load
+    there), when the agent said one.
+    """
 
     exit_code = 4
+
+    def __init__(self, message: str, *, host: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, host=host)
+        self.code = code
 
 
 class EngineError(MeshError):

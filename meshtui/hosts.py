@@ -22,6 +22,10 @@ from meshtui.inventory import HostSpec
 from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, RuntimeBundle, agent_source_path, file_digests
 from meshtui.text import one_line, printable
 
+# The agent's error codes (agent/meshtui_agent.py has the same names; a test checks they match).
+AGENT_CANNOT_LOAD = "cannot_load"
+AGENT_ERROR_CODES = {"CANNOT_LOAD": AGENT_CANNOT_LOAD, "RUNTIME_ERROR": "runtime_error", "NO_DEVICE": "no_device",
+                     "NOT_LISTENING": "not_listening"}
 PROBE_TIMEOUT = 30.0
 LAUNCH_TIMEOUT = 60.0
 # What the head reads from a host at most: a host cannot make it hold more than this (see docs/security.md).
@@ -467,7 +471,9 @@ class Agent:
             detail = self.stderr_tail[-1] if self.stderr_tail else "no output"
             raise HostError(f"agent exited at start: {one_line(detail)}", host=self.host.name)
         if msg.get("event") == "error":
-            raise HostError(f"agent cannot serve: {one_line(msg.get('reason'))}", host=self.host.name)
+            code = msg.get("code")
+            raise HostError(f"agent cannot serve: {one_line(msg.get('reason'))}", host=self.host.name,
+                            code=code if isinstance(code, str) else None)
         try:
             self.port = _count(msg, "port", 1, 65535)
             self.pid = _count(msg, "pid", 1, 1 << 31)
@@ -494,6 +500,18 @@ class Agent:
     @property
     def alive(self) -> bool:
         return not self.exited.is_set()
+
+    async def exit_report(self, timeout: float = 1.0) -> tuple[int | None, str | None]:
+        """(exit status, signal name) as the SSH channel reported them, once the agent's output ended.
+
+        The report follows the end of its output: wait a moment for the channel to close. (None, None) when the
+        channel closed without one (the connection itself went away).
+        """
+        with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error):
+            await asyncio.wait_for(self.process.wait_closed(), timeout)
+        status = self.process.exit_status
+        signal = self.process.exit_signal
+        return (status if status is not None and status >= 0 else None), (signal[0] if signal else None)
 
     async def close(self, timeout: float = 5.0) -> None:
         with contextlib.suppress(OSError, asyncssh.Error):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,10 @@ async def _run_command(process: asyncssh.SSHServerProcess[bytes], home: Path) ->
     try:
         await asyncio.gather(child_to_ssh(child.stdout, process.stdout), child_to_ssh(child.stderr, process.stderr))
         status = await child.wait()
-        process.exit(status if status >= 0 else 128 - status)
+        if status < 0:  # as sshd reports a command killed by a signal: by the signal's name
+            process.exit_with_signal(signal.Signals(-status).name.removeprefix("SIG"))
+        else:
+            process.exit(status)
     except asyncio.CancelledError:
         with contextlib.suppress(ProcessLookupError):
             child.kill()

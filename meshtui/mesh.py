@@ -12,7 +12,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,12 @@ from meshtui import capacity
 from meshtui import events as ev
 from meshtui.capacity import HEAD_NAME, ProbedHost, gpu_verdict
 from meshtui.engine.client import EngineDied, EngineProcess
+from meshtui.engine.protocol import Done, Generate, Load, Started, Token
 from meshtui.errors import EngineError, HostError, MeshError, PlanError
+from meshtui.failures import agent_exit_cause
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.hostbuild import build_on_host
-from meshtui.hosts import Agent, HostFacts, launch_agent, probe_host, push_runtime
+from meshtui.hosts import AGENT_CANNOT_LOAD, Agent, HostFacts, launch_agent, probe_host, push_runtime
 from meshtui.inventory import HostSpec, Inventory
 from meshtui.localstage import LocalStage
 from meshtui.models import resolve_model_path
@@ -191,7 +193,7 @@ class Mesh:
             # A host that answers SSH but hangs in the probe is as good as unreachable.
             node.facts = await probe_host(node.conn, node.spec, timeout=2 * self.inventory.ssh.connect_timeout)
         except HostError as err:
-            self._fail(node, node.status, str(err).removeprefix(f"{node.name}: "))
+            self._fail(node, node.status, err.reason)
             raise
         self._emit(ev.HostProbed(node.name, node.facts.to_json()))
         verdict = gpu_verdict(node.spec, node.facts)
@@ -277,10 +279,9 @@ class Mesh:
                                                 runtime_dir=runtime_dir)
             except HostError as err:
                 # The pushed runtime does not load there (another glibc, a missing library): build it there.
-                if node.spec.runtime != "auto" or "cannot load" not in str(err):
+                if node.spec.runtime != "auto" or err.code != AGENT_CANNOT_LOAD:
                     raise
-                reason = str(err).removeprefix(f"{node.name}: ")
-                self._log(node.name, f"{reason}; building the runtime on the host instead", "warning")
+                self._log(node.name, f"{err.reason}; building the runtime on the host instead", "warning")
                 runtime_dir = await self._build_on_host(node)
                 self._phase(node, "launch")
                 node.agent = await launch_agent(node.conn, node.spec, bundle, on_log=on_log, runtime_dir=runtime_dir)
@@ -290,7 +291,7 @@ class Mesh:
                                 f"{', '.join(node.agent.backends) or 'cpu'}); set gpu = false to use its CPU",
                                 host=node.name)
         except HostError as err:
-            self._fail(node, node.status, str(err).removeprefix(f"{node.name}: "))
+            self._fail(node, node.status, err.reason)
             raise
         devices = tuple(d.get("description") or d.get("name", "") for d in node.agent.devices)
         self._emit(ev.AgentLaunched(node.name, node.agent.port, node.agent.pid, devices))
@@ -355,16 +356,16 @@ class Mesh:
         split = engine_split(self.plan, self._device_memory())
         self._loading = True
         try:
-            loaded = await self.engine.load(
+            loaded = await self.engine.load(Load(
                 model=str(self.model_path),
                 context=self.inventory.model.context,
-                endpoints=self._endpoints(remote),
-                tensor_split=list(split.tensor_split),
+                endpoints=tuple(self._endpoints(remote)),
+                tensor_split=split.tensor_split,
                 n_gpu_layers=split.n_gpu_layers,
                 threads=self.inventory.head.threads,
-            )
+            ))
         except EngineError as err:
-            failed = self._find_failed_stage()
+            failed = await self._find_failed_stage()
             if failed is not None:
                 raise HostError(f"stage failed while loading: {failed.reason}", host=failed.name) from err
             raise
@@ -376,8 +377,7 @@ class Mesh:
         endpoint_names = {n.tunnel.endpoint: n.name for n in remote if n.tunnel}
         if self.local_stage is not None and self.plan.output_on_head:
             endpoint_names[self.local_stage.endpoint] = HEAD_NAME
-        self.placement = placement_by_node(loaded.get("placement") or {},
-                                           loaded.get("device_endpoints") or {}, endpoint_names)
+        self.placement = placement_by_node(loaded.placement, loaded.device_endpoints, endpoint_names)
         check_placement(self.placement, self.plan)
         for node in remote:
             if node.tunnel:
@@ -521,13 +521,9 @@ class Mesh:
         self._request_ids += 1
         request_id = self._request_ids
         self._streaming_request = request_id
-        params: dict[str, Any] = {
-            "id": request_id, "raw": raw, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
-        }
-        if messages is not None:
-            params["messages"] = list(messages)
-        else:
-            params["prompt"] = prompt or ""
+        command = Generate(id=request_id, prompt=None if messages is not None else prompt or "",
+                           messages=tuple(messages) if messages is not None else None, raw=raw,
+                           max_tokens=max_tokens, temperature=temperature, seed=seed)
         started = time.perf_counter()
         first_token_at: float | None = None
         last_token_at = started
@@ -543,28 +539,26 @@ class Mesh:
             first_of_attempt = True
             try:
                 assert self.engine is not None
-                async for event in self.engine.generate(**params, resume_tokens=list(generated)):
-                    kind = event["ev"]
-                    if kind == "started" and not announced:
+                async for event in self.engine.generate(replace(command, resume_tokens=tuple(generated))):
+                    if isinstance(event, Started) and not announced:
                         announced = True
-                        yield self._emitted(ev.ReplyStarted(request_id, int(event["prompt_tokens"])))
-                    elif kind == "token":
-                        token_id = int(event["token_id"])
-                        index = int(event["index"])
+                        yield self._emitted(ev.ReplyStarted(request_id, event.prompt_tokens))
+                    elif isinstance(event, Token):
+                        token_id, index = event.token_id, event.index
                         if token_id >= 0:
                             now = time.perf_counter()
                             first_token_at = first_token_at or now
                             last_token_at = now
                             generated.append(token_id)
-                        text_parts.append(event["text"])
-                        yield self._emitted(ev.TokenGenerated(request_id, index, token_id, event["text"]))
+                        text_parts.append(event.text)
+                        yield self._emitted(ev.TokenGenerated(request_id, index, token_id, event.text))
                         # The first token of an attempt comes out of the prompt's prefill, not a decode.
                         if token_id >= 0 and not first_of_attempt:
-                            for measured in self._stage_latencies(remote, index, int(event["decode_call"])):
+                            for measured in self._stage_latencies(remote, event):
                                 yield self._emitted(measured)
                         first_of_attempt = first_of_attempt and token_id < 0
-                    elif kind == "done":
-                        stop_reason = str(event["stop_reason"])
+                    elif isinstance(event, Done):
+                        stop_reason = event.stop_reason
                 break
             except EngineDied as err:
                 failed = await self._wait_for_failed_stage()
@@ -580,7 +574,7 @@ class Mesh:
         """The engine died: give the stage's own signals (channel closed, agent exited) a moment to arrive."""
         deadline = time.monotonic() + timeout
         while True:
-            failed = self._find_failed_stage()
+            failed = await self._find_failed_stage()
             if failed is not None or time.monotonic() > deadline:
                 return failed
             await asyncio.sleep(0.1)
@@ -706,17 +700,26 @@ class Mesh:
         self._emit(event)
         return event
 
-    def _stage_latencies(self, remote: Sequence[Node], index: int, decode_call: int) -> list[ev.StageLatencyMeasured]:
+    def _stage_latencies(self, remote: Sequence[Node], token: Token) -> list[ev.StageLatencyMeasured]:
+        """Each stage's round trip for the decode call that produced `token`, from its tunnel's meter; then the
+        head's share: the decode call's time less every stage's round trip (its layers, the output layer on its
+        local stage), when every stage's round trip is known."""
         measured = []
         for node in remote:
             assert node.tunnel is not None
             rounds = node.tunnel.meter.rounds
-            if decode_call >= len(rounds) or node.tunnel.meter.rounds_since_reset != len(rounds):
+            if token.decode_call >= len(rounds) or node.tunnel.meter.rounds_since_reset != len(rounds):
                 continue
-            r = rounds[decode_call]
+            r = rounds[token.decode_call]
             sample = ev.StageLatencyMeasured(
-                node.name, index, r.ms, min(node.rtt_ms or 0.0, r.ms), r.bytes_up, r.bytes_down)
+                node.name, token.index, r.ms, min(node.rtt_ms or 0.0, r.ms), r.bytes_up, r.bytes_down)
             node.latencies.append(sample)
+            measured.append(sample)
+        head_holds_layers = self.plan is not None and (self.plan.head.n_layers > 0 or self.plan.output_on_head)
+        if head_holds_layers and token.decode_ms > 0 and len(measured) == len(remote):
+            head_ms = max(0.0, token.decode_ms - sum(s.total_ms for s in measured))
+            sample = ev.StageLatencyMeasured(HEAD_NAME, token.index, head_ms, 0.0, 0, 0)
+            self.head.latencies.append(sample)
             measured.append(sample)
         return measured
 
@@ -740,8 +743,8 @@ class Mesh:
         """Whether a reply can start now: the model is loaded and no recovery is under way."""
         return self.engine is not None and self.engine.alive and not self._recovering
 
-    def _find_failed_stage(self) -> Node | None:
-        """After the engine died: which stage took it down, and why."""
+    async def _find_failed_stage(self) -> Node | None:
+        """After the engine died: which stage took it down, and why, in words a user can act on."""
         for node in self.hosts:
             if node.layers is None or node.status == "failed":
                 continue
@@ -751,8 +754,11 @@ class Mesh:
             elif node.conn is not None and node.conn.is_closed():
                 reason = "SSH connection lost"
             elif node.agent is not None and not node.agent.alive:
-                tail = node.agent.stderr_tail[-1] if node.agent.stderr_tail else ""
-                reason = "agent exited" + (f": {tail}" if tail else "")
+                status, signal = await node.agent.exit_report()
+                tail = list(node.agent.stderr_tail)
+                reason = agent_exit_cause(status, signal, tail)
+                if tail:  # the detail, for the log panel
+                    self._log(node.name, f"its agent's last output: {' | '.join(tail[-3:])}", "error")
             if reason:
                 self._fail(node, "serve", reason)
                 self._emit(ev.StageFailed(node.name, reason))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from meshtui.hosts import AGENT_CANNOT_LOAD, AGENT_ERROR_CODES
 from meshtui.rpcwire import rpc_hello
-from meshtui.runtime import expected_rpc_protocol, load_file_module, local_runtime_bundle
+from meshtui.runtime import agent_source_path, expected_rpc_protocol, load_file_module, local_runtime_bundle
 
 AGENT = Path(__file__).resolve().parents[1] / "agent" / "meshtui_agent.py"
 
@@ -84,7 +85,13 @@ def test_serve_reports_a_runtime_that_cannot_load(tmp_path: Path) -> None:
     assert result.returncode == 3
     message = json.loads(result.stdout)
     assert message["event"] == "error"
+    assert message["code"] == AGENT_CANNOT_LOAD  # what the head acts on: it builds a runtime on the host
     assert message["reason"].startswith("cannot load libggml-base.so.0: ")
+
+
+def test_the_agents_error_codes_are_the_ones_the_head_knows() -> None:
+    agent = load_file_module(agent_source_path(), "meshtui_agent_codes")
+    assert {name: getattr(agent, name) for name in AGENT_ERROR_CODES} == AGENT_ERROR_CODES
 
 
 def test_down_stops_only_meshtui_agents(tmp_path: Path) -> None:

@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
+from meshtui.engine.protocol import (
+    Cancel,
+    Command,
+    Done,
+    Event,
+    Failed,
+    Generate,
+    Hello,
+    Load,
+    Loaded,
+    ReplyEvent,
+    Shutdown,
+    decode_event,
+    encode,
+)
 from meshtui.errors import EngineError
 from meshtui.procs import wait_or_kill
 from meshtui.text import printable
 
 
 class ContextOverflow(EngineError):
-    """The prompt does not fit in the context."""
+    """The prompt does not fit in the context: the numbers are kept, for whoever reports it."""
+
+    def __init__(self, prompt_tokens: int, context: int) -> None:
+        super().__init__(f"prompt is {prompt_tokens} tokens; the context holds {context}")
+        self.prompt_tokens = prompt_tokens
+        self.context = context
 
 
 class EngineDied(EngineError):
@@ -29,7 +47,7 @@ class EngineProcess:
         self.on_log = on_log
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr_tail: deque[str] = deque(maxlen=40)
-        self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self.pid = 0
 
@@ -45,16 +63,16 @@ class EngineProcess:
         self.pid = self.proc.pid
         self._tasks = [asyncio.create_task(self._read_events()), asyncio.create_task(self._read_stderr())]
         hello = await self._next_event(timeout=120)
-        if hello.get("ev") != "hello":
+        if not isinstance(hello, Hello):
             raise EngineError(f"engine said {hello!r} instead of hello")
 
     async def _read_events(self) -> None:
         assert self.proc and self.proc.stdout
         async for raw in self.proc.stdout:
             try:
-                self._events.put_nowait(json.loads(raw))
-            except ValueError:
-                self.on_log(f"engine: unparsable line {raw[:120]!r}")
+                self._events.put_nowait(decode_event(raw))
+            except ValueError as err:  # not the protocol: say so, and keep reading
+                self.on_log(f"engine: unparsable line ({err})")
         self._events.put_nowait(None)
 
     async def _read_stderr(self) -> None:
@@ -71,7 +89,7 @@ class EngineProcess:
         detail = (interesting or list(self.stderr_tail) or ["no output"])[-1]
         return f"engine exited (status {code}): {detail}"
 
-    async def _next_event(self, timeout: float | None = None) -> dict[str, Any]:
+    async def _next_event(self, timeout: float | None = None) -> Event:
         try:
             event = await asyncio.wait_for(self._events.get(), timeout)
         except asyncio.TimeoutError as err:
@@ -87,38 +105,39 @@ class EngineProcess:
             raise EngineDied(self._death_reason())
         return event
 
-    def send(self, **cmd: Any) -> None:
+    def send(self, command: Command) -> None:
         if not self.proc or not self.proc.stdin or self.proc.stdin.is_closing():
             raise EngineDied("engine is not running")
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.write(encode(command).encode())
 
-    async def load(self, **params: Any) -> dict[str, Any]:
-        self.send(op="load", **params)
+    async def load(self, command: Load) -> Loaded:
+        self.send(command)
         event = await self._next_event(timeout=None)
-        if event.get("ev") == "error":
-            raise EngineError(f"model load failed: {event.get('message')}")
-        if event.get("ev") != "loaded":
+        if isinstance(event, Failed):
+            raise EngineError(f"model load failed: {event.message}")
+        if not isinstance(event, Loaded):
             raise EngineError(f"unexpected engine event during load: {event!r}")
         return event
 
-    async def generate(self, **params: Any) -> AsyncIterator[dict[str, Any]]:
-        """Yields the engine's events for one request: started, token..., then done (or raises)."""
-        self.send(op="generate", **params)
+    async def generate(self, command: Generate) -> AsyncIterator[ReplyEvent]:
+        """Yields the engine's events for one request: Started, Token..., then Done (or raises)."""
+        self.send(command)
         while True:
             event = await self._next_event()
-            kind = event.get("ev")
-            if kind == "error":
-                if event.get("kind") == "context":
-                    raise ContextOverflow(str(event.get("message")))
-                raise EngineError(str(event.get("message")))
+            if isinstance(event, Failed):
+                if event.context is not None and event.prompt_tokens is not None:
+                    raise ContextOverflow(event.prompt_tokens, event.context)
+                raise EngineError(event.message)
+            if not isinstance(event, ReplyEvent):
+                raise EngineError(f"unexpected engine event during a reply: {event!r}")
             yield event
-            if kind == "done":
+            if isinstance(event, Done):
                 return
 
     def cancel(self, request_id: int | None = None) -> None:
         """Stop a reply: the one under way, or (with an id) that request even if it has not started yet."""
         with contextlib.suppress(EngineError, OSError, RuntimeError):
-            self.send(op="cancel", id=request_id)
+            self.send(Cancel(request_id))
 
     def kill(self) -> None:
         """Stop the engine at once (it is blocked inside ggml on a lost stage); readers then see it die."""
@@ -135,7 +154,7 @@ class EngineProcess:
             return
         if self.proc.returncode is None:
             with contextlib.suppress(EngineError, OSError, RuntimeError):
-                self.send(op="shutdown")
+                self.send(Shutdown())
             await wait_or_kill(self.proc, timeout)
         for task in self._tasks:
             task.cancel()

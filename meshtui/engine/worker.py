@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import json
 import os
 import queue
 import re
@@ -18,6 +17,24 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from meshtui.engine.protocol import (
+    Bye,
+    Cancel,
+    Command,
+    Done,
+    Event,
+    Failed,
+    Generate,
+    Hello,
+    Load,
+    Loaded,
+    Shutdown,
+    Started,
+    Token,
+    decode_command,
+    encode,
+)
 
 _PLACEMENT = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?),")
 
@@ -29,9 +46,9 @@ class Protocol:
         os.dup2(2, 1)
         self._lock = threading.Lock()
 
-    def send(self, **obj: Any) -> None:
+    def send(self, event: Event) -> None:
         with self._lock:
-            self._out.write(json.dumps(obj) + "\n")
+            self._out.write(encode(event))
             self._out.flush()
 
 
@@ -43,6 +60,7 @@ class Engine:
         self.cancel = threading.Event()  # cancel the reply under way, whichever it is
         self.cancelled_ids: set[Any] = set()  # cancel these requests, even before they start
         self.decode_calls = 0
+        self.decode_ms = 0.0  # how long the last decode call took
         self.device_endpoints: dict[str, str] = {}  # ggml device name ("RPC0") -> endpoint
         self._log_cb: Any = None
 
@@ -90,29 +108,28 @@ class Engine:
                 name = ggml.ggml_backend_dev_name(ggml.ggml_backend_reg_dev_get(reg, i)).decode()
                 self.device_endpoints[name] = endpoint
 
-    def load(self, cmd: dict[str, Any]) -> None:
+    def load(self, cmd: Load) -> None:
         import llama_cpp
 
         self._install_log_capture(llama_cpp)
-        endpoints: list[str] = cmd.get("endpoints") or []
-        self._register_rpc(llama_cpp, endpoints)
+        self._register_rpc(llama_cpp, list(cmd.endpoints))
         started = time.perf_counter()
         kwargs: dict[str, Any] = {
-            "model_path": cmd["model"],
-            "n_ctx": int(cmd["context"]),
-            "n_batch": int(cmd.get("batch", 512)),
-            "n_ubatch": int(cmd.get("batch", 512)),
-            "n_threads": int(cmd.get("threads") or max(1, os.cpu_count() or 1)),
-            "n_gpu_layers": int(cmd.get("n_gpu_layers", 0)),
-            "seed": int(cmd.get("seed", 0)),
+            "model_path": cmd.model,
+            "n_ctx": int(cmd.context),
+            "n_batch": int(cmd.batch),
+            "n_ubatch": int(cmd.batch),
+            "n_threads": int(cmd.threads or max(1, os.cpu_count() or 1)),
+            "n_gpu_layers": int(cmd.n_gpu_layers),
+            "seed": int(cmd.seed),
             # Off on purpose: CUDA stages built on hosts leave out the flash-attention kernels (a quarter of the
             # build time), and a stage asked for an op it lacks aborts. The same setting everywhere keeps the
             # single-process reference comparable.
             "flash_attn": False,
             "verbose": False,
         }
-        if cmd.get("tensor_split"):
-            kwargs["tensor_split"] = [float(x) for x in cmd["tensor_split"]]
+        if cmd.tensor_split:
+            kwargs["tensor_split"] = [float(x) for x in cmd.tensor_split]
         self.llm = llama_cpp.Llama(**kwargs)
         self._install_log_capture(llama_cpp)  # Llama() may have replaced the callback
         ctx = self.llm._ctx
@@ -120,29 +137,33 @@ class Engine:
 
         def counting_decode(batch: Any) -> Any:
             self.decode_calls += 1
-            return original_decode(batch)
+            started = time.perf_counter()
+            try:
+                return original_decode(batch)
+            finally:
+                self.decode_ms = (time.perf_counter() - started) * 1000.0
 
         ctx.decode = counting_decode
         by_device: dict[str, list[int]] = {}
         for layer, device in sorted(self.placement.items()):
             by_device.setdefault(device, []).append(layer)
-        self.proto.send(
-            ev="loaded",
+        self.proto.send(Loaded(
             seconds=time.perf_counter() - started,
             placement=by_device,
             device_endpoints=self.device_endpoints,
             n_layer=int(self.llm.metadata.get(f"{self.llm.metadata.get('general.architecture')}.block_count", 0)),
-        )
+        ))
 
     # -- generation ------------------------------------------------------------------------------
-    def _prompt_tokens(self, cmd: dict[str, Any]) -> list[int]:
+    def _prompt_tokens(self, cmd: Generate) -> list[int]:
         llm = self.llm
-        if cmd.get("raw"):
-            return list(llm.tokenize(str(cmd["prompt"]).encode("utf-8"), add_bos=True, special=True))
+        if cmd.raw:
+            return list(llm.tokenize((cmd.prompt or "").encode("utf-8"), add_bos=True, special=True))
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = llm.metadata.get("tokenizer.chat_template")
-        messages = cmd.get("messages") or [{"role": "user", "content": str(cmd.get("prompt", ""))}]
+        turns = cmd.messages or ({"role": "user", "content": cmd.prompt or ""},)
+        messages: Any = [dict(m) for m in turns]
         if not template:
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
             return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
@@ -153,35 +174,34 @@ class Engine:
         add_bos = not (bos and rendered.prompt.startswith(bos))
         return list(llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True))
 
-    def generate(self, cmd: dict[str, Any]) -> None:
+    def generate(self, cmd: Generate) -> None:
         import llama_cpp
 
         llm = self.llm
-        request_id = cmd.get("id", 0)
+        request_id = cmd.id
         self.cancel.clear()
         prompt_tokens = self._prompt_tokens(cmd)
         # After a stage was lost the orchestrator resumes a reply: what was generated already is replayed
         # as part of the prompt, which rebuilds the KV cache, and generation continues after it.
-        resume = [int(t) for t in cmd.get("resume_tokens") or []]
+        resume = [int(t) for t in cmd.resume_tokens]
         tokens = prompt_tokens + resume
         if len(tokens) >= llm.n_ctx():
-            self.proto.send(ev="error", id=request_id, kind="context",
-                            message=f"prompt is {len(tokens)} tokens; the context holds {llm.n_ctx()}")
+            self.proto.send(Failed(f"prompt is {len(tokens)} tokens; the context holds {llm.n_ctx()}", request_id,
+                                   prompt_tokens=len(tokens), context=llm.n_ctx()))
             return
-        max_tokens = int(cmd.get("max_tokens") or 256)
+        max_tokens = int(cmd.max_tokens or 256)
         max_tokens = min(max_tokens, llm.n_ctx() - len(prompt_tokens))
-        temperature = float(cmd.get("temperature", 0.7))
-        llm.set_seed(int(cmd.get("seed", 0)))
+        temperature = float(cmd.temperature)
+        llm.set_seed(int(cmd.seed))
         self.decode_calls = 0
-        self.proto.send(ev="started", id=request_id, prompt_tokens=len(prompt_tokens))
+        self.proto.send(Started(request_id, len(prompt_tokens)))
         started = time.perf_counter()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         generated: list[int] = list(resume)
         text_parts: list[str] = []
         stop_reason = "length"
         if len(generated) >= max_tokens:
-            self.proto.send(ev="done", id=request_id, stop_reason="length", tokens=generated, text="",
-                            seconds=0.0, prompt_tokens=len(prompt_tokens))
+            self.proto.send(Done(request_id, "length", tuple(generated), "", 0.0, len(prompt_tokens)))
             return
         vocab = llm._model.vocab
         if resume:
@@ -194,10 +214,10 @@ class Engine:
         for token in llm.generate(
             tokens,
             temp=temperature,
-            top_k=int(cmd.get("top_k", 40)),
-            top_p=float(cmd.get("top_p", 0.95)),
-            min_p=float(cmd.get("min_p", 0.05)),
-            repeat_penalty=float(cmd.get("repeat_penalty", 1.0)),
+            top_k=int(cmd.top_k),
+            top_p=float(cmd.top_p),
+            min_p=float(cmd.min_p),
+            repeat_penalty=float(cmd.repeat_penalty),
             reset=True,
         ):
             if llama_cpp.llama_vocab_is_eog(vocab, token):
@@ -208,8 +228,8 @@ class Engine:
             text = decoder.decode(piece)
             text_parts.append(text)
             # decode_calls - 1 is the index of the decode call whose logits produced this token.
-            self.proto.send(ev="token", id=request_id, index=len(generated) - 1, token_id=token,
-                            text=text, decode_call=self.decode_calls - 1)
+            self.proto.send(Token(request_id, len(generated) - 1, token, text, self.decode_calls - 1,
+                                  self.decode_ms))
             if len(generated) >= max_tokens:
                 break
             if self.cancel.is_set() or request_id in self.cancelled_ids:
@@ -218,11 +238,10 @@ class Engine:
         tail = decoder.decode(b"", final=True)
         if tail:
             text_parts.append(tail)
-            self.proto.send(ev="token", id=request_id, index=len(generated) - 1, token_id=-1, text=tail,
-                            decode_call=self.decode_calls - 1)
+            self.proto.send(Token(request_id, len(generated) - 1, -1, tail, self.decode_calls - 1))
         seconds = time.perf_counter() - started
-        self.proto.send(ev="done", id=request_id, stop_reason=stop_reason, tokens=generated,
-                        text="".join(text_parts), seconds=seconds, prompt_tokens=len(prompt_tokens))
+        self.proto.send(Done(request_id, stop_reason, tuple(generated), "".join(text_parts), seconds,
+                             len(prompt_tokens)))
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -233,20 +252,20 @@ def _one_line(text: str, limit: int = 300) -> str:
 def main() -> int:
     proto = Protocol()
     engine = Engine(proto)
-    commands: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    commands: queue.Queue[Command | None] = queue.Queue()
 
     def read_commands() -> None:
         for line in sys.stdin:
             try:
-                cmd = json.loads(line)
-            except ValueError:
-                proto.send(ev="error", message=f"bad command line: {line[:80]!r}")
+                cmd = decode_command(line)
+            except ValueError as err:  # not the protocol: answer, and keep reading
+                proto.send(Failed(f"bad command line: {err}"))
                 continue
-            if cmd.get("op") == "cancel":
-                if cmd.get("id") is None:
+            if isinstance(cmd, Cancel):
+                if cmd.id is None:
                     engine.cancel.set()
                 else:
-                    engine.cancelled_ids.add(cmd["id"])
+                    engine.cancelled_ids.add(cmd.id)
             else:
                 commands.put(cmd)
         # stdin closed: the orchestrator is gone, and nobody is left to read what we would say. Leave now,
@@ -254,29 +273,23 @@ def main() -> int:
         os._exit(0)
 
     threading.Thread(target=read_commands, name="commands", daemon=True).start()
-    proto.send(ev="hello", pid=os.getpid())
+    proto.send(Hello(os.getpid()))
     while True:
         cmd = commands.get()
-        if cmd is None or cmd.get("op") == "shutdown":
+        if cmd is None or isinstance(cmd, Shutdown):
             break
-        op = cmd.get("op")
+        request_id = cmd.id if isinstance(cmd, Generate) else None
         try:
-            if op == "load":
+            if isinstance(cmd, Load):
                 engine.load(cmd)
-            elif op == "generate":
+            elif isinstance(cmd, Generate):
                 if engine.llm is None:
-                    proto.send(ev="error", id=cmd.get("id"), message="no model loaded")
+                    proto.send(Failed("no model loaded", request_id))
                 else:
                     engine.generate(cmd)
-            else:
-                proto.send(ev="error", message=f"unknown op {op!r}")
-        except Exception as err:
-            # One request's failure (a chat template that does not render, a bad value) is that request's
-            # error, not the engine's end: the engine keeps serving the next one.
-            expected = isinstance(err, (ValueError, RuntimeError, OSError))
-            proto.send(ev="error", id=cmd.get("id"),
-                       message=_one_line(str(err) if expected else f"{type(err).__name__}: {err}"))
-    proto.send(ev="bye")
+        except (ValueError, RuntimeError, OSError) as err:
+            proto.send(Failed(str(err), request_id))
+    proto.send(Bye())
     os._exit(0)  # skip ggml's finalizers: remote buffers may already be gone
 
 

@@ -107,8 +107,7 @@ class NodesView(Vertical):
         colour = index % NODE_COLOURS
         plan = self.mesh.plan
         status = row["status"]
-        # the head's share is computed in-process: no tunnel measures it, so it shows "—"
-        lat = [NOT_MEASURED] * 3 if is_head else latency_columns(node.latencies)
+        lat = latency_columns(node.latencies)  # the head's: its decode time less the stages' round trips
         return [
             Text(row["name"], style=self.get_component_rich_style(f"nodes--colour-{colour}")),
             Text(row["address"]),

@@ -141,7 +141,7 @@ class FakeMesh:
             await asyncio.sleep(0)
         if self.fail_up is not None:
             await self.release_up.wait()
-            self.emit(ev.HostFailed("lab2", "push", str(self.fail_up).removeprefix("lab2: ")))
+            self.emit(ev.HostFailed("lab2", "push", self.fail_up.reason))
             raise self.fail_up
         if self.until != "ready":
             await asyncio.Event().wait()  # provisioning that never ends, for the snapshot

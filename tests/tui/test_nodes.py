@@ -5,13 +5,15 @@ from __future__ import annotations
 from pilot_helpers import node_row, provisioning_row, wait_until
 from textual.widgets import ContentSwitcher, Sparkline
 
+from meshtui import events as ev
 from meshtui.errors import HostError
 from meshtui.mesh import RejoinPolicy
+from meshtui.tui.nodes import NodesView
 
 SIZE = (120, 36)
 
 
-async def test_ready_mesh_shows_layers_and_split_latency_with_the_head_unmeasured(build_app):
+async def test_ready_mesh_shows_layers_and_split_latency(build_app):
     app = build_app()
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
@@ -23,12 +25,23 @@ async def test_ready_mesh_shows_layers_and_split_latency_with_the_head_unmeasure
                          and node_row(app, "lab1")[6] == "7.5 (6.3+1.2)", what="latencies")
         head, lab1, lab2 = (node_row(app, n) for n in ("head", "lab1", "lab2"))
         assert head[:4] == ["head", "127.0.0.1", "ready", "0–12"]
-        assert head[5:] == ["—", "—", "—", "—"]  # the head is not measured through a tunnel
+        assert head[5:] == ["—", "—", "—", "—"]  # this scripted mesh reports no head share
         assert lab1[3] == "13–24" and lab2[3] == "25–29+out"
         # 2 latency samples per host (tokens 1 and 2); lab2's last is 12.6 ms with a 3.4 ms round trip
         assert lab2[5] == "12.6 (9.2+3.4)"
         assert lab1[6] == "7.5 (6.3+1.2)"  # mean of 6.9 and 8.1
         assert list(app.query_one("#spark-2", Sparkline).data) == [9.8, 12.6]
+
+
+async def test_the_heads_own_latency_is_shown_like_a_stages(build_app):
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        for index, ms in enumerate((4.0, 6.5)):
+            app.mesh.emit(ev.StageLatencyMeasured("head", index, ms, 0.0, 0, 0))
+            app.post_message(NodesView.Changed())
+        await wait_until(pilot, lambda: node_row(app, "head")[5] == "6.5 (6.5+0.0)", what="the head's latency")
+        assert node_row(app, "head")[5:] == ["6.5 (6.5+0.0)", "5.2 (5.2+0.0)", "6.5 (6.5+0.0)", "—"]
 
 
 async def test_a_stage_lost_after_ready_turns_its_row_failed_with_the_reason(build_app):

@@ -121,15 +121,29 @@ def plan_layer_split(model: ModelFacts, nodes: Sequence[NodeCapacity], context: 
         # Plan a model whose output layer costs nothing and whose embeddings weigh what both weigh.
         moved = dataclasses.replace(model, output_bytes=0, input_bytes=model.input_bytes + model.output_bytes)
         try:
-            plan = _plan(moved, nodes, context, speeds)
+            plan, why = _plan_explained(moved, nodes, context, speeds)
         except PlanError:
             plan = None
         if plan is not None and any(a.n_layers and a.start < model.n_layer for a in plan.assignments[1:]):
-            return _output_to_head(plan, model, context)
-    return _plan(model, nodes, context, speeds)
+            return _output_to_head(plan, why, model, context)
+    return _plan_explained(model, nodes, context, speeds)[0]
 
 
-def _output_to_head(plan: Plan, model: ModelFacts, context: int) -> Plan:
+@dataclass(frozen=True)
+class _Why:
+    """A plan's reasons as parts, so a plan derived from another re-words them without parsing its text."""
+
+    header: str
+    offers: tuple[tuple[str, str], ...]  # (node name, what it offers), in node order
+    rebalanced: str | None  # set when rounding overfilled a node and the split was rebalanced
+    output_holder: str
+
+    def lines(self, counts: dict[str, int], n_total: int, unit: str) -> tuple[str, ...]:
+        offers = [f"{name} {offer} -> {counts[name]} of {n_total} {unit}" for name, offer in self.offers]
+        return (self.header, *offers, *([self.rebalanced] if self.rebalanced else []))
+
+
+def _output_to_head(plan: Plan, why: _Why, model: ModelFacts, context: int) -> Plan:
     """The zero-cost output layer ended on the last stage: take it off, and account its bytes on the head."""
     assignments = []
     for a in plan.assignments:
@@ -147,21 +161,15 @@ def _output_to_head(plan: Plan, model: ModelFacts, context: int) -> Plan:
         f"(weights + {format_size(kv)} KV cache); the head keeps the token embeddings "
         f"({format_size(model.input_bytes)}) and the output layer ({format_size(model.output_bytes)})"
     ]
-    by_name = {a.name: a for a in assignments}
-    for reason in plan.reasons[1:]:
-        name, _, rest = reason.partition(" ")
-        if name in by_name and " -> " in rest:
-            head_text = rest.rsplit(" -> ", 1)[0]
-            reason = f"{name} {head_text} -> {by_name[name].n_layers} of {model.n_layer} blocks"
-        if not reason.startswith("the output layer goes to"):
-            reasons.append(reason)
+    counts = {a.name: a.n_layers for a in assignments}
+    reasons.extend(why.lines(counts, model.n_layer, "blocks")[1:])
     reasons.append("the output layer stays on the head (a local stage), so logits never cross the network")
     return Plan(n_layer=plan.n_layer, context=plan.context, assignments=tuple(assignments),
                 reasons=tuple(reasons), output_on_head=True)
 
 
-def _plan(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int,
-          speeds: Sequence[float] | None = None) -> Plan:
+def _plan_explained(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int,
+                    speeds: Sequence[float] | None = None) -> tuple[Plan, _Why]:
     """The memory-proportional contiguous split, repaired to fit.
 
     Raises PlanError (one line, naming the shortfall) when no contiguous whole-layer split fits, and
@@ -201,8 +209,10 @@ def _plan(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int,
         _assignment(model, node, start, end, context)
         for node, (start, end) in zip(nodes, _ranges(boundaries), strict=True)
     )
-    reasons = _reasons(model, context, costs, room, shares, assignments, repaired, by_speed=speeds is not None)
-    return Plan(n_layer=model.n_layer, context=context, assignments=assignments, reasons=reasons)
+    why = _reasons(model, context, costs, room, shares, assignments, repaired, by_speed=speeds is not None)
+    reasons = (*why.lines({a.name: a.n_layers for a in assignments}, len(costs), "layers"),
+               f"the output layer goes to {why.output_holder}, the last node with layers")
+    return Plan(n_layer=model.n_layer, context=context, assignments=assignments, reasons=reasons), why
 
 
 def _check_arguments(nodes: Sequence[NodeCapacity], context: int) -> None:
@@ -352,40 +362,34 @@ def _reasons(
     assignments: Sequence[NodeAssignment],
     repaired: bool,
     by_speed: bool = False,
-) -> tuple[str, ...]:
-    n_total = len(costs)
+) -> _Why:
     kv = model.kv_bytes_per_layer(context)
     blocks = costs[:-1]
     if min(blocks) == max(blocks):
         block_text = f"each block needs {format_size(blocks[0])} ({format_size(blocks[0] - kv)} weights + "
     else:
         block_text = f"blocks need {format_size(min(blocks))} to {format_size(max(blocks))} each (with "
-    reasons = [
-        f"at context {context} {block_text}{format_size(kv)} KV cache), the output layer "
-        f"{format_size(costs[-1])}; the head also keeps the token embeddings "
-        f"({format_size(model.input_bytes)})"
-    ]
+    header = (f"at context {context} {block_text}{format_size(kv)} KV cache), the output layer "
+              f"{format_size(costs[-1])}; the head also keeps the token embeddings "
+              f"({format_size(model.input_bytes)})")
     total_share = sum(shares)
+    offers = []
     for node_room, share, assignment in zip(room, shares, assignments, strict=True):
         if share == 0:
-            reasons.append(
-                f"{assignment.name} has {format_size(max(0, node_room))} left after its fixed needs, "
-                f"less than one layer ({format_size(min(costs))}) -> 0 of {n_total} layers"
-            )
+            offers.append((assignment.name, f"has {format_size(max(0, node_room))} left after its fixed needs, "
+                                            f"less than one layer ({format_size(min(costs))})"))
             continue
         percent = round(100 * share / total_share)
         offer = (f"has {percent}% of the speed" if by_speed
                  else f"offers {format_size(share)} of {format_size(total_share)} usable ({percent}%)")
-        reasons.append(f"{assignment.name} {offer} -> {assignment.n_layers} of {n_total} layers")
+        offers.append((assignment.name, offer))
+    rebalanced = None
     if repaired:
         peak = max(a.used_bytes / a.usable_bytes for a in assignments if a.used_bytes > 0)
-        reasons.append(
-            f"rounding to whole layers overfilled a node, so the split was rebalanced to the lowest "
-            f"peak use: at most {peak:.0%} of any node's usable memory"
-        )
+        rebalanced = (f"rounding to whole layers overfilled a node, so the split was rebalanced to the lowest "
+                      f"peak use: at most {peak:.0%} of any node's usable memory")
     output_holder = next(a for a in assignments if a.start <= model.n_layer < a.end)
-    reasons.append(f"the output layer goes to {output_holder.name}, the last node with layers")
-    return tuple(reasons)
+    return _Why(header, tuple(offers), rebalanced, output_holder.name)
 
 
 def split_among_devices(n_layers: int, weights: Sequence[int]) -> list[int]:

@@ -287,8 +287,11 @@ def main() -> int:
                     proto.send(Failed("no model loaded", request_id))
                 else:
                     engine.generate(cmd)
-        except (ValueError, RuntimeError, OSError) as err:
-            proto.send(Failed(str(err), request_id))
+        except Exception as err:
+            # One request's failure (a chat template that does not render, a bad value) is that request's
+            # error, not the engine's end: the engine keeps serving the next one.
+            expected = isinstance(err, (ValueError, RuntimeError, OSError))
+            proto.send(Failed(_one_line(str(err) if expected else f"{type(err).__name__}: {err}"), request_id))
     proto.send(Bye())
     os._exit(0)  # skip ggml's finalizers: remote buffers may already be gone
 

@@ -9,21 +9,7 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-from meshtui.engine.protocol import (
-    Cancel,
-    Command,
-    Done,
-    Event,
-    Failed,
-    Generate,
-    Hello,
-    Load,
-    Loaded,
-    ReplyEvent,
-    Shutdown,
-    decode_event,
-    encode,
-)
+from meshtui.engine import protocol as wire
 from meshtui.errors import EngineError
 from meshtui.procs import wait_or_kill
 from meshtui.text import printable
@@ -47,7 +33,7 @@ class EngineProcess:
         self.on_log = on_log
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr_tail: deque[str] = deque(maxlen=40)
-        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._events: asyncio.Queue[wire.Event | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self.pid = 0
 
@@ -63,14 +49,14 @@ class EngineProcess:
         self.pid = self.proc.pid
         self._tasks = [asyncio.create_task(self._read_events()), asyncio.create_task(self._read_stderr())]
         hello = await self._next_event(timeout=120)
-        if not isinstance(hello, Hello):
+        if not isinstance(hello, wire.Hello):
             raise EngineError(f"engine said {hello!r} instead of hello")
 
     async def _read_events(self) -> None:
         assert self.proc and self.proc.stdout
         async for raw in self.proc.stdout:
             try:
-                self._events.put_nowait(decode_event(raw))
+                self._events.put_nowait(wire.decode_event(raw))
             except ValueError as err:  # not the protocol: say so, and keep reading
                 self.on_log(f"engine: unparsable line ({err})")
         self._events.put_nowait(None)
@@ -89,7 +75,7 @@ class EngineProcess:
         detail = (interesting or list(self.stderr_tail) or ["no output"])[-1]
         return f"engine exited (status {code}): {detail}"
 
-    async def _next_event(self, timeout: float | None = None) -> Event:
+    async def _next_event(self, timeout: float | None = None) -> wire.Event:
         try:
             event = await asyncio.wait_for(self._events.get(), timeout)
         except asyncio.TimeoutError as err:
@@ -105,39 +91,39 @@ class EngineProcess:
             raise EngineDied(self._death_reason())
         return event
 
-    def send(self, command: Command) -> None:
+    def send(self, command: wire.Command) -> None:
         if not self.proc or not self.proc.stdin or self.proc.stdin.is_closing():
             raise EngineDied("engine is not running")
-        self.proc.stdin.write(encode(command).encode())
+        self.proc.stdin.write(wire.encode(command).encode())
 
-    async def load(self, command: Load) -> Loaded:
+    async def load(self, command: wire.Load) -> wire.Loaded:
         self.send(command)
         event = await self._next_event(timeout=None)
-        if isinstance(event, Failed):
+        if isinstance(event, wire.Failed):
             raise EngineError(f"model load failed: {event.message}")
-        if not isinstance(event, Loaded):
+        if not isinstance(event, wire.Loaded):
             raise EngineError(f"unexpected engine event during load: {event!r}")
         return event
 
-    async def generate(self, command: Generate) -> AsyncIterator[ReplyEvent]:
+    async def generate(self, command: wire.Generate) -> AsyncIterator[wire.ReplyEvent]:
         """Yields the engine's events for one request: Started, Token..., then Done (or raises)."""
         self.send(command)
         while True:
             event = await self._next_event()
-            if isinstance(event, Failed):
+            if isinstance(event, wire.Failed):
                 if event.context is not None and event.prompt_tokens is not None:
                     raise ContextOverflow(event.prompt_tokens, event.context)
                 raise EngineError(event.message)
-            if not isinstance(event, ReplyEvent):
+            if not isinstance(event, wire.ReplyEvent):
                 raise EngineError(f"unexpected engine event during a reply: {event!r}")
             yield event
-            if isinstance(event, Done):
+            if isinstance(event, wire.Done):
                 return
 
     def cancel(self, request_id: int | None = None) -> None:
         """Stop a reply: the one under way, or (with an id) that request even if it has not started yet."""
         with contextlib.suppress(EngineError, OSError, RuntimeError):
-            self.send(Cancel(request_id))
+            self.send(wire.Cancel(request_id))
 
     def kill(self) -> None:
         """Stop the engine at once (it is blocked inside ggml on a lost stage); readers then see it die."""
@@ -154,7 +140,7 @@ class EngineProcess:
             return
         if self.proc.returncode is None:
             with contextlib.suppress(EngineError, OSError, RuntimeError):
-                self.send(Shutdown())
+                self.send(wire.Shutdown())
             await wait_or_kill(self.proc, timeout)
         for task in self._tasks:
             task.cancel()

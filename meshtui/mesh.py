@@ -24,10 +24,8 @@ from meshtui.capacity import HEAD_NAME, ProbedHost, gpu_verdict
 from meshtui.engine.client import EngineDied, EngineProcess
 from meshtui.engine.protocol import Done, Generate, Load, Started, Token
 from meshtui.errors import EngineError, HostError, MeshError, PlanError
-from meshtui.failures import agent_exit_cause
 from meshtui.gguf_facts import ModelFacts, read_model_facts
-from meshtui.hostbuild import build_on_host
-from meshtui.hosts import AGENT_CANNOT_LOAD, Agent, HostFacts, launch_agent, probe_host, push_runtime
+from meshtui.hosts import Agent, HostFacts
 from meshtui.inventory import HostSpec, Inventory
 from meshtui.localstage import LocalStage
 from meshtui.models import resolve_model_path
@@ -35,9 +33,14 @@ from meshtui.placement import check_placement, engine_split, placement_by_node
 from meshtui.planner import NodeCapacity, Plan, plan_layer_split
 from meshtui.predict import Prediction, predict_decode
 from meshtui.rejoin import RejoinPolicy
-from meshtui.rpcwire import rpc_hello
-from meshtui.runtime import agent_source_path, expected_rpc_protocol, load_file_module, local_runtime_bundle
-from meshtui.ssh import connect_host
+from meshtui.runtime import (
+    RuntimeBundle,
+    agent_source_path,
+    expected_rpc_protocol,
+    load_file_module,
+    local_runtime_bundle,
+)
+from meshtui.stage import Stage, StageReport
 from meshtui.stats import p95
 from meshtui.tunnels import StageTunnel
 from meshtui.watchdog import StageClock, StallPolicy, Verdict, judge
@@ -47,7 +50,8 @@ LATENCY_HISTORY = 256
 
 @dataclass
 class Node:
-    """Live state of one node (the head or a host). Mutated only by the orchestrator."""
+    """What is known of one node (the head or a host): plain data, mutated only by the orchestrator. A host's
+    live connection, agent and tunnel are its `Stage` (`Mesh.stages`)."""
 
     name: str
     address: str
@@ -60,13 +64,7 @@ class Node:
     usable_bytes: int = 0
     planned_bytes: int = 0
     device: str = "cpu"  # what holds its layers, as planned: "cpu" or the GPU's name
-    conn: asyncssh.SSHClientConnection | None = None
-    host_key: asyncssh.SSHKey | None = None  # the key accepted at start: every reconnect must show exactly it
-    agent: Agent | None = None
-    tunnel: StageTunnel | None = None
-    rtt_ms: float | None = None  # the minimum of recent pings: a busy moment only ever adds to a round trip
-    rtt_samples: deque[float] = field(default_factory=lambda: deque(maxlen=10))
-    rpc_protocol: tuple[int, int, int] | None = None
+    rtt_ms: float | None = None  # its stage's round trip (the minimum of recent pings)
     latencies: deque[ev.StageLatencyMeasured] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
     lost_reason: str = ""  # the step watchdog declared it lost; the failure path takes it from here
     stalled_seconds: float | None = None  # how long its stall lasted before it was declared lost
@@ -119,6 +117,7 @@ class Mesh:
         self.listener = listener
         self.head = Node(name=HEAD_NAME, address="127.0.0.1", is_head=True)
         self.hosts = [Node(name=h.name, address=h.address, spec=h) for h in inventory.hosts]
+        self.stages = {h.name: Stage(h, inventory.ssh, self._stage_report(h.name)) for h in inventory.hosts}
         self.model_path: Path | None = None
         self.model: ModelFacts | None = None
         self.plan: Plan | None = None
@@ -154,6 +153,13 @@ class Mesh:
     def _emit(self, event: ev.Event) -> None:
         self.listener(event)
 
+    def _stage_report(self, name: str) -> StageReport:
+        return StageReport(
+            phase=lambda phase, detail: self._phase(self.node(name), phase, detail),
+            log=lambda message, level: self._log(name, message, level),
+            progress=lambda done, total: self._emit(ev.TransferProgressed(name, "push", done, total)),
+        )
+
     def _log(self, source: str, message: str, level: str = "info") -> None:
         self._emit(ev.LogRecorded(source=source, message=message, level=level))
 
@@ -181,17 +187,9 @@ class Mesh:
 
     async def _connect_one(self, node: Node, *, rejoining: bool = False) -> None:
         assert node.spec is not None
-        self._phase(node, "connect", f"{node.address}:{node.spec.port or 22}")
         try:
             # --accept-new applies when the mesh starts; a rejoin takes only the key accepted then.
-            node.conn = await connect_host(
-                node.spec, self.inventory.ssh, accept_new=self.accept_new and not rejoining,
-                pinned_key=node.host_key, log=lambda msg: self._log(node.name, msg, "warning"),
-            )
-            node.host_key = node.host_key or node.conn.get_server_host_key()
-            self._phase(node, "probe")
-            # A host that answers SSH but hangs in the probe is as good as unreachable.
-            node.facts = await probe_host(node.conn, node.spec, timeout=2 * self.inventory.ssh.connect_timeout)
+            node.facts = await self.stages[node.name].connect_and_probe(accept_new=self.accept_new and not rejoining)
         except HostError as err:
             self._fail(node, node.status, err.reason)
             raise
@@ -256,73 +254,24 @@ class Mesh:
         await self._load_engine(remote)
         self._rtt_task = asyncio.create_task(self._measure_rtt_forever())
 
-    async def _start_stage(self, node: Node, bundle: Any) -> None:
-        assert node.conn is not None and node.spec is not None
-        on_log = lambda line: self._log(node.name, line, "debug")  # noqa: E731
+    async def _start_stage(self, node: Node, bundle: RuntimeBundle) -> None:
+        stage = self.stages[node.name]
         try:
-            runtime_dir = None
-            gpu = self._serves_gpu(node)
-            if node.spec.runtime == "build" or gpu:
-                runtime_dir = await self._build_on_host(node)
-            else:
-                self._phase(node, "push", f"{bundle.total_bytes} bytes")
-                sent = await push_runtime(
-                    node.conn, node.spec, bundle,
-                    on_progress=lambda done, total: self._emit(ev.TransferProgressed(node.name, "push", done, total)),
-                    on_log=lambda line: self._log(node.name, line, "warning"),
-                )
-                pushed = f"pushed {sent} bytes" if sent else "already there"
-                self._log(node.name, f"runtime {bundle.digest} ({bundle.kind}): {pushed}")
-            self._phase(node, "launch")
-            try:
-                node.agent = await launch_agent(node.conn, node.spec, bundle, on_log=on_log, gpu=gpu,
-                                                runtime_dir=runtime_dir)
-            except HostError as err:
-                # The pushed runtime does not load there (another glibc, a missing library): build it there.
-                if node.spec.runtime != "auto" or err.code != AGENT_CANNOT_LOAD:
-                    raise
-                self._log(node.name, f"{err.reason}; building the runtime on the host instead", "warning")
-                runtime_dir = await self._build_on_host(node)
-                self._phase(node, "launch")
-                node.agent = await launch_agent(node.conn, node.spec, bundle, on_log=on_log, runtime_dir=runtime_dir)
-            if gpu and not any(d.get("type") == "gpu" for d in node.agent.devices):
-                await node.agent.close(timeout=2.0)
-                raise HostError("the runtime built on the host exposes no GPU (backends: "
-                                f"{', '.join(node.agent.backends) or 'cpu'}); set gpu = false to use its CPU",
-                                host=node.name)
+            await stage.start(bundle, gpu=self._serves_gpu(node))
         except HostError as err:
             self._fail(node, node.status, err.reason)
             raise
-        devices = tuple(d.get("description") or d.get("name", "") for d in node.agent.devices)
-        self._emit(ev.AgentLaunched(node.name, node.agent.port, node.agent.pid, devices))
-        node.tunnel = StageTunnel(node.conn, node.agent.port,
-                                  on_error=lambda msg: self._log(node.name, msg, "error"))
-        await node.tunnel.start()
-        with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error):
-            node.rtt_samples.append(await node.agent.ping() * 1000.0)
-            node.rtt_ms = min(node.rtt_samples)
-
-    async def _build_on_host(self, node: Node) -> str:
-        assert node.conn is not None and node.spec is not None
-        self._phase(node, "push", "building the runtime on the host")
-        return await build_on_host(node.conn, node.spec,
-                                   on_progress=lambda step: self._phase(node, "push", f"build: {step}"))
+        agent = stage.running_agent()
+        devices = tuple(d.get("description") or d.get("name", "") for d in agent.devices)
+        self._emit(ev.AgentLaunched(node.name, agent.port, agent.pid, devices))
+        await stage.open_tunnel()
+        node.rtt_ms = stage.rtt_ms
 
     async def _check_protocols(self, remote: Sequence[Node]) -> None:
         """Every stage must speak the head's RPC protocol: ggml aborts on a mismatch, so ask first."""
         expected = expected_rpc_protocol()
         for node in remote:
-            assert node.tunnel is not None
-            try:
-                got = await rpc_hello("127.0.0.1", node.tunnel.local_port)
-            except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as err:
-                raise HostError(f"the stage does not answer the RPC handshake through its tunnel: {err}",
-                                host=node.name) from err
-            node.rpc_protocol = got
-            if expected is not None and got[0] != expected[0]:
-                version = ".".join(map(str, got))
-                raise HostError(f"the stage speaks ggml RPC v{version} but the head speaks v"
-                                f"{'.'.join(map(str, expected))}; use the runtime meshtui pushes", host=node.name)
+            await self.stages[node.name].check_protocol(expected)
 
     async def _ensure_local_stage(self) -> None:
         """Start (or stop) the head's local output stage as the plan says."""
@@ -337,7 +286,7 @@ class Mesh:
 
     def _endpoints(self, remote: Sequence[Node]) -> list[str]:
         """RPC devices in llama.cpp's order: the remote stages, then the head's local output stage."""
-        endpoints = [n.tunnel.endpoint for n in remote if n.tunnel]
+        endpoints = [t.endpoint for t in self._tunnels(remote).values()]
         if self.plan is not None and self.plan.output_on_head and self.local_stage is not None:
             endpoints.append(self.local_stage.endpoint)
         return endpoints
@@ -373,15 +322,15 @@ class Mesh:
             self._loading = False
             progress.cancel()
         self.load_seconds = time.perf_counter() - started
-        self.load_bytes_sent = sum(n.tunnel.meter.bytes_up for n in remote if n.tunnel)
-        endpoint_names = {n.tunnel.endpoint: n.name for n in remote if n.tunnel}
+        tunnels = self._tunnels(remote)
+        self.load_bytes_sent = sum(t.meter.bytes_up for t in tunnels.values())
+        endpoint_names = {t.endpoint: name for name, t in tunnels.items()}
         if self.local_stage is not None and self.plan.output_on_head:
             endpoint_names[self.local_stage.endpoint] = HEAD_NAME
         self.placement = placement_by_node(loaded.placement, loaded.device_endpoints, endpoint_names)
         check_placement(self.placement, self.plan)
-        for node in remote:
-            if node.tunnel:
-                self._emit(ev.TransferProgressed(node.name, "load", node.tunnel.meter.bytes_up, None))
+        for name, tunnel in tunnels.items():
+            self._emit(ev.TransferProgressed(name, "load", tunnel.meter.bytes_up, None))
         self._emit(ev.ModelLoaded(self.load_seconds, self.load_bytes_sent, dict(self.placement)))
         for node in [self.head, *remote]:
             self._phase(node, "ready")
@@ -389,24 +338,29 @@ class Mesh:
 
     def _device_memory(self) -> dict[str, list[int]]:
         """Each remote stage's devices' free memory: a host serving several GPUs shares its layers by it."""
-        return {n.name: [int(d.get("memory_free") or 0) for d in n.agent.devices]
-                for n in self.hosts if n.agent is not None}
+        return {name: [int(d.get("memory_free") or 0) for d in stage.agent.devices]
+                for name, stage in self.stages.items() if stage.agent is not None}
+
+    def _tunnels(self, nodes: Sequence[Node]) -> dict[str, StageTunnel]:
+        """The open tunnels of these nodes' stages, in their order."""
+        tunnels = {n.name: self.stages[n.name].tunnel for n in nodes if n.name in self.stages}
+        return {name: t for name, t in tunnels.items() if t is not None}
 
     async def _report_load_progress(self, remote: Sequence[Node]) -> None:
         while True:
             await asyncio.sleep(0.25)
             for node in remote:
-                if node.tunnel:
-                    self._emit(ev.TransferProgressed(node.name, "load", node.tunnel.meter.bytes_up,
+                tunnel = self.stages[node.name].tunnel
+                if tunnel is not None:
+                    self._emit(ev.TransferProgressed(node.name, "load", tunnel.meter.bytes_up,
                                                      node.planned_bytes or None))
 
     async def _measure_rtt_forever(self, interval: float = 2.0) -> None:
         while True:
             for node in self.hosts:
-                if node.agent and node.agent.alive:
-                    with contextlib.suppress(asyncio.TimeoutError, OSError, asyncssh.Error):
-                        node.rtt_samples.append(await node.agent.ping() * 1000.0)
-                        node.rtt_ms = min(node.rtt_samples)
+                stage = self.stages[node.name]
+                await stage.ping()
+                node.rtt_ms = stage.rtt_ms
             await asyncio.sleep(interval)
 
     # -- the step watchdog -----------------------------------------------------------------------
@@ -423,10 +377,11 @@ class Mesh:
             await asyncio.sleep(policy.tick)
             now = time.perf_counter()
             for node in self.hosts:
-                if node.tunnel is None or node.agent is None or node.lost_reason or node.status == "failed":
+                stage = self.stages[node.name]
+                agent = stage.agent
+                if stage.tunnel is None or agent is None or node.lost_reason or node.status == "failed":
                     continue
-                waits = [t for t in (node.tunnel.meter.awaiting_since, node.tunnel.blocked_since) if t is not None]
-                waiting_since = min(waits) if waits else None
+                waiting_since = stage.waiting_since()
                 if waiting_since is None:
                     last_pong.pop(node.name, None)  # each stall starts with no pong
                     if node.status == "stalled":
@@ -446,7 +401,7 @@ class Mesh:
                         self._log(node.name, f"no answer to {what} for {now - waiting_since:.2f}s "
                                              f"(deadline {deadline:.2f}s); asking its agent", "warning")
                     probes[node.name] = asyncio.create_task(
-                        self._probe_stalled(node, node.agent, waiting_since, last_pong))
+                        self._probe_stalled(node, agent, waiting_since, last_pong))
                 elif verdict is Verdict.LOST:
                     self._declare_lost(node, waiting_since,
                                        f"answers pings but not its step for {now - waiting_since:.0f}s")
@@ -461,7 +416,7 @@ class Mesh:
                 raise  # the watchdog itself is stopping
             return  # the agent exited: the ordinary failure path names why
         except (asyncio.TimeoutError, OSError, asyncssh.Error):
-            if node.agent is agent and not node.lost_reason:
+            if self.stages[node.name].agent is agent and not node.lost_reason:
                 stalled = time.perf_counter() - waiting_since
                 what = "the model load" if self._loading else "its step"
                 self._declare_lost(node, waiting_since,
@@ -481,8 +436,7 @@ class Mesh:
         node.lost_reason = reason
         node.stalled_seconds = time.perf_counter() - waiting_since
         self._log(node.name, reason, "error")
-        if node.tunnel is not None:
-            node.tunnel.abort_connections()
+        self.stages[node.name].abort()
         if self.engine is not None:
             self.engine.kill()
 
@@ -532,10 +486,9 @@ class Mesh:
         stop_reason = "length"
         announced = False
         while True:
-            remote = [n for n in self.hosts if n.tunnel is not None and n.layers is not None]
-            for node in remote:
-                assert node.tunnel is not None
-                node.tunnel.meter.reset_rounds()
+            remote = [n for n in self.hosts if self.stages[n.name].tunnel is not None and n.layers is not None]
+            for tunnel in self._tunnels(remote).values():
+                tunnel.meter.reset_rounds()
             first_of_attempt = True
             try:
                 assert self.engine is not None
@@ -608,7 +561,7 @@ class Mesh:
             self.engine = None
         self.make_plan()
         remote = [self.node(a.name) for a in self.plan.remote] if self.plan else []
-        newcomers = [n for n in remote if n.agent is None or not n.agent.alive]
+        newcomers = [n for n in remote if not self.stages[n.name].serving]
         _raise_first(await asyncio.gather(*(self._start_stage(n, local_runtime_bundle()) for n in newcomers),
                                           return_exceptions=True))
         await self._load_engine(remote)
@@ -658,11 +611,8 @@ class Mesh:
                 count = attempts[node.name] = attempts.get(node.name, 0) + 1
                 if policy.max_attempts is not None and count > policy.max_attempts:
                     continue
-                assert node.spec is not None
-                try:
-                    conn = await connect_host(node.spec, self.inventory.ssh, pinned_key=node.host_key)
-                    conn.close()
-                except HostError as err:
+                err = await self.stages[node.name].unreachable()
+                if err is not None:
                     delay = policy.retry_delay(count)
                     next_try[node.name] = time.monotonic() + delay
                     self._log(node.name, f"rejoin attempt {count} failed: {err}; next in {delay:.0f}s", "debug")
@@ -682,19 +632,9 @@ class Mesh:
 
     async def _drop_node(self, node: Node) -> None:
         node.layers = None
-        if node.tunnel is not None:
-            await node.tunnel.close()
-            node.tunnel = None
-        if node.agent is not None:
-            # A stalled agent will not see its EOF until it runs again: don't wait for it to exit.
-            with contextlib.suppress(Exception):  # the agent is gone already; nothing to report
-                await node.agent.close(timeout=0.0 if node.lost_reason else 1.0)
-            node.agent = None
+        await self.stages[node.name].drop(stalled=bool(node.lost_reason))
         node.lost_reason = ""
         node.stalled_seconds = None
-        if node.conn is not None:
-            node.conn.abort()
-            node.conn = None
 
     def _emitted(self, event: ev.Event) -> ev.Event:
         self._emit(event)
@@ -705,10 +645,11 @@ class Mesh:
         head's share: the decode call's time less every stage's round trip (its layers, the output layer on its
         local stage), when every stage's round trip is known."""
         measured = []
+        tunnels = self._tunnels(remote)
         for node in remote:
-            assert node.tunnel is not None
-            rounds = node.tunnel.meter.rounds
-            if token.decode_call >= len(rounds) or node.tunnel.meter.rounds_since_reset != len(rounds):
+            meter = tunnels[node.name].meter
+            rounds = meter.rounds
+            if token.decode_call >= len(rounds) or meter.rounds_since_reset != len(rounds):
                 continue
             r = rounds[token.decode_call]
             sample = ev.StageLatencyMeasured(
@@ -748,17 +689,7 @@ class Mesh:
         for node in self.hosts:
             if node.layers is None or node.status == "failed":
                 continue
-            reason = ""
-            if node.lost_reason:
-                reason = node.lost_reason
-            elif node.conn is not None and node.conn.is_closed():
-                reason = "SSH connection lost"
-            elif node.agent is not None and not node.agent.alive:
-                status, signal = await node.agent.exit_report()
-                tail = list(node.agent.stderr_tail)
-                reason = agent_exit_cause(status, signal, tail)
-                if tail:  # the detail, for the log panel
-                    self._log(node.name, f"its agent's last output: {' | '.join(tail[-3:])}", "error")
+            reason = node.lost_reason or await self.stages[node.name].cause_of_loss()
             if reason:
                 self._fail(node, "serve", reason)
                 self._emit(ev.StageFailed(node.name, reason))
@@ -807,16 +738,7 @@ class Mesh:
                 await self.engine.close()
         if self.local_stage is not None:
             await self.local_stage.close()
-        for node in self.hosts:
-            if node.tunnel is not None:
-                await node.tunnel.close()
-        await asyncio.gather(*(n.agent.close() for n in self.hosts if n.agent is not None),
-                             return_exceptions=True)
-        for node in self.hosts:
-            if node.conn is not None:
-                node.conn.close()
-        await asyncio.gather(*(n.conn.wait_closed() for n in self.hosts if n.conn is not None),
-                             return_exceptions=True)
+        await asyncio.gather(*(stage.close() for stage in self.stages.values()), return_exceptions=True)
         for node in self.nodes:
             if node.status not in ("failed",):
                 node.status = "stopped"

@@ -53,19 +53,19 @@ async def test_mesh_on_sshd_hosts_places_layers_and_matches_single_process(
         assert planned["head" if output_on_head else "h2"][-1] == mesh.plan.n_layer
         if output_on_head:
             # Only hidden states come back from the last stage: no logits (n_vocab floats) cross SSH.
-            reply_bytes = mesh.node("h2").tunnel.meter.bytes_down
+            reply_bytes = mesh.stages["h2"].tunnel.meter.bytes_down
             assert reply_bytes < 1024 * 1024
         # Each stage listens on its host's loopback only: reachable there, nowhere else.
         for node in mesh.hosts:
-            assert node.agent is not None
+            agent = mesh.stages[node.name].running_agent()
             own = lab.host(node.name)
-            assert _connects(lab, own, "127.0.0.1", node.agent.port)
-            assert not _connects(lab, own, node.address, node.agent.port)
+            assert _connects(lab, own, "127.0.0.1", agent.port)
+            assert not _connects(lab, own, node.address, agent.port)
             for other in lab.hosts:
                 if other.name != node.name:
-                    assert not _connects(lab, other, node.address, node.agent.port)
+                    assert not _connects(lab, other, node.address, agent.port)
             with pytest.raises(OSError):
-                socket.create_connection((node.address, node.agent.port), timeout=2).close()
+                socket.create_connection((node.address, agent.port), timeout=2).close()
         reply = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=MAX_TOKENS, temperature=0.0)
     finally:
         await mesh.close()

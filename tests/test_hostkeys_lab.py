@@ -308,12 +308,12 @@ async def test_rejoin_takes_only_the_key_accepted_at_start(lab, alt, tmp_path: P
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
     try:
         await mesh.connect_and_probe()
-        node = mesh.node("h1")
-        assert node.host_key is not None
+        stage = mesh.stages["h1"]
+        assert stage.host_key is not None
         assert known.read_text() == f"[{h1.address}]:{ALT_PORT} {_h1_key(lab)}\n"
         assert any("recorded new host key" in e.message for e in logs)
         # Positive control: the pinned key is taken on reconnect.
-        async with await connect_host(spec, ssh, pinned_key=node.host_key):
+        async with await connect_host(spec, ssh, pinned_key=stage.host_key):
             pass
 
         # The host now shows another key, and known_hosts forgot the old one: accept-new would take it.
@@ -325,13 +325,13 @@ async def test_rejoin_takes_only_the_key_accepted_at_start(lab, alt, tmp_path: P
         assert known.read_text().startswith(f"[{h1.address}]:{ALT_PORT} ssh-ed25519 ")
         known.write_text("")
 
-        node.status = "failed"  # as after a lost stage; rejoin() reconnects, re-plans and reloads
+        mesh.node("h1").status = "failed"  # as after a lost stage; rejoin() reconnects, re-plans and reloads
         with pytest.raises(HostError, match=r"^h1: host key for .* is not the one it had when this mesh "
                                             r"connected to it; refusing to reconnect$"):
             await mesh.rejoin("h1")
         assert known.read_text() == ""
 
-        node.status = "failed"
+        mesh.node("h1").status = "failed"
         mesh.enable_auto_rejoin(RejoinPolicy(first_delay=0.0, max_delay=0.0, max_attempts=1, poll_seconds=0.05))
         deadline = time.monotonic() + 60
         while not any("rejoin attempt 1 failed" in e.message for e in logs) and time.monotonic() < deadline:

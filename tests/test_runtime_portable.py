@@ -347,8 +347,7 @@ async def test_portable_runtime_serves_where_libgomp_and_libstdcxx_are_missing(
         assert planned == {"head", "h1", "h2"}  # h2, without libgomp and libstdc++, holds layers
         variants = {}
         for node in mesh.hosts:
-            assert node.agent is not None
-            variants[node.name] = node.agent.devices[0].get("variant")
+            variants[node.name] = mesh.stages[node.name].running_agent().devices[0].get("variant")
         assert variants["h1"] and variants["h2"] == variants["h1"]
         reply = await mesh.generate(prompt=prompt, raw=True, max_tokens=max_tokens, temperature=0.0)
     finally:

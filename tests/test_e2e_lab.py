@@ -413,7 +413,8 @@ def test_host_that_cannot_load_the_pushed_runtime_builds_its_own(lab, tmp_path: 
     h2 = lab.host("h2")
     wrapper = h2.home / "old-libc-python"
     wrapper.write_text('#!/bin/sh\ncase "$*" in\n*/runtime/build-*) ;;\n*serve*) '
-                       'echo \'{"event": "error", "reason": "cannot load libggml-base.so.0: GLIBC_2.38 not found"}\'; '
+                       'echo \'{"event": "error", "code": "cannot_load", '
+                       '"reason": "cannot load libggml-base.so.0: GLIBC_2.38 not found"}\'; '
                        'exit 3;;\nesac\nexec /usr/bin/python3 "$@"\n')
     os.chmod(wrapper, 0o755)
     text = lab.inventory_toml('name = "smollm2"')

@@ -320,6 +320,7 @@ async def test_head_build_runtime_cannot_load_where_libgomp_and_libstdcxx_are_mi
         await mesh.up()
     message = str(failure.value)
     assert message.startswith("h2: agent cannot serve: cannot load libggml"), message
+    assert (failure.value.host, failure.value.code) == ("h2", "cannot_load")  # what the head acts on
     assert re.search(r"(libgomp\.so\.1|libstdc\+\+\.so\.6): file too short", message), message
 
 

@@ -44,6 +44,7 @@ from meshtui.placement import engine_split, expected_placement, placement_by_nod
 from meshtui.planner import Plan, plan_layer_split
 from meshtui.runtime import local_runtime_bundle
 from meshtui.stats import p95
+from meshtui.tunnels import StageTunnel
 from meshtui.units import format_size
 
 # Raw prompts (no chat template), short and fixed, so runs on different days compare.
@@ -437,26 +438,28 @@ class _MeshMode:
         await self.mesh.up()
         self.up_seconds = time.perf_counter() - started
         self.plan = self.mesh.plan
-        self.load_sent = {n.name: n.tunnel.meter.bytes_up for n in self._stages() if n.tunnel}
+        self.load_sent = {name: t.meter.bytes_up for name, t in self._tunnels().items()}
         self.ctx.progress(f"ssh: loaded in {self.mesh.load_seconds:.2f}s, "
                           f"{format_size(self.mesh.load_bytes_sent)} sent")
         await _mesh_reply(self.mesh, WARMUP_PROMPT, WARMUP_TOKENS, None)
 
-    def _stages(self) -> list[Any]:
-        return [self.mesh.node(a.name) for a in self.plan.remote] if self.plan else []
+    def _tunnels(self) -> dict[str, StageTunnel]:
+        """The open tunnels of the plan's stages, by node name."""
+        tunnels = {a.name: self.mesh.stages[a.name].tunnel for a in self.plan.remote} if self.plan else {}
+        return {name: t for name, t in tunnels.items() if t is not None}
 
     async def reply(self, prompt: str) -> None:
-        stages = [n for n in self._stages() if n.tunnel is not None]
-        before = {n.name: (n.tunnel.meter.bytes_up, n.tunnel.meter.bytes_down) for n in stages}
+        tunnels = self._tunnels()
+        before = {name: (t.meter.bytes_up, t.meter.bytes_down) for name, t in tunnels.items()}
         self.replies.append(await _mesh_reply(self.mesh, prompt, self.ctx.max_tokens, self.samples))
-        for n in stages:
-            meter = n.tunnel.meter
-            self.rounds[n.name] = self.rounds.get(n.name, 0) + meter.rounds_since_reset
-            self.frames.setdefault(n.name, []).extend(r.frames for r in meter.rounds)
-            up, down = self.reply_bytes.get(n.name, [0, 0])
-            self.reply_bytes[n.name] = [up + meter.bytes_up - before[n.name][0],
-                                        down + meter.bytes_down - before[n.name][1]]
-            self.rtt[n.name] = n.rtt_ms
+        for name, tunnel in tunnels.items():
+            meter = tunnel.meter
+            self.rounds[name] = self.rounds.get(name, 0) + meter.rounds_since_reset
+            self.frames.setdefault(name, []).extend(r.frames for r in meter.rounds)
+            up, down = self.reply_bytes.get(name, [0, 0])
+            self.reply_bytes[name] = [up + meter.bytes_up - before[name][0],
+                                      down + meter.bytes_down - before[name][1]]
+            self.rtt[name] = self.mesh.node(name).rtt_ms
 
     async def close(self) -> None:
         await self.mesh.close()

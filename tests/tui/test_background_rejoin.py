@@ -30,8 +30,7 @@ async def test_a_lost_host_rejoins_by_itself_before_a_later_reply() -> None:
         async with app.run_test(size=(160, 50)) as pilot:
             await wait_until(pilot, lambda: app.chat.ready, timeout=240, what="the mesh")
             await pilot.press("f2")  # the log panel (its lines are drawn only while it is shown)
-            agent = app.mesh.node("lab1").agent
-            assert agent is not None
+            agent = app.mesh.stages["lab1"].running_agent()  # type: ignore[attr-defined]
             os.kill(agent.pid, signal.SIGKILL)
 
             await pilot.press(*"hi", "enter")  # this reply meets the dead stage and recovers on the survivors

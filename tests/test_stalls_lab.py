@@ -197,6 +197,7 @@ SOAK_SECONDS = float(os.environ.get("MESHTUI_SOAK_SECONDS", "60"))
 HOG = "while True: pass  # meshtui soak hog"
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 420)  # the soak itself, bring-up and teardown on a busy machine
 async def test_soak_with_jitter_and_a_busy_host_drops_no_stage(
         lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """No false alarms: 2 ms round trip with up to 2 ms of jitter each way, and a CPU hog on h1.

@@ -136,6 +136,7 @@ class Mesh:
         self.stall_policy = stall_policy or StallPolicy()
         self._stall_task: asyncio.Task[None] | None = None
         self._loading = False
+        self._loaded = False  # the engine holds the model as planned (set once a load checked out)
         self._losses: dict[str, list[float]] = {}  # monotonic times each host was lost, for the flap hold-out
         self._closed = False
 
@@ -295,6 +296,7 @@ class Mesh:
         assert self.plan is not None and self.model_path is not None
         await self._check_protocols(remote)
         await self._ensure_local_stage()
+        self._loaded = False
         self.engine = EngineProcess(on_log=lambda line: self._log("engine", line, "debug"))
         await self.engine.start()
         for node in remote:
@@ -332,6 +334,7 @@ class Mesh:
         for name, tunnel in tunnels.items():
             self._emit(ev.TransferProgressed(name, "load", tunnel.meter.bytes_up, None))
         self._emit(ev.ModelLoaded(self.load_seconds, self.load_bytes_sent, dict(self.placement)))
+        self._loaded = True
         for node in [self.head, *remote]:
             self._phase(node, "ready")
         self._emit(ev.MeshReady())
@@ -682,7 +685,7 @@ class Mesh:
     @property
     def ready(self) -> bool:
         """Whether a reply can start now: the model is loaded and no recovery is under way."""
-        return self.engine is not None and self.engine.alive and not self._recovering
+        return self.engine is not None and self.engine.alive and self._loaded and not self._recovering
 
     async def _find_failed_stage(self) -> Node | None:
         """After the engine died: which stage took it down, and why, in words a user can act on."""

@@ -50,3 +50,35 @@ def test_bad_lab_size_is_one_line() -> None:
     result = meshtui("up", "--headless", "--prompt", "x", "--lab-hosts", "0")
     assert result.returncode == 2
     assert result.stderr.strip() == "meshtui: error: --lab-hosts: expected at least 1"
+
+
+async def test_the_mesh_is_ready_only_once_the_model_is_loaded() -> None:
+    """One definition of ready: not while the engine process is up but still loading, nor during recovery."""
+    from meshtui import events as ev
+    from meshtui.inventory import ModelSpec
+    from meshtui.lab import EmbeddedLab
+    from meshtui.mesh import Mesh
+
+    seen: list[tuple[str, bool]] = []
+    lab = EmbeddedLab(n_hosts=1)
+    await lab.start()
+    mesh: Mesh | None = None
+
+    def listener(event: ev.Event) -> None:
+        assert mesh is not None
+        if isinstance(event, ev.HostPhaseChanged) and event.host == "head" and event.phase in ("load", "ready"):
+            seen.append((event.phase, mesh.ready))
+        elif isinstance(event, ev.MeshReady):
+            seen.append(("MeshReady", mesh.ready))
+
+    mesh = Mesh(lab.inventory(ModelSpec(path=None, name="smollm2", context=512)), listener=listener)
+    try:
+        assert not mesh.ready
+        await mesh.up()
+        assert mesh.engine is not None and mesh.engine.alive
+        assert seen == [("load", False), ("ready", True), ("MeshReady", True)]
+        assert mesh.ready
+    finally:
+        await mesh.close()
+        await lab.close()
+    assert not mesh.ready

@@ -150,11 +150,9 @@ class MeshApp(App[None]):
 
     @on(CoreChanged)
     def _on_core_changed(self) -> None:
-        # The core's one definition of ready; the chat pane keeps no rule of its own. Asked only once the mesh
-        # is up, as the API is only served then: during the first load Mesh.ready already holds (the engine
-        # process is alive) before the model is loaded.
-        if self.is_up:
-            self.chat.sync_ready()
+        # The core's one definition of ready (a loaded engine, no recovery under way); the chat pane keeps no
+        # rule of its own.
+        self.chat.sync_ready()
 
     @work(exclusive=True, exit_on_error=False, group="mesh")
     async def bring_up(self) -> None:

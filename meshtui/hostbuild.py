@@ -1,9 +1,9 @@
 """Build the agent runtime on a host, from the same pinned ggml source the head's llama.cpp was built from.
 
 For hosts that cannot load the pushed runtime (another glibc, another OS) or that ask for it
-(`runtime = "build"`). The head pushes one source tarball (ggml of llama-cpp-python's sdist plus
-native/CMakeLists.txt), the host configures it for its own CPU (GGML_NATIVE, and CUDA when `nvcc` is there)
-and builds the four libraries the agent loads. Results are cached on the host by the source's hash.
+(`runtime = "build"`). The head pushes one source tarball (ggml of llama-cpp-python's sdist with meshtui's
+patches applied on the head, plus native/CMakeLists.txt), the host configures it for its own CPU (GGML_NATIVE,
+and CUDA when `nvcc` is there) and builds the four libraries the agent loads. Results are cached on the host by the source's hash.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ def _native_builder() -> ModuleType:
 
 @lru_cache(maxsize=1)
 def source_tarball() -> tuple[Path, str]:
-    """(tarball, digest): ggml from the pinned sdist, the CMake wrapper and the agent, cached on the head."""
+    """(tarball, digest): patched ggml from the pinned sdist, the CMake wrapper and the agent, cached on the head.
+
+    The patches (native/patches/: Unix-socket RPC endpoints) are applied here, so the host needs no `patch`.
+    """
     given = os.environ.get("MESHTUI_HOST_SOURCE")
     if given:  # a tarball made earlier by this function, for a head that cannot download the sdist
         path = Path(given)
@@ -54,6 +57,7 @@ def source_tarball() -> tuple[Path, str]:
     sdist = native.fetch_sdist(version, cache_root, None)
     digest = hashlib.sha256()
     digest.update(native.sha256_file(sdist).encode())
+    digest.update(native.patches_digest().encode())
     digest.update((NATIVE / "CMakeLists.txt").read_bytes())
     digest.update(agent_source_path().read_bytes())
     key = digest.hexdigest()[:16]
@@ -62,6 +66,7 @@ def source_tarball() -> tuple[Path, str]:
         make_private_dir(cache_root)
         with tempfile.TemporaryDirectory(dir=cache_root) as tmp:
             ggml = native.extract_ggml(sdist, Path(tmp))
+            native.apply_patches(ggml)
             staging = Path(tmp) / "out.tar.gz"
             with tarfile.open(staging, "w:gz") as tar:
                 tar.add(ggml, arcname="ggml")

@@ -78,23 +78,29 @@ def portable_cache_root() -> Path:
     return Path(base) / "meshtui" / "runtime-build"
 
 
+def portable_pointer_name(version: str) -> str:
+    """Same rule as native/build_runtime.py's pointer_name(): only builds with the Unix-socket patch write it."""
+    return f"llama-cpp-python-{version}-unix-socket.json"
+
+
 def portable_runtime_dir() -> Path | None:
     """The lib folder of the portable build for the installed llama-cpp-python, or None if there is none.
 
-    A build for another version, or whose RPC protocol is not the head's, is never used.
+    A build for another version, whose RPC protocol is not the head's, or without meshtui's Unix-socket patch
+    (native/patches/), is never used.
     """
     version = installed_llama_cpp_python()
     if version is None:
         return None
     root = portable_cache_root()
     try:
-        key = json.loads((root / f"llama-cpp-python-{version}.json").read_text())["key"]
+        key = json.loads((root / portable_pointer_name(version)).read_text())["key"]
         libdir = root / str(key) / "lib"
         manifest = json.loads((libdir / PORTABLE_MANIFEST).read_text())
     except (OSError, ValueError, KeyError, TypeError):  # not built (or half-deleted): no portable runtime
         return None
     expected = expected_rpc_protocol()
-    if manifest.get("llama_cpp_python") != version:
+    if manifest.get("llama_cpp_python") != version or manifest.get("rpc_unix_socket") is not True:
         return None
     if expected is not None and tuple(manifest.get("rpc_protocol") or ()) != expected:
         return None

@@ -9,8 +9,9 @@ ggml's own score function; no OpenMP; libstdc++ linked statically. Result, conte
     ~/.cache/meshtui/runtime-build/<key>/lib/   libggml-base.so.0 libggml.so.0 libggml-rpc.so
                                                 libggml-cpu-<variant>.so ... meshtui-runtime.json
 
-<key> hashes the sdist's sha256, the CMake arguments, the CPU variants, this script's version, the wrapper
-CMakeLists and the compiler, so a build runs once and a changed input builds anew. Concurrent runs wait for
+<key> hashes the sdist's sha256, meshtui's patches (native/patches/), the CMake arguments, the CPU variants,
+this script's version, the wrapper CMakeLists and the compiler, so a build runs once and a changed input
+builds anew. Concurrent runs wait for
 each other (flock). The last line on stdout is the lib folder. Stdlib only; see native/README.md.
 """
 
@@ -32,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SCRIPT_VERSION = "1"
+SCRIPT_VERSION = "2"
 DEFAULT_LLAMA_CPP_PYTHON = "0.3.36"
 # sha256 of PyPI's sdist, checked after download: the source is pinned, not just named.
 KNOWN_SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
@@ -71,6 +72,9 @@ ALLOWED_NEEDED = frozenset({
 })
 MANIFEST = "meshtui-runtime.json"
 HERE = Path(__file__).resolve().parent
+PATCHES = HERE / "patches"  # applied to vendor/llama.cpp/ggml of the sdist by every build (patch -p1)
+# The symbol the Unix-socket patch adds to libggml-rpc: how the agent and the engine tell a patched build.
+UNIX_SOCKET_SYMBOL = "ggml_backend_rpc_unix_socket_support"
 
 
 class BuildError(RuntimeError):
@@ -183,6 +187,29 @@ def extract_ggml(sdist: Path, into: Path) -> Path:
     return ggml
 
 
+def patch_files() -> list[Path]:
+    return sorted(PATCHES.glob("*.patch"))
+
+
+def patches_digest() -> str:
+    """sha256 over meshtui's patches (names and contents): part of every cache key of a patched build."""
+    digest = hashlib.sha256()
+    for path in patch_files():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def apply_patches(ggml: Path) -> list[str]:
+    """Apply native/patches/*.patch to an extracted ggml folder; returns their names. Fails on any reject."""
+    if shutil.which("patch") is None:
+        raise BuildError("`patch` is not on PATH (apt-get install patch)")
+    names = []
+    for path in patch_files():
+        run(["patch", "-p1", "--forward", "--batch", "--quiet", "-d", str(ggml), "-i", str(path)])
+        names.append(path.name)
+    return names
+
+
 def rpc_protocol(ggml: Path) -> list[int]:
     text = (ggml / "include" / "ggml-rpc.h").read_text()
     parts = [re.search(rf"#define\s+RPC_PROTO_{part}_VERSION\s+(\d+)", text) for part in ("MAJOR", "MINOR", "PATCH")]
@@ -209,6 +236,7 @@ def build_key(sdist_sha256: str, variants: list[str], compiler: str) -> str:
     inputs = {
         "script_version": SCRIPT_VERSION,
         "sdist_sha256": sdist_sha256,
+        "patches": patches_digest(),
         "cmake_args": list(CMAKE_ARGS),
         "variants": sorted(variants),
         "wrapper": hashlib.sha256((HERE / "CMakeLists.txt").read_bytes()).hexdigest(),
@@ -291,6 +319,7 @@ def inspect_library(path: Path) -> dict[str, object]:
         "max_gcc": gcc[-1] if gcc else None,
         "glibcxx": bool(re.search(r"\b(GLIBCXX|CXXABI)_", symbols)),
         "exports_backend": "ggml_backend_init" in symbols and "ggml_backend_score" in symbols,
+        "unix_socket_patch": UNIX_SOCKET_SYMBOL in symbols,
     }
 
 
@@ -305,6 +334,8 @@ def check_libraries(libdir: Path) -> dict[str, dict[str, object]]:
             problems.append(f"{name} still asks for GLIBCXX/CXXABI symbol versions")
         if name.startswith("libggml-cpu-") and not info["exports_backend"]:
             problems.append(f"{name} lacks ggml_backend_init/ggml_backend_score")
+        if name.startswith("libggml-rpc") and not info["unix_socket_patch"]:
+            problems.append(f"{name} lacks {UNIX_SOCKET_SYMBOL} (native/patches/ was not applied)")
     if problems:
         raise BuildError("the runtime is not portable: " + "; ".join(problems))
     return report
@@ -340,6 +371,7 @@ def build(version: str, sdist_arg: Path | None, variants: list[str] | None, cach
         try:
             log_file = work / "build.log"
             ggml = extract_ggml(sdist, work / "src")
+            patches = apply_patches(ggml)
             protocol = rpc_protocol(ggml)
             log(f"building ggml (RPC protocol {'.'.join(map(str, protocol))}) for llama-cpp-python {version}, "
                 f"CPU variants {', '.join(variants) if variants else 'all'}, -j{jobs}; log: {log_file}")
@@ -360,6 +392,8 @@ def build(version: str, sdist_arg: Path | None, variants: list[str] | None, cach
                 "llama_cpp_python": version,
                 "sdist_sha256": sdist_sha256,
                 "rpc_protocol": protocol,
+                "patches": patches,
+                "rpc_unix_socket": True,
                 "arch": platform.machine(),
                 "min_glibc": glibc[-1] if glibc else None,
                 "core_libs": ["libggml-base.so.0", "libggml.so.0"],
@@ -393,9 +427,14 @@ def build(version: str, sdist_arg: Path | None, variants: list[str] | None, cach
     return final / "lib"
 
 
+def pointer_name(version: str) -> str:
+    """Same rule as meshtui/runtime.py's portable_pointer_name(): builds without the patch never share it."""
+    return f"llama-cpp-python-{version}-unix-socket.json"
+
+
 def _write_pointer(cache_root: Path, version: str, key: str) -> None:
     """meshtui/runtime.py finds the build for its llama-cpp-python version through this file."""
-    pointer = cache_root / f"llama-cpp-python-{version}.json"
+    pointer = cache_root / pointer_name(version)
     tmp = pointer.with_name(pointer.name + f".{os.getpid()}")
     tmp.write_text(json.dumps({"key": key}) + "\n")
     os.replace(tmp, pointer)

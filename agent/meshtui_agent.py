@@ -4,8 +4,9 @@
 Stdlib only, Python 3.8+. Commands:
 
   probe                      print one JSON object describing this host (memory, cores, arch, OS, glibc, GPUs)
-  serve --runtime DIR ...    load the ggml runtime from DIR/lib and serve layers with ggml's RPC server,
-                             bound to 127.0.0.1 only; exit as soon as stdin (the SSH channel) closes.
+  serve --runtime DIR ...    load the ggml runtime from DIR/lib and serve layers with ggml's RPC server on a
+                             Unix socket in a fresh 0700 folder (no TCP port: only this user, and through
+                             SSH the head, can connect); exit as soon as stdin (the SSH channel) closes.
                              DIR/lib holds either the head's llama-cpp-python ggml libraries or the portable
                              build of native/build_runtime.py, whose best CPU variant for this host is loaded
   down                       stop agents of this user left over from earlier runs, print what was stopped
@@ -26,6 +27,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -42,7 +44,12 @@ PORTABLE_RPC_LIB = "libggml-rpc.so"
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
 GGML_BACKEND_DEVICE_TYPE_IGPU = 2  # an integrated GPU (Vulkan on a laptop); served like a GPU
-BIND_HOST = "127.0.0.1"  # never configurable: a stage is reachable only through SSH
+# A stage listens on a Unix socket in a fresh 0700 folder, never on TCP, and this is never configurable: only
+# this user (and, through a direct-streamlocal SSH channel, the head) can connect. ggml learns Unix sockets
+# from meshtui's patch (native/patches/), which exports this symbol; a runtime without it is refused.
+UNIX_SOCKET_SYMBOL = "ggml_backend_rpc_unix_socket_support"
+SOCKET_NAME = "stage.sock"
+MAX_SOCKET_PATH = 103  # bytes: sockaddr_un.sun_path is 108 on Linux, 104 on macOS, with its NUL
 # Codes of the "error" event, for the head to act on (meshtui.hosts.AGENT_ERROR_CODES; a test checks they match).
 CANNOT_LOAD = "cannot_load"  # the runtime's libraries do not load here: the head builds one on the host
 RUNTIME_ERROR = "runtime_error"  # any other problem with the runtime (wrong arch, glibc, manifest, files)
@@ -244,6 +251,10 @@ class Runtime:
         ggml.ggml_backend_dev_memory.restype = None
         ggml.ggml_backend_dev_memory.argtypes = [
             ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        if not hasattr(rpc, UNIX_SOCKET_SYMBOL):
+            raise RuntimeError("the ggml runtime in %s lacks meshtui's Unix-socket patch (no %s): it was built "
+                               "from an unpatched source; rebuild it with scripts/setup or native/build_runtime.py"
+                               % (libdir, UNIX_SOCKET_SYMBOL))
         rpc.ggml_backend_rpc_start_server.restype = None
         rpc.ggml_backend_rpc_start_server.argtypes = [
             ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
@@ -393,19 +404,36 @@ def unload(lib):
         pass
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((BIND_HOST, 0))
-        return s.getsockname()[1]
+def socket_dir():
+    """The stage's socket folder, fresh and only this user's (mkdtemp: 0700, a new random name, whatever the
+    umask): in the 0700 run dir, or in the temp dir when that path is too long for AF_UNIX."""
+    folder = tempfile.mkdtemp(prefix="stage-", dir=private_dir(run_dir()))
+    if len(os.path.join(folder, SOCKET_NAME).encode()) <= MAX_SOCKET_PATH:
+        return folder
+    os.rmdir(folder)
+    return tempfile.mkdtemp(prefix="meshtui-stage-")
 
 
-def wait_listening(port, server_thread, timeout):
+def remove_socket_dir(folder):
+    try:
+        os.unlink(os.path.join(folder, SOCKET_NAME))
+    except OSError:
+        pass  # never bound, or removed already
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
+
+
+def wait_listening(path, server_thread, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not server_thread.is_alive():
             return False
         try:
-            with socket.create_connection((BIND_HOST, port), timeout=1.0):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                s.connect(path)
                 return True
         except OSError:
             time.sleep(0.05)
@@ -427,11 +455,11 @@ class Protocol:
             self.out.flush()
 
 
-def write_pidfile(port):
+def write_pidfile(socket_path):
     private_dir(run_dir())
     path = os.path.join(run_dir(), "agent-%d.json" % os.getpid())
     with open(path, "w") as f:
-        json.dump({"pid": os.getpid(), "port": port, "started": time.time()}, f)
+        json.dump({"pid": os.getpid(), "socket": socket_path, "started": time.time()}, f)
     return path
 
 
@@ -450,9 +478,10 @@ def serve(args):
         proto.send(event="error", code=NO_DEVICE, reason="the ggml runtime reports no usable device")
         return 3
     cache_dir = args.cache or os.path.join(state_dir(), "rpc-cache")
-    private_dir(cache_dir)
-    port = args.port or free_port()
-    endpoint = ("%s:%d" % (BIND_HOST, port)).encode()
+    private_dir(cache_dir)  # nobody else writes what later loads trust
+    folder = socket_dir()
+    socket_path = os.path.join(folder, SOCKET_NAME)
+    endpoint = ("unix:" + socket_path).encode()
     handles = (ctypes.c_void_p * len(wanted))(*[d["handle"] for d in wanted])
     threads = args.threads or os.cpu_count() or 1
 
@@ -461,13 +490,15 @@ def serve(args):
 
     server = threading.Thread(target=run_server, name="ggml-rpc", daemon=True)
     server.start()
-    if not wait_listening(port, server, timeout=20.0):
+    if not wait_listening(socket_path, server, timeout=20.0):
+        remove_socket_dir(folder)
         proto.send(event="error", code=NOT_LISTENING,
-                   reason="ggml RPC server did not start listening on %s:%d" % (BIND_HOST, port))
+                   reason="ggml RPC server did not start listening on %s" % socket_path)
         return 3
-    pidfile = write_pidfile(port)
-    proto.send(event="ready", port=port, pid=os.getpid(), threads=threads, cache_dir=cache_dir, runtime=runtime.kind,
-               backends=runtime.backends, devices=[{k: v for k, v in d.items() if k != "handle"} for d in wanted])
+    pidfile = write_pidfile(socket_path)
+    proto.send(event="ready", socket=socket_path, pid=os.getpid(), threads=threads, cache_dir=cache_dir,
+               runtime=runtime.kind, backends=runtime.backends,
+               devices=[{k: v for k, v in d.items() if k != "handle"} for d in wanted])
     try:
         # The SSH channel is our lifeline: EOF on stdin means the head is gone.
         for line in sys.stdin:
@@ -475,6 +506,7 @@ def serve(args):
             if words and words[0] == "ping":
                 proto.send(event="pong", seq=words[1] if len(words) > 1 else "")
     finally:
+        remove_socket_dir(folder)
         try:
             os.unlink(pidfile)
         except OSError:
@@ -502,10 +534,13 @@ def down():
         if not (name.startswith("agent-") and name.endswith(".json")):
             continue
         path = os.path.join(folder, name)
+        socket_path = None
         try:
             with open(path) as f:
-                pid = int(json.load(f)["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
+                info = json.load(f)
+            pid = int(info["pid"])
+            socket_path = info.get("socket")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pid = None
         if pid and pid != os.getpid():
             cmdline = process_cmdline(pid)
@@ -515,6 +550,8 @@ def down():
                     stopped.append({"pid": pid, "cmdline": cmdline.strip()})
                 except OSError:
                     pass
+        if isinstance(socket_path, str) and os.path.basename(socket_path) == SOCKET_NAME:
+            remove_socket_dir(os.path.dirname(socket_path))
         try:
             os.unlink(path)
         except OSError:
@@ -586,7 +623,6 @@ def main(argv=None):
     p_inspect.add_argument("folder")
     p_serve = sub.add_parser("serve")
     p_serve.add_argument("--runtime", required=True)
-    p_serve.add_argument("--port", type=int, default=0)
     p_serve.add_argument("--threads", type=int, default=0)
     p_serve.add_argument("--cache", default=None)
     p_serve.add_argument("--gpu", action="store_true")

@@ -28,10 +28,15 @@ SPLIT = bool(os.environ.get("SPLIT"))
 SERVER = f"""
 import socket, sys
 SPLIT = {SPLIT}
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(4)
+if sys.argv[1].startswith("/"):  # a Unix socket, as a stage listens
+    s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1])
+else:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(4)
 while True:
-    c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c, _ = s.accept()
+    if c.family == socket.AF_INET: c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while True:
         got = 0
         while got < {UP}:
@@ -48,7 +53,10 @@ while True:
 
 
 async def measure(port: int, host: str, rounds: int) -> list[float]:
-    reader, writer = await asyncio.open_connection(host, port)
+    if host.startswith("/"):
+        reader, writer = await asyncio.open_unix_connection(host)
+    else:
+        reader, writer = await asyncio.open_connection(host, port)
     import struct
 
     def frame(cmd: int, size: int) -> bytes:
@@ -93,7 +101,9 @@ async def main() -> None:
         host = lab.hosts[0]
         script = host.home / "echo_server.py"
         script.write_text(SERVER)
-        loop_srv = lab.popen_in(host, ["/usr/bin/python3", str(script), "127.0.0.1", "7001"])
+        stage_socket = host.home / "echo.sock"  # owned by the host's user, like a stage's socket
+        loop_srv = lab.popen_in(host, ["runuser", "-u", host.user, "--", "/usr/bin/python3", str(script),
+                                       str(stage_socket), "0"])
         lan_srv = lab.popen_in(host, ["/usr/bin/python3", str(script), host.address, "7002"])
         await asyncio.sleep(1.0)
         try:
@@ -103,11 +113,10 @@ async def main() -> None:
             spec = HostSpec(name=host.name, address=host.address, user=host.user, port=host.port,
                             identity_file=host.identity_file)
             async with await connect_host(spec, SSHSpec(known_hosts=lab.known_hosts)) as conn:
-                tunnel = StageTunnel(conn, 7001, max_pktsize=int(os.environ.get("PKT", 32768)))
-                await tunnel.start()
+                tunnel = StageTunnel(conn, str(stage_socket), max_pktsize=int(os.environ.get("PKT", 32768)))
+                local_path = await tunnel.start()
                 results = {}
-                for label, target in (("plain TCP", (host.address, 7002)), ("meshtui tunnel", ("127.0.0.1",
-                                                                                            tunnel.local_port))):
+                for label, target in (("plain TCP", (host.address, 7002)), ("meshtui tunnel", (str(local_path), 0))):
                     times = await asyncio.get_running_loop().run_in_executor(
                         None, measure_in_child, target[0], target[1], args.rounds)
                     results[label] = times

@@ -43,7 +43,7 @@ class TransferProgressed(Event):
 @dataclass(frozen=True)
 class AgentLaunched(Event):
     host: str
-    port: int
+    socket: str  # the stage's Unix socket on the host
     pid: int
     devices: tuple[str, ...] = ()
 

@@ -3,7 +3,8 @@
 For hosts that cannot load the pushed runtime (another glibc, another OS) or that ask for it
 (`runtime = "build"`). The head pushes one source tarball (ggml of llama-cpp-python's sdist with meshtui's
 patches applied on the head, plus native/CMakeLists.txt), the host configures it for its own CPU (GGML_NATIVE,
-and CUDA when `nvcc` is there) and builds the four libraries the agent loads. Results are cached on the host by the source's hash.
+and CUDA when `nvcc` is there) and builds the four libraries the agent loads. Results are cached on the host by
+the source's hash.
 """
 
 from __future__ import annotations

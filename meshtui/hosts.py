@@ -21,6 +21,7 @@ from meshtui.integrity import make_private_dir_remote, runtime_problems
 from meshtui.inventory import HostSpec
 from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, RuntimeBundle, agent_source_path, file_digests
 from meshtui.text import one_line, printable
+from meshtui.unixsock import MAX_SOCKET_PATH
 
 # The agent's error codes (agent/meshtui_agent.py has the same names; a test checks they match).
 AGENT_CANNOT_LOAD = "cannot_load"
@@ -118,6 +119,15 @@ def _count(data: dict[str, Any], key: str, low: int, high: int, *, optional: boo
     # bool is an int to Python, and JSON's Infinity/NaN and 1e999 are floats: neither is a count.
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"key '{where}{key}': expected an integer from {low} to {high}")
+    return value
+
+
+def _socket_path(data: dict[str, Any]) -> str:
+    """The stage's Unix socket as the agent reported it: an absolute path that fits in sun_path, printable."""
+    value = data.get("socket")
+    if not isinstance(value, str) or not value.startswith("/") or len(value.encode()) > MAX_SOCKET_PATH \
+            or printable(value) != value:
+        raise ValueError(f"key 'socket': expected an absolute path of at most {MAX_SOCKET_PATH} bytes")
     return value
 
 
@@ -408,7 +418,7 @@ class Agent:
         self.host = host
         self.process = process
         self.on_log = on_log
-        self.port = 0
+        self.socket_path = ""  # the stage's Unix socket on the host, in a 0700 folder
         self.pid = 0
         self.devices: list[dict[str, Any]] = []
         self.backends: list[str] = []
@@ -475,7 +485,7 @@ class Agent:
             raise HostError(f"agent cannot serve: {one_line(msg.get('reason'))}", host=self.host.name,
                             code=code if isinstance(code, str) else None)
         try:
-            self.port = _count(msg, "port", 1, 65535)
+            self.socket_path = _socket_path(msg)
             self.pid = _count(msg, "pid", 1, 1 << 31)
             devices, backends = msg.get("devices") or [], msg.get("backends") or []
             if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices) or len(devices) > 64:

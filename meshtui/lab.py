@@ -1,8 +1,9 @@
 """The embedded lab: in-process asyncssh servers on 127.0.0.1 acting as hosts, for `meshtui up` with no inventory.
 
 Each host has its own host key (verified like any other, through a known_hosts file the lab writes), its
-own home directory (SFTP is chrooted there, commands run there with HOME set), and allows forwards only to
-its own loopback. Agents run as ordinary child processes of this one.
+own home directory (SFTP is chrooted there, commands run there with HOME set), and allows TCP forwards only
+to its own loopback and Unix-socket forwards (direct-streamlocal: how the head reaches a stage), as OpenSSH's
+sshd does by default. Agents run as ordinary child processes of this one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class _LabServer(asyncssh.SSHServer):
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
         # Like `PermitOpen localhost:*`: forwards reach only this host's loopback.
         return dest_host in ("127.0.0.1", "localhost")
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        # Like OpenSSH's default `AllowStreamLocalForwarding yes`: the stages' Unix sockets, as this user.
+        return dest_path.startswith("/")
 
     def begin_auth(self, username: str) -> bool:
         return True  # always require a key

@@ -22,6 +22,7 @@ from meshtui.errors import EngineError
 from meshtui.integrity import make_private_dir, runtime_problems
 from meshtui.procs import wait_or_kill
 from meshtui.runtime import AGENT_FILE, RuntimeBundle, agent_source_path, file_digests, load_file_module
+from meshtui.unixsock import unix_endpoint
 
 
 def install_locally(bundle: RuntimeBundle, home: Path | None = None) -> Path:
@@ -71,13 +72,13 @@ class LocalStage:
         self.bundle = bundle
         self.threads = threads
         self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
+        self.socket_path = ""
         self.stderr_tail: deque[str] = deque(maxlen=20)
         self._stderr_task: asyncio.Task[None] | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return unix_endpoint(self.socket_path)
 
     @property
     def alive(self) -> bool:
@@ -104,7 +105,7 @@ class LocalStage:
             await self.close()
             reason = message.get("reason") or (self.stderr_tail[-1] if self.stderr_tail else "no output")
             raise EngineError(f"the head's local output stage did not start: {reason}")
-        self.port = int(message["port"])
+        self.socket_path = str(message["socket"])
 
     async def _drain_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None

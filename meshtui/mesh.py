@@ -264,7 +264,7 @@ class Mesh:
             raise
         agent = stage.running_agent()
         devices = tuple(d.get("description") or d.get("name", "") for d in agent.devices)
-        self._emit(ev.AgentLaunched(node.name, agent.port, agent.pid, devices))
+        self._emit(ev.AgentLaunched(node.name, agent.socket_path, agent.pid, devices))
         await stage.open_tunnel()
         node.rtt_ms = stage.rtt_ms
 

@@ -19,14 +19,14 @@ CMD_GRAPH_RECOMPUTE = 16
 # Commands the server answers (ggml-rpc.cpp, rpc_serve_client).
 COMMANDS_WITH_REPLY = frozenset({0, 1, 2, 3, 7, 8, 9, 11, 13, 14, 15})
 _SIZE = struct.Struct("<Q")
-CONN_CAPS_SIZE = 24  # rpc_msg_hello_req: conn_caps[RPC_CONN_CAPS_SIZE]; all zero = plain TCP transport
+CONN_CAPS_SIZE = 24  # rpc_msg_hello_req: conn_caps[RPC_CONN_CAPS_SIZE]; all zero = no RDMA upgrade
 
 
-async def rpc_hello(host: str, port: int, timeout: float = 10.0) -> tuple[int, int, int]:
-    """Ask a ggml RPC server for its protocol version, the way ggml's client opens every connection."""
+async def rpc_hello(path: str, timeout: float = 10.0) -> tuple[int, int, int]:
+    """Ask a ggml RPC server on a Unix socket for its protocol version, as ggml's client opens every connection."""
     import asyncio
 
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
     try:
         writer.write(bytes([CMD_HELLO]) + _SIZE.pack(CONN_CAPS_SIZE) + bytes(CONN_CAPS_SIZE))
         (size,) = _SIZE.unpack(await asyncio.wait_for(reader.readexactly(8), timeout))

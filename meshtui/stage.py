@@ -113,7 +113,7 @@ class Stage:
 
     async def open_tunnel(self) -> None:
         agent = self.running_agent()
-        self.tunnel = StageTunnel(self._conn(), agent.port, on_error=lambda msg: self.report.log(msg, "error"))
+        self.tunnel = StageTunnel(self._conn(), agent.socket_path, on_error=lambda msg: self.report.log(msg, "error"))
         await self.tunnel.start()
         await self.ping()
 
@@ -125,7 +125,7 @@ class Stage:
     async def check_protocol(self, expected: tuple[int, int, int] | None) -> None:
         """The stage must speak the head's RPC protocol: ggml aborts on a mismatch, so ask first."""
         try:
-            got = await rpc_hello("127.0.0.1", self._tunnel().local_port)
+            got = await rpc_hello(str(self._tunnel().local_path))
         except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as err:
             raise HostError(f"the stage does not answer the RPC handshake through its tunnel: {err}",
                             host=self.name) from err

@@ -1,7 +1,8 @@
-"""SSH port forwards from the head's loopback to each stage, metering the RPC framing on the way.
+"""SSH forwards from a private Unix socket on the head to each stage's, metering the RPC framing on the way.
 
-Nothing listens on the LAN: the local side binds 127.0.0.1 and the far side is a direct-tcpip channel to
-the agent's 127.0.0.1 port, opened inside the host's SSH connection.
+Nothing listens on any network, and no other user reaches a stage: the local side is a Unix socket in a fresh
+0700 folder (meshtui/unixsock.py), the far side a direct-streamlocal@openssh.com channel, opened inside the
+host's SSH connection, to the agent's Unix socket in its own 0700 folder on the host.
 
 Upstream bytes are coalesced by RPC frame: ggml's client writes each command as several small writes (command
 byte, size, payload) and a decode step as about nine commands of which only the last is answered. Every
@@ -16,17 +17,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncssh
 
 from meshtui.rpcwire import RpcMeter
+from meshtui.unixsock import private_socket_dir, remove_socket_dir, unix_endpoint
 
 _perf = time.perf_counter
 FLUSH_BYTES = 256 * 1024  # send at once beyond this (model loads stream SET_TENSOR payloads of many MB)
 HOLD_SECONDS = 0.002  # never hold bytes longer than this, whatever the framing says
 
 
-class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
+class _ChannelSide(asyncssh.SSHUNIXSession[bytes]):
     def __init__(self, local: _LocalSide) -> None:
         self._local = local
 
@@ -62,7 +65,7 @@ class _LocalSide(asyncio.Protocol):
         self.tunnel = tunnel
         self.meter = tunnel.meter
         self.transport: asyncio.Transport | None = None
-        self.channel: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.channel: asyncssh.SSHUNIXChannel[bytes] | None = None
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -80,8 +83,8 @@ class _LocalSide(asyncio.Protocol):
 
     async def _open_channel(self) -> None:
         try:
-            channel, _ = await self.tunnel.conn.create_connection(
-                lambda: _ChannelSide(self), "127.0.0.1", self.tunnel.remote_port, encoding=None,
+            channel, _ = await self.tunnel.conn.create_unix_connection(
+                lambda: _ChannelSide(self), self.tunnel.remote_path, encoding=None,
                 window=self.tunnel.window, max_pktsize=self.tunnel.max_pktsize,
             )
         except (OSError, asyncssh.Error) as err:
@@ -145,19 +148,21 @@ class _LocalSide(asyncio.Protocol):
 
 
 class StageTunnel:
-    """127.0.0.1:<local_port> on the head -> 127.0.0.1:<remote_port> on a host, through its SSH connection."""
+    """A Unix socket on the head (local_path) -> the stage's Unix socket on a host, through its SSH connection."""
+
+    SOCKET_NAME = "stage.sock"
 
     def __init__(
         self,
         conn: asyncssh.SSHClientConnection,
-        remote_port: int,
+        remote_path: str,
         on_error: Callable[[str], None] = lambda message: None,
         *,
         window: int = 8 * 1024 * 1024,
         max_pktsize: int = 32768,
     ) -> None:
         self.conn = conn
-        self.remote_port = remote_port
+        self.remote_path = remote_path
         self.on_error = on_error
         self.meter = RpcMeter()
         self.window = window
@@ -165,7 +170,8 @@ class StageTunnel:
         self.connections: set[_LocalSide] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.base_events.Server | None = None
-        self.local_port = 0
+        self._folder: Path | None = None
+        self.local_path: Path | None = None
 
     @property
     def blocked_since(self) -> float | None:
@@ -175,13 +181,19 @@ class StageTunnel:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.local_port}"
+        """What the engine's ggml connects to: "unix:<local_path>"."""
+        return unix_endpoint(self.local_path or "")
 
-    async def start(self) -> int:
+    async def start(self) -> Path:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _LocalSide(self), "127.0.0.1", 0)
-        self.local_port = self._server.sockets[0].getsockname()[1]
-        return self.local_port
+        self._folder = private_socket_dir("tunnel-", self.SOCKET_NAME)
+        self.local_path = self._folder / self.SOCKET_NAME
+        try:
+            self._server = await loop.create_unix_server(lambda: _LocalSide(self), str(self.local_path))
+        except OSError:
+            remove_socket_dir(self._folder)
+            raise
+        return self.local_path
 
     def abort_connections(self) -> None:
         """Cut the engine's connections through this tunnel (the stage behind it is lost)."""
@@ -193,6 +205,9 @@ class StageTunnel:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._folder is not None:
+            remove_socket_dir(self._folder)
+            self._folder = None
         self.abort_connections()
         for task in list(self.tasks):
             task.cancel()

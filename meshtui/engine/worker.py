@@ -35,6 +35,7 @@ from meshtui.engine.protocol import (
     decode_command,
     encode,
 )
+from meshtui.unixsock import UNIX_SOCKET_SYMBOL
 
 _PLACEMENT = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?),")
 
@@ -89,6 +90,11 @@ class Engine:
         libdir = Path(llama_cpp.__file__).parent / "lib"
         ggml = ctypes.CDLL(str(libdir / "libggml.so.0"))
         rpc = ctypes.CDLL(str(libdir / "libggml-rpc.so.0"))
+        if not hasattr(rpc, UNIX_SOCKET_SYMBOL):
+            raise RuntimeError(
+                f"{libdir / 'libggml-rpc.so.0'} lacks meshtui's Unix-socket patch ({UNIX_SOCKET_SYMBOL}): "
+                "this llama-cpp-python was built from an unpatched source; run scripts/setup again"
+            )
         rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
         rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
         ggml.ggml_backend_register.restype = None

@@ -61,8 +61,8 @@ class HostProgress:
             case ev.TransferProgressed(phase=phase, done_bytes=done, total_bytes=total):
                 known_total = total if total is not None else self.transfers.get(phase, (0, None))[1]
                 self.transfers[phase] = (done, known_total)
-            case ev.AgentLaunched(port=port, pid=pid):
-                self.launched = f"agent pid {pid}, port {port}"
+            case ev.AgentLaunched(pid=pid):
+                self.launched = f"agent pid {pid}"
             case ev.HostFailed(phase=phase, reason=reason):
                 # a phase outside PHASES ("serve") means it was lost after it was up
                 self.failed_phase = phase if phase in ev.PHASES else "ready"

@@ -58,7 +58,8 @@ def provisioning_script(plan: Plan, *, until: str = "ready") -> list[ev.Event]:
         return events
     events += [ev.TransferProgressed("lab2", "push", 2600 * 1024, 2600 * 1024)]
     for i, host in enumerate(HOSTS):
-        events += [ev.HostPhaseChanged(host, "launch"), ev.AgentLaunched(host, 50051 + i, 4242 + i)]
+        socket = f"/home/{host}/.cache/meshtui/run/stage-x/stage.sock"
+        events += [ev.HostPhaseChanged(host, "launch"), ev.AgentLaunched(host, socket, 4242 + i)]
     for node in ("lab1", "lab2", "head"):
         events.append(ev.HostPhaseChanged(node, "load"))
     for host in HOSTS:

@@ -127,7 +127,7 @@ def _run(
 
 
 def _stem_pattern(prefix: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(prefix)}(?P<suffix>[0-9a-f]{{{_SUFFIX_LEN}}})(?:h\d+|br|v\d+)$")
+    return re.compile(rf"^{re.escape(prefix)}(?P<suffix>[0-9a-f]{{{_SUFFIX_LEN}}})(?:h\d+|br|v\d+|u\d+)$")
 
 
 def _list_namespaces() -> list[str]:
@@ -454,6 +454,7 @@ class Lab:
         self.gateway = ""
         self._sshd_start_timeout = sshd_start_timeout
         self._states: list[_HostState] = []
+        self._extra_users: list[str] = []
         self._hosts: dict[str, LabHost] = {}
         self._bridge_created = False
         self._closed = False
@@ -724,6 +725,24 @@ class Lab:
         full = ["ip", "netns", "exec", self._state(host).namespace, *[os.fspath(a) for a in argv]]
         return subprocess.Popen(full, **kw)
 
+    def add_user(self) -> str:
+        """A new unprivileged user `<stem>u<n>` with a home and no login: someone else on the hosts and the head.
+
+        Users are not per namespace: run its commands with ``runuser -u NAME --`` through ``exec_in`` to act
+        on a host, or directly to act on the head. ``remove_user`` or ``close()`` deletes it.
+        """
+        name = f"{self.stem}u{len(self._extra_users) + 1}"
+        _run(["useradd", "-m", "-U", "-s", "/usr/sbin/nologin", "-c", f"meshtui lab other user {name}", name])
+        self._extra_users.append(name)
+        return name
+
+    def remove_user(self, name: str) -> None:
+        """Delete a user made by ``add_user`` (its processes and home too)."""
+        if name not in self._extra_users:
+            raise LabError(f"{name} is not a user this lab added (have {self._extra_users})")
+        _delete_user(name)
+        self._extra_users.remove(name)
+
     def processes_of(self, host: LabHost | str) -> list[tuple[int, str]]:
         """(pid, command line) of every process the host's user owns, on any namespace."""
         uid = pwd.getpwnam(self._state(host).user).pw_uid
@@ -838,6 +857,8 @@ class Lab:
         for state in self._states:
             if state.sshd is not None and state.sshd.poll() is None:
                 attempt(f"stop sshd {state.name}", self._stop_popen, state.sshd)
+        for user in list(self._extra_users):
+            attempt(f"delete user {user}", self.remove_user, user)
         for state in self._states:
             if state.user_created:
                 attempt(f"delete user {state.user}", _delete_user, state.user)

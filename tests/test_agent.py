@@ -1,13 +1,14 @@
-"""The stage agent on its own: probe, serve on loopback only, speak the head's protocol, exit on EOF."""
+"""The stage agent on its own: probe, serve on a private Unix socket only, speak the head's protocol, exit on EOF."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import shutil
-import socket
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,14 +44,18 @@ def test_probe_runs_from_stdin_like_over_ssh() -> None:
     assert json.loads(out)["cores"] >= 1
 
 
-def _non_loopback_addresses() -> list[str]:
-    out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
-    return [f.split("/")[0] for line in out.splitlines() for f in line.split()[3:4] if not f.startswith("127.")]
+def listeners_of(pid: int) -> list[str]:
+    """Every listening socket (TCP, UDP, Unix) of `pid`, as `ss` prints its local address."""
+    out = subprocess.run(["ss", "-H", "-l", "-p", "-n", "-t", "-u", "-x"], capture_output=True, text=True,
+                         check=True).stdout
+    return sorted(line.split()[4] for line in out.splitlines() if f",pid={pid}," in line)
 
 
-def test_serve_binds_loopback_only_speaks_the_heads_protocol_and_exits_on_eof(tmp_path: Path) -> None:
+def test_serve_listens_on_a_private_unix_socket_only_speaks_the_heads_protocol_and_exits_on_eof(
+        tmp_path: Path) -> None:
     runtime = install_bundle(tmp_path / "runtime")
-    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    home = Path(tempfile.mkdtemp(prefix="mthome-"))  # short: the socket path fits in sun_path
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
     agent = subprocess.Popen([sys.executable, str(runtime / "meshtui_agent.py"), "serve", "--runtime", str(runtime),
                               "--threads", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env)
@@ -58,23 +63,77 @@ def test_serve_binds_loopback_only_speaks_the_heads_protocol_and_exits_on_eof(tm
         assert agent.stdout is not None and agent.stdin is not None
         ready = json.loads(agent.stdout.readline())
         assert ready["event"] == "ready" and ready["pid"] == agent.pid
-        port = ready["port"]
+        path = Path(ready["socket"])
         assert ready["devices"][0]["type"] == "cpu"
         assert ready["runtime"] in ("head-build", "portable") and ready["backends"] == ["cpu"]
-        assert asyncio.run(rpc_hello("127.0.0.1", port)) == expected_rpc_protocol() == (7, 0, 0)
-        for address in _non_loopback_addresses():
-            with pytest.raises(OSError):
-                socket.create_connection((address, port), timeout=2).close()
-        assert (tmp_path / ".cache/meshtui/run" / f"agent-{agent.pid}.json").exists()
+        # A fresh folder of its own, only this user may enter, in its 0700 run dir; no TCP or UDP port at all.
+        assert path.name == "stage.sock" and path.parent.parent == home / ".cache/meshtui/run"
+        assert path.parent.name.startswith("stage-") and stat.S_ISSOCK(path.stat().st_mode)
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 == stat.S_IMODE(path.parent.parent.stat().st_mode)
+        assert stat.S_IMODE(Path(ready["cache_dir"]).stat().st_mode) == 0o700
+        assert listeners_of(agent.pid) == [str(path)]
+        assert asyncio.run(rpc_hello(str(path))) == expected_rpc_protocol() == (7, 0, 0)
+        pidfile = home / ".cache/meshtui/run" / f"agent-{agent.pid}.json"
+        assert json.loads(pidfile.read_text())["socket"] == str(path)
         agent.stdin.write("ping 7\n")
         agent.stdin.flush()
         assert json.loads(agent.stdout.readline()) == {"event": "pong", "seq": "7"}
         agent.stdin.close()  # the SSH channel closing
         assert agent.wait(timeout=10) == 0
-        assert not (tmp_path / ".cache/meshtui/run" / f"agent-{agent.pid}.json").exists()
+        assert not pidfile.exists() and not path.parent.exists()
     finally:
         if agent.poll() is None:
             agent.kill()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_serve_puts_the_socket_in_the_temp_dir_when_the_run_dir_path_is_too_long(tmp_path: Path) -> None:
+    runtime = install_bundle(tmp_path / "runtime")
+    home = tmp_path / ("h" * 80)  # home/.cache/meshtui/run/stage-XXXXXXXX/stage.sock exceeds sun_path
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    agent = subprocess.Popen([sys.executable, str(runtime / "meshtui_agent.py"), "serve", "--runtime", str(runtime),
+                              "--threads", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert agent.stdout is not None and agent.stdin is not None
+        path = Path(json.loads(agent.stdout.readline())["socket"])
+        assert path.parent.parent == tmp_path and path.parent.name.startswith("meshtui-stage-")
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert asyncio.run(rpc_hello(str(path))) == (7, 0, 0)
+        agent.stdin.close()
+        assert agent.wait(timeout=10) == 0
+        assert not path.parent.exists()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
+STUB_RPC = """
+void ggml_backend_rpc_start_server(const char *e, const char *c, unsigned long t, unsigned long n, void **d) {}
+void *ggml_backend_rpc_reg(void) { return 0; }
+void *ggml_backend_rpc_add_server(const char *e) { return 0; }
+void *ggml_backend_rpc_init(const char *e, unsigned d) { return 0; }
+int ggml_backend_is_rpc(void *b) { return 0; }
+void *ggml_backend_rpc_buffer_type(const char *e, unsigned d) { return 0; }
+void ggml_backend_rpc_get_device_memory(const char *e, unsigned d, unsigned long *f, unsigned long *t) {}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (cc) for a stand-in libggml-rpc")
+def test_serve_refuses_a_runtime_without_the_unix_socket_patch(tmp_path: Path) -> None:
+    """A stale runtime (ggml RPC without meshtui's patch) is refused in one line, never served over TCP."""
+    runtime = install_bundle(tmp_path / "runtime")
+    rpc_lib = next(p for p in (runtime / "lib").iterdir() if p.name.startswith("libggml-rpc.so"))
+    (tmp_path / "stub.c").write_text(STUB_RPC)
+    subprocess.run(["cc", "-shared", "-fPIC", f"-Wl,-soname,{rpc_lib.name}", "-o", str(rpc_lib),
+                    str(tmp_path / "stub.c")], check=True)
+    result = subprocess.run([sys.executable, str(runtime / "meshtui_agent.py"), "serve", "--runtime", str(runtime)],
+                            input="", capture_output=True, text=True, timeout=30, env={"HOME": str(tmp_path)})
+    assert result.returncode == 3
+    assert json.loads(result.stdout) == {"event": "error", "code": "runtime_error", "reason": (
+        f"the ggml runtime in {runtime / 'lib'} lacks meshtui's Unix-socket patch (no "
+        "ggml_backend_rpc_unix_socket_support): it was built from an unpatched source; rebuild it with "
+        "scripts/setup or native/build_runtime.py")}
+    assert not (tmp_path / ".cache/meshtui/run").exists()  # no socket folder, no port: nothing served
 
 
 def test_serve_reports_a_runtime_that_cannot_load(tmp_path: Path) -> None:
@@ -100,7 +159,7 @@ def test_down_stops_only_meshtui_agents(tmp_path: Path) -> None:
     agent = subprocess.Popen([sys.executable, str(runtime / "meshtui_agent.py"), "serve", "--runtime", str(runtime),
                               "--threads", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert agent.stdout is not None
-    json.loads(agent.stdout.readline())
+    socket_dir = Path(json.loads(agent.stdout.readline())["socket"]).parent
     decoy = tmp_path / ".cache/meshtui/run/agent-1.json"  # a stale pid file naming init: must not be touched
     decoy.write_text(json.dumps({"pid": 1}))
     out = subprocess.run([sys.executable, str(AGENT), "down"], capture_output=True, text=True, env=env, check=True)
@@ -108,6 +167,7 @@ def test_down_stops_only_meshtui_agents(tmp_path: Path) -> None:
     assert [s["pid"] for s in stopped] == [agent.pid]
     assert agent.wait(timeout=10) == -9
     assert not decoy.exists()
+    assert not socket_dir.exists()  # the killed agent's socket folder is cleaned up with its pid file
 
 
 VM_STAT = """Mach Virtual Memory Statistics: (page size of 16384 bytes)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
+import pwd
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -24,12 +25,10 @@ MAX_TOKENS = 24
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 
-def _connects(lab, host, address: str, port: int) -> bool:
-    """Whether a TCP connect from inside `host`'s namespace to address:port succeeds."""
-    code = (f"import socket\ntry:\n socket.create_connection(({address!r}, {port}), timeout=2).close()\n"
-            f" print('open')\nexcept OSError:\n print('closed')")
-    out = lab.exec_in(host, ["/usr/bin/python3", "-c", code], check=False)
-    return out.stdout.strip() == "open"
+def _listeners_in(lab, host, pid: int) -> list[str]:
+    """Local addresses of every listening socket (TCP, UDP, Unix) of `pid`, seen inside `host`'s namespace."""
+    out = lab.exec_in(host, ["ss", "-H", "-l", "-p", "-n", "-t", "-u", "-x"], check=True).stdout
+    return sorted(line.split()[4] for line in out.splitlines() if f",pid={pid}," in line)
 
 
 @pytest.mark.parametrize("output_on_head", [True, False], ids=["output-on-head", "output-on-last-stage"])
@@ -55,17 +54,16 @@ async def test_mesh_on_sshd_hosts_places_layers_and_matches_single_process(
             # Only hidden states come back from the last stage: no logits (n_vocab floats) cross SSH.
             reply_bytes = mesh.stages["h2"].tunnel.meter.bytes_down
             assert reply_bytes < 1024 * 1024
-        # Each stage listens on its host's loopback only: reachable there, nowhere else.
+        # Each stage listens on one Unix socket in a 0700 folder of its host's user, and on no port at all
+        # (tests/test_isolation_lab.py: other users on the host and the head cannot reach any of them).
         for node in mesh.hosts:
             agent = mesh.stages[node.name].running_agent()
             own = lab.host(node.name)
-            assert _connects(lab, own, "127.0.0.1", agent.port)
-            assert not _connects(lab, own, node.address, agent.port)
-            for other in lab.hosts:
-                if other.name != node.name:
-                    assert not _connects(lab, other, node.address, agent.port)
-            with pytest.raises(OSError):
-                socket.create_connection((node.address, agent.port), timeout=2).close()
+            path = Path(agent.socket_path)
+            assert path.parent.parent == own.home / ".cache/meshtui/run" and path.name == "stage.sock"
+            folder = path.parent.stat()
+            assert folder.st_uid == pwd.getpwnam(own.user).pw_uid and stat.S_IMODE(folder.st_mode) == 0o700
+            assert _listeners_in(lab, own, agent.pid) == [str(path)]
         reply = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=MAX_TOKENS, temperature=0.0)
     finally:
         await mesh.close()

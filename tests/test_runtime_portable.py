@@ -7,12 +7,14 @@ The tests that need the build skip, saying so, when it is not in the cache: it i
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -136,10 +138,11 @@ def _fake_build(root: Path, **manifest: object) -> Path:
         (libdir / name).write_bytes(name.encode())
     (libdir / "notes.txt").write_text("not part of the runtime")
     values = {"layout": "ggml-backend-dl", "llama_cpp_python": installed_llama_cpp_python(),
-              "rpc_protocol": list(expected_rpc_protocol() or ())}
+              "rpc_protocol": list(expected_rpc_protocol() or ()), "rpc_unix_socket": True}
     values.update(manifest)
-    (libdir / PORTABLE_MANIFEST).write_text(json.dumps(values))
-    (root / f"llama-cpp-python-{installed_llama_cpp_python()}.json").write_text(json.dumps({"key": "k1"}))
+    (libdir / PORTABLE_MANIFEST).write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
+    pointer = runtime.portable_pointer_name(str(installed_llama_cpp_python()))
+    (root / pointer).write_text(json.dumps({"key": "k1"}))
     return libdir
 
 
@@ -157,13 +160,32 @@ def test_auto_prefers_a_portable_build_of_the_same_source(monkeypatch, tmp_path:
     assert bundle.digest != local_runtime_bundle("head-build").digest
 
 
-@pytest.mark.parametrize("manifest", [{"llama_cpp_python": "0.0.1"}, {"rpc_protocol": [6, 0, 0]}])
+@pytest.mark.parametrize("manifest", [{"llama_cpp_python": "0.0.1"}, {"rpc_protocol": [6, 0, 0]},
+                                      {"rpc_unix_socket": None}], ids=["version", "protocol", "unpatched"])
 def test_a_portable_build_of_other_source_is_never_pushed(monkeypatch, tmp_path: Path, fresh_bundles,
                                                           manifest: dict) -> None:
     monkeypatch.setenv("MESHTUI_RUNTIME_BUILD_CACHE", str(tmp_path))
     _fake_build(tmp_path, **manifest)
     assert portable_runtime_dir() is None
     assert local_runtime_bundle("auto").kind == "head-build"
+
+
+def test_every_build_of_the_pinned_source_carries_the_unix_socket_patch() -> None:
+    """The head's llama-cpp-python, and the source a host builds (CPU or CUDA, same CMake flags as before)."""
+    from meshtui import hostbuild
+
+    head_rpc = ctypes.CDLL(str(runtime.llama_cpp_lib_dir() / "libggml-rpc.so.0"))
+    assert hasattr(head_rpc, "ggml_backend_rpc_unix_socket_support")
+    native = hostbuild._native_builder()
+    assert native.pointer_name("0.3.36") == runtime.portable_pointer_name("0.3.36")
+    tarball, _ = hostbuild.source_tarball()
+    with tarfile.open(tarball) as tar:
+        names = set(tar.getnames())
+        transport = tar.extractfile("ggml/src/ggml-rpc/transport.cpp").read().decode()  # type: ignore[union-attr]
+        header = tar.extractfile("ggml/include/ggml-rpc.h").read().decode()  # type: ignore[union-attr]
+    assert "socket(AF_UNIX, SOCK_STREAM, 0)" in transport
+    assert "int ggml_backend_rpc_unix_socket_support(void);" in header
+    assert not any(name.endswith((".orig", ".rej")) for name in names)
 
 
 # ---------------------------------------------------------------- the agent (no build needed)
@@ -177,7 +199,7 @@ def test_agent_still_serves_the_head_build_layout(tmp_path: Path) -> None:
         ready = json.loads(agent.stdout.readline())
         assert ready["event"] == "ready" and ready["runtime"] == "head-build"
         assert "variant" not in ready["devices"][0]
-        assert asyncio.run(rpc_hello("127.0.0.1", ready["port"])) == (7, 0, 0)
+        assert asyncio.run(rpc_hello(ready["socket"])) == (7, 0, 0)
         agent.stdin.close()
         assert agent.wait(timeout=10) == 0
     finally:
@@ -251,7 +273,7 @@ def test_agent_serves_the_portable_runtime_with_the_hosts_best_cpu_variant(tmp_p
         cpu = ready["devices"][0]
         assert cpu["type"] == "cpu" and cpu["description"]
         assert cpu["variant"] == best_variant(variants)
-        assert asyncio.run(rpc_hello("127.0.0.1", ready["port"])) == expected_rpc_protocol() == (7, 0, 0)
+        assert asyncio.run(rpc_hello(ready["socket"])) == expected_rpc_protocol() == (7, 0, 0)
         agent.stdin.write("ping 3\n")
         agent.stdin.flush()
         assert json.loads(agent.stdout.readline()) == {"event": "pong", "seq": "3"}

@@ -63,3 +63,12 @@ def test_too_long_for_sun_path_falls_back_to_a_0700_temp_folder(monkeypatch, sho
     assert folder.parent == short_tmp and folder.name.startswith("meshtui-tunnel-") and mode(folder) == 0o700
     assert len(str(folder / "stage.sock").encode()) <= MAX_SOCKET_PATH
     assert list((deep / "meshtui/run").iterdir()) == []  # the long one was removed again
+
+
+@pytest.mark.parametrize("value", [None, 5, "stage.sock", "/" + "s" * MAX_SOCKET_PATH, "/tmp/\x1b]0;owned\x07.sock"])
+def test_a_socket_path_a_host_reports_is_checked(value: object) -> None:
+    from meshtui.hosts import _socket_path
+
+    assert _socket_path({"socket": "/home/u/.cache/meshtui/run/stage-ab/stage.sock"}).endswith("/stage.sock")
+    with pytest.raises(ValueError, match=rf"^key 'socket': expected an absolute path of at most {MAX_SOCKET_PATH} "):
+        _socket_path({"socket": value})

@@ -261,15 +261,16 @@ async def test_no_other_user_reaches_a_stage_or_its_cache(
         # Every socket the mesh listens on: Unix sockets only, exactly the tunnels and the stages.
         head_pids = {os.getpid(), mesh.engine.pid, mesh.local_stage.proc.pid}
         on_head = head_listeners(head_pids)
-        tunnels = {str(n.tunnel.local_path) for n in mesh.hosts if n.tunnel and n.tunnel.local_path}
+        tunnels = {str(stage.tunnel.local_path) for stage in mesh.stages.values()
+                   if stage.tunnel and stage.tunnel.local_path}
         assert len(tunnels) == 2
         assert on_head == sorted(("u_str", p) for p in (*tunnels, mesh.local_stage.socket_path))
         assert on_lan(on_head) == []
         on_hosts: dict[str, list[tuple[str, str]]] = {}
         for node in mesh.hosts:
-            assert node.agent is not None
-            on_hosts[node.name] = host_listeners(lab, lab.host(node.name), {node.agent.pid})
-            assert on_hosts[node.name] == [("u_str", node.agent.socket_path)]
+            agent = mesh.stages[node.name].running_agent()
+            on_hosts[node.name] = host_listeners(lab, lab.host(node.name), {agent.pid})
+            assert on_hosts[node.name] == [("u_str", agent.socket_path)]
             assert on_lan(on_hosts[node.name]) == []
 
         caches = {h.name: h.home / ".cache/meshtui/rpc-cache" for h in lab.hosts}
@@ -302,7 +303,8 @@ async def test_no_other_user_reaches_a_stage_or_its_cache(
 
         # Control: nothing on the LAN because nothing is there, not because the check is blind.
         decoy = lan_decoys(lab.hosts[0])
-        found = on_lan(host_listeners(lab, lab.hosts[0], {mesh.hosts[0].agent.pid, decoy}))
+        h1_agent = mesh.stages[lab.hosts[0].name].running_agent()
+        found = on_lan(host_listeners(lab, lab.hosts[0], {h1_agent.pid, decoy}))
         assert [netid for netid, _ in found] == ["tcp"] and found[0][1].startswith("0.0.0.0:")
         decoy = lan_decoys(None)
         found = on_lan(head_listeners(head_pids | {decoy}))

@@ -65,6 +65,14 @@ def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> Non
         time.sleep(0.1)
 
 
+async def _rejoinable(mesh: Mesh, name: str, timeout: float = 30.0) -> None:
+    """Wait until the background rejoin has found the host reachable again (it rejoins before the next reply)."""
+    deadline = time.monotonic() + timeout
+    while name not in mesh._rejoinable:
+        assert time.monotonic() < deadline, f"{name} was never found reachable again"
+        await asyncio.sleep(0.05)
+
+
 class Timeline:
     """When the fault happened, when the stage was declared lost, when the reply moved again."""
 
@@ -129,10 +137,7 @@ async def test_frozen_stage_is_lost_in_seconds_then_rejoins_when_it_resumes(
             os.kill(frozen[0], signal.SIGCONT)
             await asyncio.to_thread(_wait_until, lambda: frozen[0] not in [p for p, _ in agent_processes(lab)["h1"]],
                                     20, "the resumed agent did not exit")
-            deadline = time.monotonic() + 30
-            while "h1" not in mesh._rejoinable:
-                assert time.monotonic() < deadline, "h1 was never found reachable again"
-                await asyncio.sleep(0.1)
+            await _rejoinable(mesh, "h1")
             rejoined = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=40, temperature=0.0)
             rejoined_plan = [a.name for a in mesh.plan.assignments]
         finally:
@@ -173,10 +178,7 @@ async def test_cut_link_is_lost_in_seconds_then_rejoins_when_it_is_back(
                 recoveries = list(mesh.recoveries)
             finally:
                 lab.link_up(lab.host("h2"))
-            deadline = time.monotonic() + 30
-            while "h2" not in mesh._rejoinable:
-                assert time.monotonic() < deadline, "h2 was never found reachable again"
-                await asyncio.sleep(0.1)
+            await _rejoinable(mesh, "h2")
             rejoined = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=40, temperature=0.0)
             rejoined_plan = [a.name for a in mesh.plan.assignments]
         finally:
@@ -279,10 +281,7 @@ async def test_a_flapping_host_is_held_out_longer_each_time(lab, tmp_path: Path)
                 kill_h1_agent()
                 await mesh.generate(prompt=PROMPT, raw=True, max_tokens=4, temperature=0.0)  # notices the loss
                 assert [a.name for a in mesh.plan.assignments] == ["head", "h2"]
-                deadline = time.monotonic() + 30
-                while "h1" not in mesh._rejoinable:
-                    assert time.monotonic() < deadline, f"h1 was never found reachable again after flap {flap}"
-                    await asyncio.sleep(0.05)
+                await _rejoinable(mesh, "h1")
                 await mesh.generate(prompt=PROMPT, raw=True, max_tokens=4, temperature=0.0)  # rejoins first
                 assert [a.name for a in mesh.plan.assignments] == ["head", "h1", "h2"]
         finally:

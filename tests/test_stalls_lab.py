@@ -277,7 +277,7 @@ async def test_a_flapping_host_is_held_out_longer_each_time(lab, tmp_path: Path)
         try:
             await mesh.up()
             mesh.enable_auto_rejoin(RejoinPolicy(first_delay=1.0, poll_seconds=0.05))
-            for flap in (1, 2):
+            for _ in range(2):
                 kill_h1_agent()
                 await mesh.generate(prompt=PROMPT, raw=True, max_tokens=4, temperature=0.0)  # notices the loss
                 assert [a.name for a in mesh.plan.assignments] == ["head", "h2"]

@@ -312,9 +312,13 @@ async def _kill_remote_group(conn: asyncssh.SSHClientConnection, pid: int | None
         await conn.run(f"kill -9 -{pid} {pid} 2>/dev/null; kill -9 -- -{pid} 2>/dev/null", check=False, timeout=20)
 
 
-async def inspect_runtime(conn: asyncssh.SSHClientConnection, host: HostSpec, folder: str) -> Any:
-    """What `meshtui_agent.py inspect` (the head's copy, fed on stdin) reports about ~/`folder` on the host."""
-    command = f"{shlex.quote(host.python)} - inspect {shlex.quote(folder)}"
+async def run_agent_command(conn: asyncssh.SSHClientConnection, host: HostSpec, args: str,
+                            doing: str) -> tuple[Any, dict[str, Any] | None]:
+    """Run `meshtui_agent.py ARGS` from the head's copy, fed on stdin (nothing is written to the host).
+
+    Returns the capped result and its last JSON line; every failure is one line naming the host and `doing`.
+    """
+    command = f"{shlex.quote(host.python)} - {args}"
     try:
         process = await conn.create_process(command, encoding="utf-8", errors="replace")
         try:
@@ -324,13 +328,18 @@ async def inspect_runtime(conn: asyncssh.SSHClientConnection, host: HostSpec, fo
         finally:
             process.close()
     except (OSError, asyncssh.Error) as err:
-        raise HostError(f"checking the runtime failed: {one_line(err)}", host=host.name) from err
+        raise HostError(f"{doing} failed: {one_line(err)}", host=host.name) from err
     except asyncio.TimeoutError as err:
-        raise HostError(f"checking the runtime did not end within {PROBE_TIMEOUT:.0f}s", host=host.name) from err
+        raise HostError(f"{doing} did not end within {PROBE_TIMEOUT:.0f}s", host=host.name) from err
     except OutputTooLong as err:
-        raise HostError(f"checking the runtime printed more than {MAX_ANSWER_CHARS // 1024} KiB", host=host.name) \
-            from err
-    report = _last_json_line(result.stdout)
+        raise HostError(f"{doing} printed more than {MAX_ANSWER_CHARS // 1024} KiB; stopped reading",
+                        host=host.name) from err
+    return result, _last_json_line(result.stdout)
+
+
+async def inspect_runtime(conn: asyncssh.SSHClientConnection, host: HostSpec, folder: str) -> Any:
+    """What `meshtui_agent.py inspect` reports about ~/`folder` on the host."""
+    result, report = await run_agent_command(conn, host, f"inspect {shlex.quote(folder)}", "checking the runtime")
     if report is None:
         raise HostError(f"checking the runtime failed: {one_line(result.stderr or result.stdout or 'no output')}",
                         host=host.name)
@@ -568,23 +577,7 @@ async def launch_agent(
 
 async def stop_leftover_agents(conn: asyncssh.SSHClientConnection, host: HostSpec) -> list[dict[str, Any]]:
     """`meshtui down`: stop agents of this user that outlived their head (by their pid files)."""
-    command = f"{shlex.quote(host.python)} - down"
-    try:
-        process = await conn.create_process(command, encoding="utf-8", errors="replace")
-        try:
-            process.stdin.write(agent_source_path().read_text())
-            process.stdin.write_eof()
-            result = await run_capped(process, PROBE_TIMEOUT)
-        finally:
-            process.close()
-    except (OSError, asyncssh.Error) as err:
-        raise HostError(f"cleanup failed: {one_line(err)}", host=host.name) from err
-    except asyncio.TimeoutError as err:
-        raise HostError(f"cleanup did not end within {PROBE_TIMEOUT:.0f}s", host=host.name) from err
-    except OutputTooLong as err:
-        raise HostError(f"cleanup printed more than {MAX_ANSWER_CHARS // 1024} KiB; stopped reading",
-                        host=host.name) from err
-    data = _last_json_line(result.stdout)
+    result, data = await run_agent_command(conn, host, "down", "cleanup")
     stopped = data.get("stopped") if data is not None else None
     if not isinstance(stopped, list):
         raise HostError(f"cleanup failed: {one_line(result.stderr or result.stdout)}", host=host.name)

@@ -47,3 +47,29 @@ def wait_nothing_left(lab: Any, timeout: float = 10.0) -> dict[str, list[tuple[i
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)
+
+
+def host_python(lab: Any, host_name: str, body: str, name: str = "wrapped-python") -> str:
+    """A stand-in `python` for one lab host: `body` (shell `case` arms on its arguments) handles some agent
+    commands, the rest go to python3."""
+    host = lab.host(host_name)
+    wrapper = host.home / name
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in\n{body}\nesac\nexec /usr/bin/python3 "$@"\n')
+    os.chmod(wrapper, 0o755)
+    return str(wrapper)
+
+
+def inventory_with_python(lab: Any, tmp_path: Path, host_name: str, python: str, extra_ssh: str = "") -> Path:
+    """The lab's SmolLM2 inventory with `python` for one host (and extra `[ssh]` lines)."""
+    lines = lab.inventory_toml('name = "smollm2"').splitlines()
+    start = lines.index(f'name = "{host_name}"')
+    for i in range(start, len(lines)):
+        if lines[i].startswith("python = "):
+            lines[i] = f'python = "{python}"'
+            break
+    text = "\n".join(lines) + "\n"
+    if extra_ssh:
+        text = text.replace("[ssh]\n", f"[ssh]\n{extra_ssh}\n")
+    path = tmp_path / "inventory.toml"
+    path.write_text(text)
+    return path

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from helpers import SMOLLM2, agent_processes, meshtui, meshtui_json, wait_nothing_left
+from helpers import (
+    SMOLLM2,
+    agent_processes,
+    host_python,
+    inventory_with_python,
+    meshtui,
+    meshtui_json,
+    wait_nothing_left,
+)
 from reference import reference_greedy
 
 from meshtui.inventory import load_inventory
@@ -408,20 +416,11 @@ def test_host_that_builds_its_own_runtime_joins_with_identical_output(lab, tmp_p
 
 def test_host_that_cannot_load_the_pushed_runtime_builds_its_own(lab, tmp_path: Path) -> None:
     # h2's agent cannot load the pushed runtime (as on a host with another libc); the one it builds loads.
-    h2 = lab.host("h2")
-    wrapper = h2.home / "old-libc-python"
-    wrapper.write_text('#!/bin/sh\ncase "$*" in\n*/runtime/build-*) ;;\n*serve*) '
-                       'echo \'{"event": "error", "code": "cannot_load", '
-                       '"reason": "cannot load libggml-base.so.0: GLIBC_2.38 not found"}\'; '
-                       'exit 3;;\nesac\nexec /usr/bin/python3 "$@"\n')
-    os.chmod(wrapper, 0o755)
-    text = lab.inventory_toml('name = "smollm2"')
-    lines = text.splitlines()
-    start = lines.index('name = "h2"')
-    index = next(i for i in range(start, len(lines)) if lines[i].startswith("python = "))
-    lines[index] = f'python = "{wrapper}"'
-    inventory_file = tmp_path / "inventory.toml"
-    inventory_file.write_text("\n".join(lines) + "\n")
+    wrapper = host_python(lab, "h2", '*/runtime/build-*) ;;\n*serve*) '
+                          'echo \'{"event": "error", "code": "cannot_load", '
+                          '"reason": "cannot load libggml-base.so.0: GLIBC_2.38 not found"}\'; exit 3;;',
+                          name="old-libc-python")
+    inventory_file = inventory_with_python(lab, tmp_path, "h2", wrapper)
     run = meshtui("up", str(inventory_file), "--headless", "--prompt", PROMPT, "--raw", "--temperature", "0",
                   "--max-tokens", str(MAX_TOKENS), "--json", timeout=1800)
     assert run.returncode == 0, run.stderr
@@ -431,5 +430,5 @@ def test_host_that_cannot_load_the_pushed_runtime_builds_its_own(lab, tmp_path: 
     expected = reference_greedy(SMOLLM2, PROMPT, MAX_TOKENS, context=512)
     assert result["tokens"] == expected["tokens"] and result["text"] == expected["text"]
     assert result["placement"]["h2"]
-    assert list((h2.home / ".cache/meshtui/runtime").glob("build-*/lib/libggml-cpu.so.0"))
+    assert list((lab.host("h2").home / ".cache/meshtui/runtime").glob("build-*/lib/libggml-cpu.so.0"))
     assert wait_nothing_left(lab) == {}

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import meshtui, user_processes, wait_nothing_left
+from helpers import host_python, inventory_with_python, meshtui, user_processes, wait_nothing_left
 
 from meshtui import events as ev
 from meshtui.inventory import load_inventory
@@ -125,12 +125,8 @@ def test_a_runtime_under_a_folder_others_can_write_is_refused(lab, tmp_path: Pat
 
 
 def _hostile_python(lab, host_name: str, probe_answer: str) -> str:
-    host = lab.host(host_name)
-    wrapper = host.home / "hostile-python"
-    wrapper.write_text(f"#!/bin/sh\ncase \"$*\" in\n*probe*) cat >/dev/null; printf '%s\\n' '{probe_answer}'; "
-                       "exit 0;;\nesac\nexec /usr/bin/python3 \"$@\"\n")
-    os.chmod(wrapper, 0o755)
-    return str(wrapper)
+    return host_python(lab, host_name, f"*probe*) cat >/dev/null; printf '%s\\n' '{probe_answer}'; exit 0;;",
+                       name="hostile-python")
 
 
 @pytest.mark.parametrize(("answer", "expected"), [
@@ -141,13 +137,7 @@ def _hostile_python(lab, host_name: str, probe_answer: str) -> str:
 ])
 def test_a_hostile_probe_answer_is_one_line_naming_the_host(lab, tmp_path: Path, answer: str, expected: str) -> None:
     python = _hostile_python(lab, "h2", answer)
-    text = lab.inventory_toml('name = "smollm2"')
-    lines = text.splitlines()
-    start = lines.index('name = "h2"')
-    index = next(i for i in range(start, len(lines)) if lines[i].startswith("python = "))
-    lines[index] = f'python = "{python}"'
-    inventory_file = tmp_path / "inventory.toml"
-    inventory_file.write_text("\n".join(lines) + "\n")
+    inventory_file = inventory_with_python(lab, tmp_path, "h2", python)
     result = meshtui("plan", str(inventory_file), timeout=120)
     assert result.returncode == 4
     assert result.stderr.strip() == f"meshtui: error: h2: probe answered something unexpected: {expected}"
@@ -155,18 +145,8 @@ def test_a_hostile_probe_answer_is_one_line_naming_the_host(lab, tmp_path: Path,
 
 
 def test_a_probe_that_floods_its_output_is_stopped(lab, tmp_path: Path) -> None:
-    h2 = lab.host("h2")
-    wrapper = h2.home / "flooding-python"
-    wrapper.write_text('#!/bin/sh\ncase "$*" in\n*probe*) cat >/dev/null; exec yes meshtui;;\nesac\n'
-                       'exec /usr/bin/python3 "$@"\n')
-    os.chmod(wrapper, 0o755)
-    text = lab.inventory_toml('name = "smollm2"', {})
-    lines = text.splitlines()
-    start = lines.index('name = "h2"')
-    index = next(i for i in range(start, len(lines)) if lines[i].startswith("python = "))
-    lines[index] = f'python = "{wrapper}"'
-    inventory_file = tmp_path / "inventory.toml"
-    inventory_file.write_text("\n".join(lines) + "\n")
+    wrapper = host_python(lab, "h2", "*probe*) cat >/dev/null; exec yes meshtui;;", name="flooding-python")
+    inventory_file = inventory_with_python(lab, tmp_path, "h2", wrapper)
     result = meshtui("plan", str(inventory_file), timeout=120)
     assert result.returncode == 4
     assert result.stderr.strip() == "meshtui: error: h2: probe printed more than 256 KiB; stopped reading"
@@ -174,18 +154,9 @@ def test_a_probe_that_floods_its_output_is_stopped(lab, tmp_path: Path) -> None:
 
 
 def test_an_agents_stderr_with_escapes_reaches_the_log_printable(lab, tmp_path: Path) -> None:
-    h1 = lab.host("h1")
-    wrapper = h1.home / "chatty-python"
-    wrapper.write_text('#!/bin/sh\ncase "$*" in\n*serve*) printf "loading \\033]0;owned\\007 \\033[2J done\\n" >&2;;'
-                       '\nesac\nexec /usr/bin/python3 "$@"\n')
-    os.chmod(wrapper, 0o755)
-    text = lab.inventory_toml('name = "smollm2"')
-    lines = text.splitlines()
-    start = lines.index('name = "h1"')
-    index = next(i for i in range(start, len(lines)) if lines[i].startswith("python = "))
-    lines[index] = f'python = "{wrapper}"'
-    inventory_file = tmp_path / "inventory.toml"
-    inventory_file.write_text("\n".join(lines) + "\n")
+    wrapper = host_python(lab, "h1", '*serve*) printf "loading \\033]0;owned\\007 \\033[2J done\\n" >&2;;',
+                          name="chatty-python")
+    inventory_file = inventory_with_python(lab, tmp_path, "h1", wrapper)
     seen = asyncio.run(_up_and_down(inventory_file))
     logged = [e.message for e in seen if isinstance(e, ev.LogRecorded) and e.source == "h1"]
     assert "loading \\x1b]0;owned\\x07 \\x1b[2J done" in logged

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, agent_processes, meshtui, wait_nothing_left
+from helpers import REPO, agent_processes, host_python, inventory_with_python, meshtui, wait_nothing_left
 
 from meshtui.inventory import load_inventory
 from meshtui.mesh import Mesh
@@ -39,30 +39,6 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
-
-
-def _host_wrapper(lab, host_name: str, body: str) -> str:
-    """A stand-in `python` for one host: `body` handles some agent commands, the rest go to python3."""
-    host = lab.host(host_name)
-    wrapper = host.home / "wrapped-python"
-    wrapper.write_text(f'#!/bin/sh\ncase "$*" in\n{body}\nesac\nexec /usr/bin/python3 "$@"\n')
-    os.chmod(wrapper, 0o755)
-    return str(wrapper)
-
-
-def _inventory_with_python(lab, tmp_path: Path, host_name: str, python: str, extra_ssh: str = "") -> Path:
-    lines = lab.inventory_toml('name = "smollm2"').splitlines()
-    start = lines.index(f'name = "{host_name}"')
-    for i in range(start, len(lines)):
-        if lines[i].startswith("python = "):
-            lines[i] = f'python = "{python}"'
-            break
-    text = "\n".join(lines) + "\n"
-    if extra_ssh:
-        text = text.replace("[ssh]\n", f"[ssh]\n{extra_ssh}\n")
-    path = tmp_path / "inventory.toml"
-    path.write_text(text)
-    return path
 
 
 def _start_head(inventory: Path) -> subprocess.Popen[str]:
@@ -97,8 +73,8 @@ def test_head_killed_or_stopped_mid_reply_leaves_no_agent(lab, tmp_path: Path, s
 
 
 def test_host_whose_agent_prints_garbage_is_named(lab, tmp_path: Path) -> None:
-    python = _host_wrapper(lab, "h2", '*probe*) cat >/dev/null; echo "Welcome to the jungle"; exit 0;;')
-    inventory = _inventory_with_python(lab, tmp_path, "h2", python)
+    python = host_python(lab, "h2", '*probe*) cat >/dev/null; echo "Welcome to the jungle"; exit 0;;')
+    inventory = inventory_with_python(lab, tmp_path, "h2", python)
     result = meshtui("up", str(inventory), "--headless", "--prompt", "hi", timeout=120)
     assert result.returncode == 4
     assert result.stderr.strip() == "meshtui: error: h2: probe failed: Welcome to the jungle"
@@ -106,8 +82,8 @@ def test_host_whose_agent_prints_garbage_is_named(lab, tmp_path: Path) -> None:
 
 
 def test_host_that_hangs_in_probe_times_out_and_is_cleaned_up(lab, tmp_path: Path) -> None:
-    python = _host_wrapper(lab, "h1", "*probe*) sleep 300;;")
-    inventory = _inventory_with_python(lab, tmp_path, "h1", python, extra_ssh="connect_timeout = 2")
+    python = host_python(lab, "h1", "*probe*) sleep 300;;")
+    inventory = inventory_with_python(lab, tmp_path, "h1", python, extra_ssh="connect_timeout = 2")
     started = time.monotonic()
     result = meshtui("up", str(inventory), "--headless", "--prompt", "hi", timeout=120)
     assert result.returncode == 4

@@ -400,8 +400,7 @@ class Mesh:
                     if node.status != "stalled":
                         node.status = "stalled"
                         self._emit(ev.StageStalled(node.name, now - waiting_since))
-                        what = "the model load" if self._loading else "its step"
-                        self._log(node.name, f"no answer to {what} for {now - waiting_since:.2f}s "
+                        self._log(node.name, f"no answer to {self._awaited()} for {now - waiting_since:.2f}s "
                                              f"(deadline {deadline:.2f}s); asking its agent", "warning")
                     probes[node.name] = asyncio.create_task(
                         self._probe_stalled(node, agent, waiting_since, last_pong))
@@ -421,13 +420,16 @@ class Mesh:
         except (asyncio.TimeoutError, OSError, asyncssh.Error):
             if self.stages[node.name].agent is agent and not node.lost_reason:
                 stalled = time.perf_counter() - waiting_since
-                what = "the model load" if self._loading else "its step"
                 self._declare_lost(node, waiting_since,
-                                   f"lost after a {stalled:.1f}s stall: no answer to {what}, "
+                                   f"lost after a {stalled:.1f}s stall: no answer to {self._awaited()}, "
                                    f"nor to a ping within {timeout:.1f}s")
             return
         last_pong[node.name] = time.perf_counter()
         self._log(node.name, "its agent answers: the stage is slow, not lost", "debug")
+
+    def _awaited(self) -> str:
+        """What a stalled stage owes the engine, in the words of its log lines and its reason."""
+        return "the model load" if self._loading else "its step"
 
     def _stall_ended(self, node: Node) -> None:
         node.status = "load" if self._loading else "ready"

@@ -39,12 +39,13 @@ from meshtui.api_http import (
 from meshtui.api_openai import (
     ApiError,
     GenerationRequest,
+    ServedModel,
     StopScanner,
     chat_chunk,
     chat_completion,
     context_overflow,
     finish_reason,
-    model_ids,
+    model_not_found,
     model_object,
     parse_chat_request,
     parse_completion_request,
@@ -110,6 +111,12 @@ class _Exchange:
 
 
 Handler = Callable[[Request, asyncio.StreamWriter, _Exchange], Awaitable[None]]
+
+
+def served_model(mesh: Mesh) -> ServedModel:
+    """The id clients use is the model file's slug; the inventory's model name and the GGUF's name select it too."""
+    assert mesh.model is not None and mesh.model_path is not None  # read before the mesh is ready
+    return ServedModel.of(mesh.model_path.name, mesh.inventory.model.name, mesh.model.name)
 
 
 def is_loopback(host: str) -> bool:
@@ -380,30 +387,29 @@ class ApiServer:
         return ApiError(500, str(err), type="server_error", code="engine_error")
 
     @property
-    def _model_name(self) -> str:
-        assert self.mesh.model is not None  # ready() says so
-        return self.mesh.model.name
+    def model(self) -> ServedModel:
+        """The model served and the names that select it (the mesh has read its model: ready() says so)."""
+        return served_model(self.mesh)
 
     # -- handlers ----------------------------------------------------------------------------------
     async def _models(self, request: Request, writer: asyncio.StreamWriter, x: _Exchange) -> None:
         x.status = 200
-        models = [model_object(self._model_name, self.created)]
+        models = [model_object(self.model, self.created)]
         await write_json(writer, 200, {"object": "list", "data": models})
 
     async def _model(self, request: Request, writer: asyncio.StreamWriter, x: _Exchange) -> None:
         requested = request.path.rstrip("/").removeprefix("/v1/models/")
-        if requested not in model_ids(self._model_name):
-            raise ApiError(404, f"The model `{requested}` does not exist", code="model_not_found",
-                           param="model")
+        if not self.model.selects(requested):
+            raise model_not_found(requested, self.model)
         x.status = 200
-        await write_json(writer, 200, model_object(self._model_name, self.created))
+        await write_json(writer, 200, model_object(self.model, self.created))
 
     async def _chat(self, request: Request, writer: asyncio.StreamWriter, x: _Exchange) -> None:
-        gen = parse_chat_request(request.json(), self._model_name, self.mesh.inventory.model.context)
+        gen = parse_chat_request(request.json(), self.model, self.mesh.inventory.model.context)
         await self._generate(gen, writer, x)
 
     async def _completions(self, request: Request, writer: asyncio.StreamWriter, x: _Exchange) -> None:
-        gen = parse_completion_request(request.json(), self._model_name, self.mesh.inventory.model.context)
+        gen = parse_completion_request(request.json(), self.model, self.mesh.inventory.model.context)
         await self._generate(gen, writer, x)
 
     async def _generate(self, gen: GenerationRequest, writer: asyncio.StreamWriter, x: _Exchange) -> None:
@@ -529,6 +535,5 @@ async def serve_forever(mesh: Mesh, *, host: str, port: int, api_key: str | None
                         out: TextIO = sys.stderr) -> None:
     """Serve the mesh (already up) until cancelled: Ctrl-C or SIGTERM."""
     async with ApiServer(mesh, host, port, api_key) as server:
-        assert mesh.model is not None
-        print(f"meshtui: serving {mesh.model.name} on {server.url}", file=out, flush=True)
+        print(f"meshtui: serving {server.model.id} on {server.url}", file=out, flush=True)
         await asyncio.get_running_loop().create_future()

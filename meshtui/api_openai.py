@@ -6,6 +6,7 @@ already knows its HTTP status and its OpenAI error body.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,27 +74,65 @@ class GenerationRequest:
         return params
 
 
-def model_ids(model_name: str) -> tuple[str, ...]:
-    return (model_name, MODEL_ALIAS) if model_name != MODEL_ALIAS else (model_name,)
+# A quantisation or shard tag at the end of a GGUF file's name: not part of what a client calls the model.
+_FILE_TAGS = re.compile(r"([.-](i?q\d\w*|f16|f32|bf16|fp16|\d{5}-of-\d{5}))+$", re.IGNORECASE)
 
 
-def model_object(model_name: str, created: int) -> dict[str, Any]:
-    return {"id": model_name, "object": "model", "created": created, "owned_by": OWNER}
+def model_slug(file_name: str) -> str:
+    """The id a client configured by hand types: the GGUF file's name, lower-case, without quantisation tag or
+    extension, runs of anything but letters, digits and dots as one "-" (`SmolLM2-135M-Instruct.Q4_1.gguf` is
+    `smollm2-135m-instruct`)."""
+    stem = file_name[:-5] if file_name.lower().endswith(".gguf") else file_name
+    stem = _FILE_TAGS.sub("", stem) or stem
+    slug = re.sub(r"[^a-z0-9.]+", "-", stem.lower()).strip("-.")
+    return slug or MODEL_ALIAS
 
 
-def check_model(requested: Any, model_name: str) -> str:
-    """The model the request names must be the one loaded (or the alias); none named means that one."""
+@dataclass(frozen=True)
+class ServedModel:
+    """The one model served: its id (the file's slug) and every other name that selects it."""
+
+    id: str
+    aliases: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, file_name: str, *names: str | None) -> ServedModel:
+        """The slug of `file_name`; `names` (the inventory's model name, the GGUF's own name) and `meshtui`
+        select it too."""
+        slug = model_slug(file_name)
+        aliases = tuple(dict.fromkeys(n for n in (*names, MODEL_ALIAS) if n and n != slug))
+        return cls(slug, aliases)
+
+    def selects(self, requested: str) -> bool:
+        return requested == self.id or requested in self.aliases
+
+    def described(self) -> str:
+        others = ", ".join(f"`{a}`" for a in self.aliases)
+        return f"`{self.id}`" + (f" (also {others})" if others else "")
+
+
+def model_object(model: ServedModel, created: int) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": created, "owned_by": OWNER}
+
+
+def model_not_found(requested: str, model: ServedModel) -> ApiError:
+    return ApiError(404, f"The model `{requested}` does not exist; this mesh serves {model.described()}.",
+                    code="model_not_found", param="model")
+
+
+def check_model(requested: Any, model: ServedModel) -> str:
+    """The model the request names must be the one loaded (by its id or an alias); none named means that one.
+    Replies name the model by its id, whichever name selected it."""
     if requested is None:
-        return model_name
+        return model.id
     if not isinstance(requested, str):
         raise ApiError(400, "'model' must be a string", param="model")
-    if requested not in model_ids(model_name):
-        raise ApiError(404, f"The model `{requested}` does not exist; this mesh serves `{model_name}` "
-                            f"(alias `{MODEL_ALIAS}`).", code="model_not_found", param="model")
-    return model_name
+    if not model.selects(requested):
+        raise model_not_found(requested, model)
+    return model.id
 
 
-def parse_chat_request(body: Any, model_name: str, default_max_tokens: int) -> GenerationRequest:
+def parse_chat_request(body: Any, model: ServedModel, default_max_tokens: int) -> GenerationRequest:
     body = _object(body)
     if "messages" not in body:
         raise ApiError(400, "Missing required parameter: 'messages'.", param="messages")
@@ -104,11 +143,11 @@ def parse_chat_request(body: Any, model_name: str, default_max_tokens: int) -> G
     max_tokens = _optional_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _optional_int(body, "max_tokens", 1)
-    return GenerationRequest(kind="chat", messages=parsed, **_sampling(body, model_name, max_tokens,
+    return GenerationRequest(kind="chat", messages=parsed, **_sampling(body, model, max_tokens,
                                                                        default_max_tokens))
 
 
-def parse_completion_request(body: Any, model_name: str, default_max_tokens: int) -> GenerationRequest:
+def parse_completion_request(body: Any, model: ServedModel, default_max_tokens: int) -> GenerationRequest:
     body = _object(body)
     if "prompt" not in body:
         raise ApiError(400, "Missing required parameter: 'prompt'.", param="prompt")
@@ -125,13 +164,13 @@ def parse_completion_request(body: Any, model_name: str, default_max_tokens: int
     max_tokens = _optional_int(body, "max_tokens", 1)
     if max_tokens is None:
         max_tokens = 16  # OpenAI's default for completions
-    return GenerationRequest(kind="completion", prompt=prompt, **_sampling(body, model_name, max_tokens,
+    return GenerationRequest(kind="completion", prompt=prompt, **_sampling(body, model, max_tokens,
                                                                            default_max_tokens))
 
 
-def _sampling(body: Mapping[str, Any], model_name: str, max_tokens: int | None,
+def _sampling(body: Mapping[str, Any], served: ServedModel, max_tokens: int | None,
               default_max_tokens: int) -> dict[str, Any]:
-    model = check_model(body.get("model"), model_name)
+    model = check_model(body.get("model"), served)
     temperature = body.get("temperature")
     if temperature is None:
         temperature = 1.0

@@ -21,7 +21,7 @@ from helpers import REPO
 
 from meshtui import events as ev
 from meshtui.api import ApiRequestRecord, ApiServer
-from meshtui.api_openai import StopScanner
+from meshtui.api_openai import ServedModel, StopScanner, model_slug
 from meshtui.inventory import ModelSpec
 from meshtui.lab import EmbeddedLab
 from meshtui.mesh import Mesh
@@ -93,12 +93,61 @@ def assert_error_shape(body: Any, code: str | None = None) -> None:
         assert body["error"]["code"] == code
 
 
-async def test_models_lists_the_loaded_model(served: Served) -> None:
+SLUG = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct.Q4_1.gguf
+
+
+async def test_models_lists_the_loaded_model_by_its_slug(served: Served) -> None:
     async with served.client() as client:
         models = await client.models.list()
-        assert [m.id for m in models.data] == [served.mesh.model.name]
+        assert [m.id for m in models.data] == [SLUG]
         assert models.data[0].owned_by == "meshtui"
-        assert (await client.models.retrieve("meshtui")).id == served.mesh.model.name
+        for name in (SLUG, "smollm2", "meshtui", served.mesh.model.name):  # slug, inventory, alias, GGUF name
+            assert (await client.models.retrieve(name)).id == SLUG
+            reply = await client.chat.completions.create(model=name, messages=CHAT, max_tokens=2, temperature=0)
+            assert reply.model == SLUG and reply.choices[0].message.content
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.models.retrieve("smollm3")
+        assert missing.value.code == "model_not_found"
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.completions.create(model="SmolLM2", prompt="Hi", max_tokens=2)
+    assert missing.value.code == "model_not_found" and missing.value.param == "model"
+    assert str(missing.value.body["message"]).startswith(  # type: ignore[index]
+        f"The model `SmolLM2` does not exist; this mesh serves `{SLUG}` (also `smollm2`, ")
+
+
+async def test_model_ids_over_raw_http(served: Served) -> None:
+    port = served.server.port
+    status, _, body = await http(port, "GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == [SLUG]
+    status, _, body = await http(port, "GET", "/v1/models/smollm2")
+    assert status == 200 and body["id"] == SLUG and body["object"] == "model"
+    status, _, body = await http(port, "POST", "/v1/completions",
+                                 json.dumps({"model": SLUG, "prompt": "Hi", "max_tokens": 2}).encode())
+    assert status == 200 and body["model"] == SLUG
+    status, _, body = await http(port, "GET", "/v1/models/gpt-4o")
+    assert status == 404
+    assert_error_shape(body, "model_not_found")
+    assert body["error"]["message"] == (f"The model `gpt-4o` does not exist; this mesh serves `{SLUG}` (also "
+                                        f"`smollm2`, `{served.mesh.model.name}`, `meshtui`).")
+
+
+@pytest.mark.parametrize(("file_name", "slug"), [
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+    ("gemma-3-270m-it-Q4_K_M.gguf", "gemma-3-270m-it"),
+    ("Qwen2.5-0.5B-Instruct-f16.gguf", "qwen2.5-0.5b-instruct"),
+    ("Llama-3.1-8B-Instruct-Q8_0-00001-of-00002.gguf", "llama-3.1-8b-instruct"),
+    ("my model (v2).gguf", "my-model-v2"),
+    ("Q4_0.gguf", "q4-0"),
+    ("--.gguf", "meshtui"),
+])
+async def test_model_slug_is_the_file_name_without_tags(file_name: str, slug: str) -> None:
+    assert model_slug(file_name) == slug
+
+
+async def test_served_model_names_each_alias_once() -> None:
+    model = ServedModel.of("smollm2.gguf", "smollm2", "SmolLM2 135M", None)
+    assert model == ServedModel("smollm2", ("SmolLM2 135M", "meshtui"))
+    assert model.selects("smollm2") and model.selects("meshtui") and not model.selects("SMOLLM2")
 
 
 async def test_chat_answers_like_the_chat_pane(served: Served) -> None:
@@ -110,7 +159,7 @@ async def test_chat_answers_like_the_chat_pane(served: Served) -> None:
     assert choice.message.role == "assistant"
     assert choice.message.content == direct.text and direct.text
     assert choice.finish_reason == ("length" if direct.stop_reason == "length" else "stop")
-    assert reply.model == served.mesh.model.name and reply.object == "chat.completion"
+    assert reply.model == SLUG and reply.object == "chat.completion"
     assert reply.usage is not None
     assert reply.usage.prompt_tokens == direct.prompt_tokens
     assert reply.usage.completion_tokens == len(direct.token_ids)
@@ -123,7 +172,7 @@ async def test_chat_answers_like_the_chat_pane(served: Served) -> None:
 
 async def test_streamed_chat_is_the_same_text(served: Served) -> None:
     async with served.client() as client:
-        whole = await client.chat.completions.create(model=served.mesh.model.name, messages=CHAT,
+        whole = await client.chat.completions.create(model=SLUG, messages=CHAT,
                                                       max_completion_tokens=12, temperature=0)
         stream = await client.chat.completions.create(model="meshtui", messages=CHAT, max_tokens=12,
                                                        temperature=0, stream=True,

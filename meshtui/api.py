@@ -1,178 +1,74 @@
 """An OpenAI-compatible HTTP API over the mesh: /v1/models, /v1/chat/completions, /v1/completions.
 
-The engine serves one reply at a time, so every reply (the API's and the chat pane's) takes its turn on
-one `ReplyQueue` (meshtui/replies.py). The wire format is decided purely in `api_openai`; this module reads
-sockets and drives the mesh.
+This module is the server: connections, routing, readiness, the request log. Every reply (the API's and the
+chat pane's) is asked of one `ReplyQueue` (meshtui/replies.py). The pieces it uses: `api_http` (the HTTP
+exchange), `api_access` (the key, loopback-only serving), `api_openai` (the wire format, decided purely) and
+`api_replies` (one generation request answered, whole or streamed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
-import os
-import secrets
-import socket
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 from meshtui import events as ev
+from meshtui.api_access import (
+    API_KEY_ENV,
+    authorize,
+    binds_loopback_only,
+    check_api_options,
+    is_loopback,
+    resolve_api_key,
+)
 from meshtui.api_http import (
     MAX_BODY_BYTES,
     MAX_HEAD_BYTES,
+    ApiRequestRecord,
     ClientGone,
+    Exchange,
     Request,
-    end_events,
+    linger,
     read_body,
     read_head,
-    start_events,
+    wait_for_eof,
     write_error,
-    write_event,
     write_json,
 )
 from meshtui.api_openai import (
     ApiError,
-    GenerationRequest,
     ServedModel,
-    StopScanner,
-    chat_chunk,
-    chat_completion,
     context_overflow,
-    finish_reason,
     model_not_found,
     model_object,
     parse_chat_request,
     parse_completion_request,
-    text_completion,
-    usage_chunk,
 )
-from meshtui.errors import EngineError, InventoryError, MeshError
+from meshtui.api_replies import answer
+from meshtui.errors import MeshError
 from meshtui.mesh import Mesh
 from meshtui.replies import ReplyQueue
 from meshtui.text import one_line
 
-API_KEY_ENV = "MESHTUI_API_KEY"
+__all__ = ["API_KEY_ENV", "ApiRequestRecord", "ApiServer", "binds_loopback_only", "check_api_options",
+           "is_loopback", "request_logger", "resolve_api_key", "serve_forever", "served_model"]
+
 RETRY_AFTER_SECONDS = 5
 HEADER_TIMEOUT_SECONDS = 10.0  # from the connection to the end of the headers
 BODY_TIMEOUT_SECONDS = 30.0  # for the whole body, once the request is allowed
 MAX_CONNECTIONS = 64  # open at once; one more is answered 503 and closed before anything is read
 
 
-# -- the server ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ApiRequestRecord:
-    """One request, for the log and for whoever shows API traffic (the TUI). Status 0: nothing was sent."""
-
-    client: str
-    method: str
-    path: str
-    status: int
-    seconds: float
-    stream: bool = False
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-    detail: str = ""
-
-    def line(self) -> str:
-        parts = [self.client, self.method, self.path, str(self.status or "-")]
-        if self.prompt_tokens is not None:
-            parts.append(f"{self.prompt_tokens}+{self.completion_tokens or 0} tokens")
-        if self.finish_reason:
-            parts.append(self.finish_reason)
-        if self.stream:
-            parts.append("stream")
-        parts.append(f"{self.seconds:.2f}s")
-        if self.detail:
-            parts.append(f"({self.detail})")
-        return " ".join(parts)
-
-
-@dataclass
-class _Exchange:
-    """What one connection's request became; the record is made from it at the end."""
-
-    client: str
-    method: str = "-"
-    path: str = "-"
-    status: int = 0
-    stream: bool = False
-    prompt_tokens: int | None = None
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    detail: str = ""
-    started: float = field(default_factory=time.perf_counter)
-
-
-Handler = Callable[[Request, asyncio.StreamWriter, _Exchange], Awaitable[None]]
+Handler = Callable[[Request, asyncio.StreamWriter, Exchange], Awaitable[None]]
 
 
 def served_model(mesh: Mesh) -> ServedModel:
     """The id clients use is the model file's slug; the inventory's model name and the GGUF's name select it too."""
     assert mesh.model is not None and mesh.model_path is not None  # read before the mesh is ready
     return ServedModel.of(mesh.model_path.name, mesh.inventory.model.name, mesh.model.name)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a Host or Origin header names this machine (browsers resolve *.localhost to loopback)."""
-    host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name other than localhost, or empty ("all interfaces")
-        return False
-
-
-def binds_loopback_only(host: str) -> bool:
-    """Whether listening on `host` listens on loopback addresses alone: a name is resolved, and every address
-    it resolves to must be loopback (a `*.localhost` or `localhost` that /etc/hosts maps elsewhere is not)."""
-    name = host.strip("[]")
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:  # a name: what it resolves to decides
-        pass
-    if not name:
-        return False  # all interfaces
-    try:
-        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):  # does not resolve: start() will say so
-        return False
-    addresses = {str(info[4][0]) for info in infos}
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
-
-
-def resolve_api_key(api_key: str | None, api_key_file: Path | None = None) -> str | None:
-    """--api-key, else --api-key-file's first line, else $MESHTUI_API_KEY; empty means none.
-
-    A file or the environment keeps the key out of `ps`.
-    """
-    if api_key:
-        return api_key
-    if api_key_file is not None:
-        try:
-            text = api_key_file.expanduser().read_text(encoding="utf-8")
-        except (OSError, UnicodeError) as err:
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
-            raise InventoryError(f"--api-key-file {api_key_file}: cannot read it: {reason}") from err
-        lines = text.strip().splitlines()
-        key = lines[0].strip() if lines else ""
-        if not key:
-            raise InventoryError(f"--api-key-file {api_key_file}: the file holds no key")
-        return key
-    return os.environ.get(API_KEY_ENV) or None
-
-
-def check_api_options(host: str, api_key: str | None) -> None:
-    if not binds_loopback_only(host) and not api_key:
-        raise InventoryError(f"--api-host {host} would serve the model beyond this machine without a key; "
-                             f"pass --api-key KEY (or set {API_KEY_ENV})")
 
 
 class ApiServer:
@@ -241,7 +137,7 @@ class ApiServer:
         assert task is not None
         self._connections.add(task)
         peer = writer.get_extra_info("peername")
-        exchange = _Exchange(client=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?")
+        exchange = Exchange(client=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?")
         try:
             if len(self._connections) > self.max_connections:
                 exchange.status = 503
@@ -267,7 +163,7 @@ class ApiServer:
                 self._record(exchange)
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        x: _Exchange) -> None:
+                        x: Exchange) -> None:
         try:
             try:
                 request = await asyncio.wait_for(read_head(reader, self.max_body), self.header_timeout)
@@ -276,7 +172,7 @@ class ApiServer:
             x.method, x.path = request.method, request.path
             handler = self._route(request)
             # The key is checked before the body is read: without it, nobody makes the server read 1 MB.
-            self._authorize(request)
+            authorize(request, self.api_key)
             try:
                 request = await asyncio.wait_for(read_body(request, reader, writer), self.body_timeout)
             except asyncio.TimeoutError as err:
@@ -288,7 +184,7 @@ class ApiServer:
             x.status = err.status
             x.detail = x.detail or err.message
             await write_error(writer, err)
-            await _linger(reader, writer)
+            await linger(reader, writer)
         except (ClientGone, OSError):
             raise  # the client went away: nothing to answer
         except Exception as err:  # a bug: answer 500 (if nothing was sent yet) rather than drop the client
@@ -298,10 +194,10 @@ class ApiServer:
                 await write_error(writer, ApiError(500, "internal server error", type="server_error"))
 
     async def _until_disconnected(self, reader: asyncio.StreamReader, work: Awaitable[None],
-                                  x: _Exchange) -> None:
+                                  x: Exchange) -> None:
         """Run the handler until it ends or the client hangs up; hanging up cancels it (and so the reply)."""
         worker = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(_wait_for_eof(reader))
+        watcher = asyncio.ensure_future(wait_for_eof(reader))
         try:
             await asyncio.wait({worker, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not worker.done():
@@ -315,7 +211,7 @@ class ApiServer:
             worker.cancel()
             await asyncio.wait({watcher, worker})
 
-    def _record(self, x: _Exchange) -> None:
+    def _record(self, x: Exchange) -> None:
         # The method, path and details are the client's words: made printable before any log shows them.
         record = ApiRequestRecord(
             client=x.client, method=one_line(x.method, 20), path=one_line(x.path, 300), status=x.status,
@@ -346,27 +242,6 @@ class ApiServer:
                            code="method_not_allowed", headers=[("Allow", ", ".join(methods))])
         return handler
 
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            # No key means loopback only. Refuse what a web page could send from a browser on this machine:
-            # a foreign Origin (cross-site requests) or Host (DNS rebinding).
-            for header in ("host", "origin"):
-                value = request.headers.get(header)
-                name = urlsplit(value if header == "origin" else f"//{value}").hostname if value else None
-                if value and not is_loopback(name or ""):
-                    raise ApiError(403, f"{header.title()} {value} is refused: without an API key only local "
-                                        f"clients are served", type="permission_error", code="forbidden")
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        challenge = [("WWW-Authenticate", "Bearer")]
-        if not given:
-            raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
-                           code="invalid_api_key", headers=challenge)
-        matches = hmac.compare_digest(token.strip().encode(), self.api_key.encode())
-        if scheme.lower() != "bearer" or not matches:
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key", headers=challenge)
-
     @staticmethod
     def _not_ready() -> ApiError:
         return ApiError(503, "The mesh is not ready (starting, or recovering from a lost node); retry soon.",
@@ -392,131 +267,25 @@ class ApiServer:
         return served_model(self.mesh)
 
     # -- handlers ----------------------------------------------------------------------------------
-    async def _models(self, request: Request, writer: asyncio.StreamWriter, x: _Exchange) -> None:
+    async def _models(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
         x.status = 200
         models = [model_object(self.model, self.created)]
         await write_json(writer, 200, {"object": "list", "data": models})
 
-    async def _model(self, request: Request, writer: asyncio.StreamWriter, x: _Exchange) -> None:
+    async def _model(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
         requested = request.path.rstrip("/").removeprefix("/v1/models/")
         if not self.model.selects(requested):
             raise model_not_found(requested, self.model)
         x.status = 200
         await write_json(writer, 200, model_object(self.model, self.created))
 
-    async def _chat(self, request: Request, writer: asyncio.StreamWriter, x: _Exchange) -> None:
+    async def _chat(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
         gen = parse_chat_request(request.json(), self.model, self.mesh.inventory.model.context)
-        await self._generate(gen, writer, x)
+        await answer(gen, self.requests, writer, x, self._failure)
 
-    async def _completions(self, request: Request, writer: asyncio.StreamWriter, x: _Exchange) -> None:
+    async def _completions(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
         gen = parse_completion_request(request.json(), self.model, self.mesh.inventory.model.context)
-        await self._generate(gen, writer, x)
-
-    async def _generate(self, gen: GenerationRequest, writer: asyncio.StreamWriter, x: _Exchange) -> None:
-        x.stream = gen.stream
-        param = "messages" if gen.kind == "chat" else "prompt"
-        seed = gen.seed if gen.seed is not None else secrets.randbelow(2**31)
-        reply_id = ("chatcmpl-" if gen.kind == "chat" else "cmpl-") + secrets.token_hex(12)
-        created = int(time.time())
-        scanner = StopScanner(gen.stop)
-        async with contextlib.aclosing(self.requests.stream(source="api", **gen.mesh_params(seed))) as events:
-            try:
-                started = await _reply_started(events)
-            except MeshError as err:
-                raise self._failure(err, param) from err
-            x.prompt_tokens = started.prompt_tokens
-            async with contextlib.aclosing(_texts(events, scanner, x)) as texts:
-                if not gen.stream:
-                    try:
-                        text = "".join([piece async for piece in texts])
-                    except MeshError as err:
-                        raise self._failure(err, param) from err
-                    assert x.finish_reason is not None
-                    body = (chat_completion if gen.kind == "chat" else text_completion)(
-                        reply_id, created, gen.model, text, x.finish_reason, started.prompt_tokens,
-                        x.completion_tokens)
-                    x.status = 200
-                    await write_json(writer, 200, body)
-                    return
-                x.status = 200
-                await start_events(writer)
-
-                def chunk(text: str, reason: str | None = None) -> dict[str, Any]:
-                    if gen.kind == "completion":
-                        return text_completion(reply_id, created, gen.model, text, reason)
-                    return chat_chunk(reply_id, created, gen.model, {"content": text} if text else {}, reason)
-
-                if gen.kind == "chat":
-                    await write_event(writer, chat_chunk(reply_id, created, gen.model,
-                                                         {"role": "assistant", "content": ""}))
-                try:
-                    async for piece in texts:
-                        await write_event(writer, chunk(piece))
-                except MeshError as err:  # the status is sent already: the error goes in the stream
-                    failure = self._failure(err, param)
-                    x.detail = failure.message
-                    await write_event(writer, failure.body())
-                    return
-        await write_event(writer, chunk("", x.finish_reason))
-        if gen.include_usage:
-            await write_event(writer, usage_chunk(gen, reply_id, created, started.prompt_tokens,
-                                                  x.completion_tokens))
-        await end_events(writer)
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float = 2.0) -> None:
-    """After an error answered before the body was read: end our side, then drop what the client still sends.
-
-    Closing with unread bytes would make the kernel reset the connection, and the client could lose the answer.
-    Nothing is kept: at most MAX_BODY_BYTES are read and thrown away, for at most `seconds`.
-    """
-    with contextlib.suppress(OSError, RuntimeError, asyncio.TimeoutError):
-        if writer.can_write_eof():
-            writer.write_eof()
-        left = MAX_BODY_BYTES
-
-        async def drain() -> None:
-            nonlocal left
-            while left > 0 and (data := await reader.read(min(left, 65536))):
-                left -= len(data)
-
-        await asyncio.wait_for(drain(), seconds)
-
-
-async def _wait_for_eof(reader: asyncio.StreamReader) -> None:
-    """Returns when the client closes its side (anything it sends after its request is ignored)."""
-    with contextlib.suppress(ConnectionError, OSError):
-        while await reader.read(65536):
-            pass
-
-
-async def _reply_started(events: AsyncIterator[ev.Event]) -> ev.ReplyStarted:
-    async for event in events:
-        if isinstance(event, ev.ReplyStarted):
-            return event
-    raise EngineError("the engine ended the reply before starting it")
-
-
-async def _texts(events: AsyncIterator[ev.Event], scanner: StopScanner,
-                 x: _Exchange) -> AsyncGenerator[str, None]:
-    """The reply's text as it can be sent, cut at a stop sequence; counts tokens, sets the finish reason."""
-    async for event in events:
-        if isinstance(event, ev.TokenGenerated):
-            x.completion_tokens += int(event.token_id >= 0)
-            piece = scanner.feed(event.text)
-            if piece:
-                yield piece
-            if scanner.stopped:
-                x.finish_reason = finish_reason("cancelled", stopped_by_sequence=True)
-                return
-        elif isinstance(event, ev.ReplyFinished):
-            x.finish_reason = finish_reason(event.stop_reason, stopped_by_sequence=False)
-            tail = scanner.flush()
-            if tail:
-                yield tail
-            return
-    raise EngineError("the engine ended the reply without finishing it")
-
+        await answer(gen, self.requests, writer, x, self._failure)
 
 # -- the `meshtui serve` command's core ------------------------------------------------------------
 def request_logger(listener: ev.Listener, out: TextIO = sys.stderr) -> ev.Listener:

@@ -1,15 +1,18 @@
 """Just enough HTTP/1.1 for the API, on asyncio streams: one request per connection, then `Connection: close`.
 
 Request bodies need a Content-Length (every OpenAI client sends one) and are capped; responses are JSON with a
-Content-Length, or a server-sent event stream that ends when the connection closes.
+Content-Length, or a server-sent event stream that ends when the connection closes. What each exchange became is
+kept in an `Exchange`, and logged as an `ApiRequestRecord`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -133,3 +136,75 @@ async def write_event(writer: asyncio.StreamWriter, obj: Any) -> None:
 async def end_events(writer: asyncio.StreamWriter) -> None:
     writer.write(b"data: [DONE]\n\n")
     await writer.drain()
+
+
+@dataclass(frozen=True)
+class ApiRequestRecord:
+    """One request, for the log and for whoever shows API traffic (the TUI). Status 0: nothing was sent."""
+
+    client: str
+    method: str
+    path: str
+    status: int
+    seconds: float
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    detail: str = ""
+
+    def line(self) -> str:
+        parts = [self.client, self.method, self.path, str(self.status or "-")]
+        if self.prompt_tokens is not None:
+            parts.append(f"{self.prompt_tokens}+{self.completion_tokens or 0} tokens")
+        if self.finish_reason:
+            parts.append(self.finish_reason)
+        if self.stream:
+            parts.append("stream")
+        parts.append(f"{self.seconds:.2f}s")
+        if self.detail:
+            parts.append(f"({self.detail})")
+        return " ".join(parts)
+
+
+@dataclass
+class Exchange:
+    """What one connection's request became; the record is made from it at the end."""
+
+    client: str
+    method: str = "-"
+    path: str = "-"
+    status: int = 0
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    detail: str = ""
+    started: float = field(default_factory=time.perf_counter)
+
+
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float = 2.0) -> None:
+    """After an error answered before the body was read: end our side, then drop what the client still sends.
+
+    Closing with unread bytes would make the kernel reset the connection, and the client could lose the answer.
+    Nothing is kept: at most MAX_BODY_BYTES are read and thrown away, for at most `seconds`.
+    """
+    with contextlib.suppress(OSError, RuntimeError, asyncio.TimeoutError):
+        if writer.can_write_eof():
+            writer.write_eof()
+        left = MAX_BODY_BYTES
+
+        async def drain() -> None:
+            nonlocal left
+            while left > 0 and (data := await reader.read(min(left, 65536))):
+                left -= len(data)
+
+        await asyncio.wait_for(drain(), seconds)
+
+
+async def wait_for_eof(reader: asyncio.StreamReader) -> None:
+    """Returns when the client closes its side (anything it sends after its request is ignored)."""
+    with contextlib.suppress(ConnectionError, OSError):
+        while await reader.read(65536):
+            pass
+

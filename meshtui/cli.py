@@ -175,7 +175,7 @@ async def cmd_plan(args: argparse.Namespace) -> int:
 
 async def cmd_up(args: argparse.Namespace) -> int:
     if not args.headless:
-        from meshtui.api import check_api_options, resolve_api_key
+        from meshtui.api_access import check_api_options, resolve_api_key
         from meshtui.tui.app import ApiOptions, run_tui  # the only place the CLI touches Textual
 
         api = None

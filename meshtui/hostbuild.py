@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
+import secrets
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -23,8 +25,8 @@ from types import ModuleType
 import asyncssh
 
 from meshtui.errors import HostError, MeshError
-from meshtui.hosts import MAX_STDERR_CHARS, read_lines, read_tail
-from meshtui.integrity import make_private_dir, make_private_dir_remote
+from meshtui.hosts import MAX_STDERR_CHARS, inspect_runtime, read_lines, read_tail
+from meshtui.integrity import built_runtime_record, make_private_dir, make_private_dir_remote, runtime_problems
 from meshtui.inventory import HostSpec
 from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, agent_source_path, load_file_module
 from meshtui.text import one_line
@@ -158,16 +160,48 @@ def remote_build_script(key: str, jobs: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def build_on_host(
-    conn: asyncssh.SSHClientConnection,
-    host: HostSpec,
-    on_progress: Callable[[str], None] = lambda step: None,
-) -> str:
-    """Push the source (once), build on the host (once per source); returns the runtime folder under ~."""
+def _records_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "meshtui" / "host-builds"
+
+
+def record_path(conn: asyncssh.SSHClientConnection, host: HostSpec, folder: str) -> Path:
+    """Where the head keeps the digests of ~/`folder` on this host: by its host key and user, not its name."""
+    server_key = conn.get_server_host_key()
+    who = server_key.get_fingerprint("sha256") if server_key is not None else f"name:{host.name}"
+    user = conn.get_extra_info("username") or ""
+    ident = hashlib.sha256(f"{who}\0{user}\0{folder}".encode()).hexdigest()[:24]
+    return _records_root() / f"{ident}.json"
+
+
+def recorded_digests(conn: asyncssh.SSHClientConnection, host: HostSpec, folder: str) -> dict[str, str] | None:
+    """What the head recorded of the runtime it had built at ~/`folder` on this host; None: no record."""
+    path = record_path(conn, host, folder)
     try:
-        tarball, key = source_tarball()
-    except (OSError, ValueError, RuntimeError) as err:
-        raise HostError(f"cannot prepare the runtime source to build on the host: {err}", host=host.name) from err
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise MeshError(f"{path}: cannot read the record of the runtime built on {host.name} ({one_line(err)}); "
+                        "remove the file to record it again") from err
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise MeshError(f"{path}: not a record of a runtime built on {host.name}; remove the file to record it again")
+    return {str(k): v for k, v in files.items()}
+
+
+def _save_record(path: Path, host: HostSpec, folder: str, files: dict[str, str]) -> None:
+    make_private_dir(path.parent)
+    staging = path.with_suffix(".partial")
+    staging.write_text(json.dumps({"host": host.name, "folder": folder, "files": files}, indent=1) + "\n")
+    os.chmod(staging, 0o600)
+    staging.replace(path)
+
+
+async def _compile(conn: asyncssh.SSHClientConnection, host: HostSpec, tarball: Path, key: str,
+                   on_progress: Callable[[str], None]) -> bool:
+    """Push the source (once) and build on the host (once per source); True when the build was there already."""
+    cached = False
     try:
         async with conn.start_sftp_client() as sftp:
             remote_source = f".cache/meshtui/src/{key}.tar.gz"
@@ -183,9 +217,12 @@ async def build_on_host(
         process.stdin.write_eof()
 
         async def progress() -> None:
+            nonlocal cached
             async for line in read_lines(process.stdout):
                 if line.startswith("meshtui-build: "):
-                    on_progress(one_line(line.removeprefix("meshtui-build: "), 120))
+                    step = one_line(line.removeprefix("meshtui-build: "), 120)
+                    cached = cached or step == "cached"
+                    on_progress(step)
 
         try:
             _, stderr = await asyncio.wait_for(
@@ -201,5 +238,52 @@ async def build_on_host(
     if result.exit_status != 0:
         detail = one_line(stderr, 10**6)[-300:] or f"exit status {result.exit_status}"
         raise HostError(f"building the runtime on the host failed: {detail}", host=host.name)
-    return f"{REMOTE_ROOT}/build-{key}"
+    return cached
 
+
+async def _remove_build(conn: asyncssh.SSHClientConnection, host: HostSpec, folder: str) -> None:
+    try:
+        async with conn.start_sftp_client() as sftp:
+            stale = f"{folder}.stale-{secrets.token_hex(4)}"
+            await sftp.rename(folder, stale)
+            await sftp.rmtree(stale)
+    except (OSError, asyncssh.Error) as err:
+        raise HostError(f"cannot remove the changed runtime ~/{folder}: {one_line(err)}", host=host.name) from err
+
+
+async def build_on_host(
+    conn: asyncssh.SSHClientConnection,
+    host: HostSpec,
+    on_progress: Callable[[str], None] = lambda step: None,
+    on_log: Callable[[str, str], None] = lambda line, level: None,
+) -> str:
+    """Build the runtime on the host (once per source) and vouch for it; returns its folder under ~.
+
+    The head records the digests of what it built, and checks a build it finds there against that record: a
+    changed file means the build is removed and made again. A build this head has no record of (made by another
+    head, or before the record was kept) is recorded the first time it is met, after the usual owner and mode
+    checks, like a new host key under StrictHostKeyChecking=accept-new.
+    """
+    try:
+        tarball, key = source_tarball()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise HostError(f"cannot prepare the runtime source to build on the host: {err}", host=host.name) from err
+    folder = f"{REMOTE_ROOT}/build-{key}"
+    record = record_path(conn, host, folder)
+    for attempt in range(2):
+        cached = await _compile(conn, host, tarball, key, on_progress)
+        report = await inspect_runtime(conn, host, folder)
+        recorded = recorded_digests(conn, host, folder) if cached else None
+        problems = runtime_problems(report, recorded, source_agent_sha256(), AGENT_FILE)
+        if not problems:
+            if recorded is None:
+                _save_record(record, host, folder, built_runtime_record(report))
+                on_log(f"runtime ~/{folder} {'found there, not built by this head' if cached else 'built'}: "
+                       f"its digests are recorded in {record}", "warning" if cached else "info")
+            return folder
+        if problems[0].startswith("~") or attempt:  # a folder above it, or a fresh build that fails the check
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise HostError(f"refusing to run the agent from ~/{folder}: {problems[0]}{more}", host=host.name)
+        on_log(f"the runtime built on the host was changed ({problems[0]}); building it again", "warning")
+        await _remove_build(conn, host, folder)
+    raise AssertionError("unreachable")

@@ -353,9 +353,9 @@ async def runtime_check(conn: asyncssh.SSHClientConnection, host: HostSpec, bund
     report = await inspect_runtime(conn, host, folder)
     if runtime_dir is None:
         return runtime_problems(report, file_digests(bundle), file_digests(bundle)[AGENT_FILE], AGENT_FILE)
-    from meshtui.hostbuild import source_agent_sha256  # only hosts that build need the source
+    from meshtui.hostbuild import recorded_digests, source_agent_sha256  # only hosts that build need these
 
-    return runtime_problems(report, None, source_agent_sha256(), AGENT_FILE)
+    return runtime_problems(report, recorded_digests(conn, host, runtime_dir), source_agent_sha256(), AGENT_FILE)
 
 
 def _refusal(host: HostSpec, folder: str, problems: list[str]) -> HostError:

@@ -3,8 +3,11 @@
 meshtui keeps what it runs (the agent, the ggml libraries) under ~/.cache/meshtui on the head and on every
 host. Every folder it creates there is 0700 whatever the umask, and before an agent starts, its runtime is
 checked: every file and folder owned by the user and writable by no one else, no links, nothing added, and
-each file's sha256 the head's. `runtime_problems` decides that purely, from what `meshtui_agent.py inspect`
-reported; the I/O is in `meshtui.hosts` (hosts) and `meshtui.localstage` (the head).
+each file's sha256 the head's. A runtime built on a host has no digests the head could know beforehand: the head
+records them when the build finishes (or, for a build this head never saw, the first time it meets it, as
+OpenSSH records a new host key) and checks that record before every launch. `runtime_problems` and
+`built_runtime_record` decide purely, from what `meshtui_agent.py inspect` reported; the I/O is in
+`meshtui.hosts`, `meshtui.hostbuild` (hosts) and `meshtui.localstage` (the head).
 """
 
 from __future__ import annotations
@@ -67,9 +70,10 @@ def runtime_problems(report: Any, expected: Mapping[str, str] | None, agent_sha2
                      agent_file: str) -> list[str]:
     """What is wrong with a runtime folder as `inspect` reported it; empty when it is safe to run.
 
-    `expected` maps every file of a pushed runtime to its sha256 (then nothing else may be there); for a
-    runtime built on the host it is None, and only the agent's digest is known to the head. Problems with the
-    folders above the runtime come first and start with "~" (pushing the runtime again cannot fix them).
+    `expected` maps every file of the runtime to its sha256 (then nothing else may be there): the pushed bundle's,
+    or what the head recorded of a runtime built on the host. None: a build the head has no record of yet, and
+    only the agent's digest is known. Problems with the folders above the runtime come first and start with "~"
+    (pushing or building the runtime again cannot fix them).
     """
     if not isinstance(report, dict) or "error" in report:
         detail = report.get("error") if isinstance(report, dict) else None
@@ -100,7 +104,7 @@ def runtime_problems(report: Any, expected: Mapping[str, str] | None, agent_sha2
             problems.append(f"{one_line(rel, 80)}: not part of the runtime")
         for rel, digest in sorted(expected.items()):
             if rel in files and files[rel] != digest:
-                problems.append(f"{rel}: its sha256 is not the head's (the file was changed)")
+                problems.append(f"{one_line(rel, 80)}: its sha256 is not the head's (the file was changed)")
     elif files.get(agent_file) != agent_sha256:
         problems.append(f"{agent_file}: " + ("missing" if agent_file not in files
                                              else "its sha256 is not the head's (the file was changed)"))
@@ -119,3 +123,11 @@ def _unsafe(rel: str, entry: dict[str, Any], uid: int, *, allow_root: bool) -> l
     if mode & _WRITABLE_BY_OTHERS:
         return [f"{name}: writable by group or others (mode {mode:04o})"]
     return []
+
+
+def built_runtime_record(report: Any) -> dict[str, str]:
+    """The digests to record of a runtime built on a host, from an `inspect` report `runtime_problems` passed."""
+    entries = report["entries"] if isinstance(report, dict) and isinstance(report.get("entries"), dict) else {}
+    return {rel: str(entry["sha256"]) for rel, entry in sorted(entries.items())
+            if isinstance(entry, dict) and entry.get("kind") == "file" and rel != ".complete"
+            and isinstance(entry.get("sha256"), str)}

@@ -120,7 +120,8 @@ class Stage:
     async def _build_on_host(self, conn: asyncssh.SSHClientConnection) -> str:
         self.report.phase("push", "building the runtime on the host")
         return await build_on_host(conn, self.spec,
-                                   on_progress=lambda step: self.report.phase("push", f"build: {step}"))
+                                   on_progress=lambda step: self.report.phase("push", f"build: {step}"),
+                                   on_log=self.report.log)
 
     async def check_protocol(self, expected: tuple[int, int, int] | None) -> None:
         """The stage must speak the head's RPC protocol: ggml aborts on a mismatch, so ask first."""

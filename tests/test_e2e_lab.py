@@ -400,17 +400,60 @@ async def test_failed_host_rejoins_automatically_before_the_next_reply(lab, tmp_
     assert wait_nothing_left(lab) == {}
 
 
+def _build_record(since: float) -> tuple[Path, dict]:
+    """The head's record of h2's build written since `since` (the head keeps them by host key, not by name)."""
+    records = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshtui/host-builds"
+    found = [p for p in records.glob("*.json") if p.stat().st_mtime >= since
+             and json.loads(p.read_text())["host"] == "h2"]
+    assert len(found) == 1, found
+    return found[0], json.loads(found[0].read_text())
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".complete"}
+
+
 def test_host_that_builds_its_own_runtime_joins_with_identical_output(lab, tmp_path: Path) -> None:
     inventory_file = tmp_path / "inventory.toml"
     inventory_file.write_text(lab.inventory_toml('name = "smollm2"', {"h2": {"runtime": "build"}}))
-    result = meshtui_json("up", str(inventory_file), "--headless", "--prompt", PROMPT, "--raw", "--temperature", "0",
-                          "--max-tokens", str(MAX_TOKENS), timeout=1800)
+    args = ("up", str(inventory_file), "--headless", "--prompt", PROMPT, "--raw", "--temperature", "0",
+            "--max-tokens", str(MAX_TOKENS), "--json")
+    started = time.time() - 1
+    result = meshtui_json(*args[:-1], timeout=1800)
     expected = reference_greedy(SMOLLM2, PROMPT, MAX_TOKENS, context=512)
     assert result["tokens"] == expected["tokens"] and result["text"] == expected["text"]
     assert result["placement"]["h2"]  # h2 served layers, from the runtime it built
     built = list((lab.host("h2").home / ".cache/meshtui/runtime").glob("build-*/lib/libggml-cpu.so.0"))
     assert len(built) == 1
+    folder = built[0].parent.parent
     assert not list((lab.host("h1").home / ".cache/meshtui/runtime").glob("build-*"))  # h1 got the pushed one
+    assert wait_nothing_left(lab) == {}
+
+    # The head recorded the digest of every file it built there, and checks them before each launch.
+    record_file, record = _build_record(started)
+    assert record["files"] == _digests(folder) and "lib/libggml-rpc.so.0" in record["files"]
+
+    # A library changed on the host after the build: never run; the build is made again and recorded anew.
+    with (folder / "lib/libggml-rpc.so.0").open("ab") as lib:
+        lib.write(b"\0")
+    tampered = _digests(folder)["lib/libggml-rpc.so.0"]
+    run = meshtui(*args, timeout=1800)
+    assert run.returncode == 0, run.stderr
+    assert ("h2: the runtime built on the host was changed (lib/libggml-rpc.so.0: its sha256 is not the head's "
+            "(the file was changed)); building it again") in run.stderr
+    assert json.loads(run.stdout)["tokens"] == expected["tokens"]
+    record = json.loads(record_file.read_text())
+    assert _digests(folder) == record["files"] and record["files"]["lib/libggml-rpc.so.0"] != tampered
+
+    # A build this head has no record of (another head made it) is recorded when first met, and said so.
+    record_file.unlink()
+    run = meshtui(*args, timeout=1800)
+    assert run.returncode == 0, run.stderr
+    assert "found there, not built by this head: its digests are recorded in" in run.stderr
+    assert json.loads(record_file.read_text())["files"] == record["files"]
     assert wait_nothing_left(lab) == {}
 
 

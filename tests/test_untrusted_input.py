@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -14,7 +15,7 @@ import pytest
 from meshtui.api import binds_loopback_only, resolve_api_key
 from meshtui.errors import HostError, InventoryError
 from meshtui.hosts import HostFacts, read_lines
-from meshtui.integrity import make_private_dir, runtime_problems
+from meshtui.integrity import built_runtime_record, make_private_dir, runtime_problems
 from meshtui.runtime import agent_source_path, load_file_module
 from meshtui.text import one_line, printable
 
@@ -191,6 +192,15 @@ def test_a_built_runtime_is_checked_for_owner_mode_and_its_agent(tmp_path: Path)
     assert runtime_problems(report, None, digests["meshtui_agent.py"], "meshtui_agent.py") == []
     assert runtime_problems(report, None, "0" * 64, "meshtui_agent.py") == [
         "meshtui_agent.py: its sha256 is not the head's (the file was changed)"]
+    # What the head records of it once that check passed: every file but the marker, then checked like a push.
+    record = built_runtime_record(report)
+    assert record == {**digests, "lib/libggml-cuda.so.0": hashlib.sha256(b"built there").hexdigest()}
+    assert runtime_problems(report, record, record["meshtui_agent.py"], "meshtui_agent.py") == []
+    (folder / "lib/libggml-cuda.so.0").write_bytes(b"built elsewhere")
+    (folder / "lib/libggml-vulkan.so.0").write_bytes(b"added")
+    assert runtime_problems(_inspect(folder, tmp_path), record, record["meshtui_agent.py"], "meshtui_agent.py") == [
+        "lib/libggml-vulkan.so.0: not part of the runtime",
+        "lib/libggml-cuda.so.0: its sha256 is not the head's (the file was changed)"]
 
 
 @pytest.mark.parametrize("report", [None, [], {"error": "boom\x1b"}, {"uid": "0", "ancestors": [], "entries": {}},

@@ -129,10 +129,13 @@ class Relay:
             self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
+        # Aborted transports end their pumps; a task cancelled instead would be logged by asyncio's streams.
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=2.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 class SlowLink:

@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=48, metavar="N", help="tokens per prompt (default 48)")
     bench.add_argument("--tcp-stages", metavar="NAME=HOST:PORT,...",
                        help="plain TCP ggml RPC servers you started, one per stage: adds the 'tcp' baseline")
+    bench.add_argument("--rtt", metavar="MS,...",
+                       help="sweep: the round trip added to every link, e.g. 0,1,2,5 (slow-link relays in front of "
+                            "the hosts' sshd; decode tok/s per round trip)")
+    bench.add_argument("--speculative", metavar="MODE,...",
+                       help="sweep: speculation modes to compare at each round trip, e.g. off,auto "
+                            "(off, auto, ngram, draft; default off)")
+    bench.add_argument("--concurrency", metavar="N,...",
+                       help="sweep: requests sent at once, e.g. 1,2,4,8 (aggregate and per-request decode tok/s, "
+                            "time to first token)")
 
     down = sub.add_parser("down", help="stop agents left running on the inventory's hosts")
     down.add_argument("inventory", type=Path)
@@ -299,23 +308,36 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def cmd_bench(args: argparse.Namespace) -> int:
-    from meshtui.bench import BenchOptions, parse_tcp_stages, render_table, run_bench, write_outputs
+    from meshtui import bench
 
-    options = BenchOptions(prompts=args.prompts, max_tokens=args.max_tokens,
-                           tcp_stages=parse_tcp_stages(args.tcp_stages) if args.tcp_stages else {})
+    sweep = args.rtt is not None or args.speculative is not None or args.concurrency is not None
+    if sweep and args.tcp_stages:
+        raise InventoryError("--tcp-stages compares modes; it does not combine with --rtt, --speculative or "
+                             "--concurrency")
+    options = bench.BenchOptions(prompts=args.prompts, max_tokens=args.max_tokens,
+                                 tcp_stages=bench.parse_tcp_stages(args.tcp_stages) if args.tcp_stages else {})
+    sweep_options = bench.SweepOptions(
+        rtt_ms=bench.parse_rtt(args.rtt) if args.rtt is not None else (0.0,),
+        speculative=bench.parse_speculative(args.speculative) if args.speculative is not None else ("off",),
+        concurrency=bench.parse_concurrency(args.concurrency) if args.concurrency is not None else (),
+        prompts=args.prompts, max_tokens=args.max_tokens)
 
     def progress(line: str) -> None:
         if args.verbose or not args.json:
             print(f"  bench: {line}", file=sys.stderr)
 
     async with _inventory_for(args) as inventory:
-        report = await run_bench(inventory, options, accept_new=args.accept_new,
-                                 listener=_stderr_listener(args.verbose), progress=progress)
-    paths = write_outputs(report, args.out) if args.out is not None else ()
+        if sweep:
+            report = await bench.run_sweeps(inventory, sweep_options, accept_new=args.accept_new,
+                                            listener=_stderr_listener(args.verbose), progress=progress)
+        else:
+            report = await bench.run_bench(inventory, options, accept_new=args.accept_new,
+                                           listener=_stderr_listener(args.verbose), progress=progress)
+    paths = bench.write_outputs(report, args.out) if args.out is not None else ()
     if args.json:
         print(json.dumps(report))
     else:
-        print(render_table(report))
+        print(bench.render_sweep_table(report) if sweep else bench.render_table(report))
         for path in paths:
             print(f"wrote {path}", file=sys.stderr)
     return 0

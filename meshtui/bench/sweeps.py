@@ -1,0 +1,334 @@
+"""The bench's sweeps: decode speed against round-trip time, with and without speculation, and against the
+number of requests in flight.
+
+One run, one set of meshes: every host is reached through a slow-link relay (`meshtui/slowlink.py`, one process)
+whose round trip is changed between measurements while the meshes stay up, so the ratios compare like with like.
+"0 ms" is the relay with no delay added. Each speculation mode is a `Mesh` brought up as `meshtui up` does; the
+modes take prompts in turns. Concurrency sends N requests at once through the reply queue the API and the chat
+pane share (`meshtui/replies.py`): where the mesh serves one reply at a time they are served one after another,
+and `max_in_flight` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshtui import events as ev
+from meshtui.bench.compare import bench_header, can_hold, check_counts
+from meshtui.bench.links import slow_links
+from meshtui.bench.modes import WARMUP_TOKENS, BenchContext, MeshMode
+from meshtui.bench.timing import ReplyTiming, timed_reply, token_agreement, warm_page_cache
+from meshtui.errors import InventoryError
+from meshtui.gguf_facts import read_model_facts
+from meshtui.inventory import Inventory
+from meshtui.mesh import Mesh
+from meshtui.models import resolve_model_path
+from meshtui.placement import engine_split
+from meshtui.replies import ReplyQueue
+from meshtui.slowlink import LinkProcess
+
+SPECULATIVE_MODES = ("off", "auto", "ngram", "draft")
+# Chat prompts the model does copy (the kind speculation over the conversation so far is for) ...
+COPY_PROMPTS: tuple[str, ...] = (
+    "Repeat the following list exactly, one item per line:\nMercury\nVenus\nEarth\nMars\nJupiter\nSaturn\n"
+    "Uranus\nNeptune",
+    "Repeat the following text exactly: The lighthouse keeper climbed the stairs every evening at dusk, "
+    "lit the great lamp, and watched the ships pass safely along the rocky coast until the sun rose again.",
+    "Repeat this code exactly:\ndef area(width, height):\n    return width * height\n\n\n"
+    "def perimeter(width, height):\n    return 2 * (width + height)\n",
+)
+# ... and prompts with nothing to copy (where speculation must cost nothing).
+FREE_PROMPTS: tuple[str, ...] = (
+    "Write a short poem about the sea.",
+    "Give three tips for someone learning to cook.",
+    "Why is the sky blue? Answer in two sentences.",
+)
+PROMPT_SETS = {"copy": COPY_PROMPTS, "free": FREE_PROMPTS}
+PING_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    rtt_ms: tuple[float, ...] = (0.0,)
+    speculative: tuple[str, ...] = ("off",)
+    concurrency: tuple[int, ...] = ()
+    prompts: int = 3  # of each set
+    max_tokens: int = 64
+
+
+def parse_list(flag: str, text: str, parse: Callable[[str], Any]) -> tuple[Any, ...]:
+    """`--rtt 0,1,2,5` -> (0.0, 1.0, 2.0, 5.0); a bad item is named with its flag."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise InventoryError(f"{flag}: expected a comma-separated list")
+    values = []
+    for item in items:
+        try:
+            values.append(parse(item))
+        except ValueError as err:
+            raise InventoryError(f"{flag}: {item!r} is not valid ({err})") from err
+    if len(set(values)) != len(values):
+        raise InventoryError(f"{flag}: a value is given twice")
+    return tuple(values)
+
+
+def _rtt(item: str) -> float:
+    value = float(item)
+    if not 0 <= value <= 1000:
+        raise ValueError("expected 0 to 1000 milliseconds")
+    return value
+
+
+def _speculative(item: str) -> str:
+    if item not in SPECULATIVE_MODES:
+        raise ValueError(f"expected one of {', '.join(SPECULATIVE_MODES)}")
+    return item
+
+
+def _concurrency(item: str) -> int:
+    value = int(item)
+    if not 1 <= value <= 64:
+        raise ValueError("expected 1 to 64 requests")
+    return value
+
+
+def parse_rtt(text: str) -> tuple[float, ...]:
+    return parse_list("--rtt", text, _rtt)
+
+
+def parse_speculative(text: str) -> tuple[str, ...]:
+    return parse_list("--speculative", text, _speculative)
+
+
+def parse_concurrency(text: str) -> tuple[int, ...]:
+    return parse_list("--concurrency", text, _concurrency)
+
+
+def speculation_support() -> str | None:
+    """Where this build's mesh takes a speculation mode: "stream" (per reply), "mesh" (per mesh), or None."""
+    if "speculative" in inspect.signature(Mesh.stream).parameters:
+        return "stream"
+    if "speculative" in inspect.signature(Mesh).parameters:
+        return "mesh"
+    return None
+
+
+@dataclass
+class SweepMode:
+    """One speculation mode, on its own mesh or sharing one (when the mode goes with each reply)."""
+
+    mesh: MeshMode
+    speculative: str
+    per_reply: dict[str, Any]
+
+    async def chat(self, prompt: str, max_tokens: int) -> ReplyTiming:
+        stream = self.mesh.mesh.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                       temperature=0.0, seed=0, **self.per_reply)
+        return await timed_reply(stream, prompt)
+
+    async def pings(self) -> dict[str, float | None]:
+        """Each stage's round trip now: the least of a few pings through its agent's channel (the relay's path)."""
+        measured: dict[str, float | None] = {}
+        for name, stage in self.mesh.mesh.stages.items():
+            agent = stage.agent
+            if agent is None or not agent.alive:
+                measured[name] = None
+                continue
+            times = [await agent.ping() for _ in range(PING_ROUNDS)]
+            measured[name] = 1000.0 * min(times)
+        return measured
+
+
+def sweep_modes(ctx: BenchContext, inventory: Inventory, wanted: Sequence[str],
+                support: str | None) -> list[SweepMode]:
+    """A mesh per mode when the mesh takes the mode at start; one mesh for all when it takes it per reply."""
+    if support == "mesh":
+        return [SweepMode(MeshMode(ctx, f"ssh/{m}", inventory, speculative=m), m, {}) for m in wanted]
+    shared = MeshMode(ctx, "ssh", inventory)
+    return [SweepMode(shared, m, {"speculative": m} if support == "stream" else {}) for m in wanted]
+
+
+def _decode_rate(replies: Sequence[ReplyTiming]) -> float | None:
+    tokens = sum(r.decode_tokens for r in replies)
+    seconds = sum(r.decode_seconds for r in replies)
+    return tokens / seconds if seconds > 0 else None
+
+
+def _speculation_totals(replies: Sequence[ReplyTiming]) -> dict[str, Any] | None:
+    reports = [r.speculative for r in replies if r.speculative]
+    if not reports:
+        return None
+    totals = {key: sum(int(rep.get(key) or 0) for rep in reports) for key in ("drafted", "accepted", "verify_steps")}
+    steps = totals["verify_steps"]
+    tokens = sum(len(r.token_ids) for r in replies)
+    return {**totals, "acceptance": totals["accepted"] / totals["drafted"] if totals["drafted"] else None,
+            "tokens_per_step": tokens / steps if steps else None}
+
+
+async def _rtt_sweep(modes: Sequence[SweepMode], links: LinkProcess, options: SweepOptions,
+                     ctx: BenchContext) -> list[dict[str, Any]]:
+    for mode in modes:  # one chat reply each, untimed: the chat template's first prefill stays out
+        await mode.chat(COPY_PROMPTS[0], WARMUP_TOKENS)
+    rows: list[dict[str, Any]] = []
+    for rtt in options.rtt_ms:
+        links.set_rtt(rtt)
+        pings = {mode.speculative: await mode.pings() for mode in modes}
+        for set_name, prompts in PROMPT_SETS.items():
+            replies: dict[str, list[ReplyTiming]] = {mode.speculative: [] for mode in modes}
+            for i, prompt in enumerate(prompts[:options.prompts]):
+                for k in range(len(modes)):  # the order rotates from prompt to prompt
+                    mode = modes[(i + k) % len(modes)]
+                    replies[mode.speculative].append(await mode.chat(prompt, options.max_tokens))
+            reference = replies.get("off")
+            for mode in modes:
+                got = replies[mode.speculative]
+                row: dict[str, Any] = {
+                    "rtt_ms": rtt, "prompts": set_name, "speculative": mode.speculative,
+                    "stage_ping_ms": pings[mode.speculative],
+                    "decode_tokens_per_second": _decode_rate(got),
+                    "ttft_seconds": statistics.fmean(r.ttft for r in got if r.ttft is not None)
+                    if any(r.ttft is not None for r in got) else None,
+                    "generated_tokens": sum(len(r.token_ids) for r in got),
+                    "speculation": _speculation_totals(got),
+                    "replies": [r.to_json() for r in got],
+                }
+                if reference is not None and mode.speculative != "off":
+                    row["agreement_with_off"] = [token_agreement(a.token_ids, b.token_ids)
+                                                 for a, b in zip(reference, got, strict=True)]
+                rows.append(row)
+                ctx.progress(f"rtt {rtt:g} ms, {set_name} prompts, speculative {mode.speculative}: "
+                             f"{row['decode_tokens_per_second'] or 0:.1f} tok/s")
+    return rows
+
+
+async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int) -> tuple[list[ReplyTiming], int]:
+    """Send every prompt at once; the replies and the most that were streaming tokens at the same time."""
+    streaming = 0
+    most = 0
+
+    async def one(index: int, prompt: str) -> ReplyTiming:
+        nonlocal streaming, most
+        timing = ReplyTiming(prompt, time.perf_counter())
+        async for event in queue.stream(source=f"bench-{index}", messages=[{"role": "user", "content": prompt}],
+                                        max_tokens=max_tokens, temperature=0.0, seed=0):
+            had_tokens = bool(timing.token_ids)
+            timing.fold(event, time.perf_counter())
+            if timing.token_ids and not had_tokens:
+                streaming += 1
+                most = max(most, streaming)
+            if isinstance(event, ev.ReplyFinished) and timing.token_ids:
+                streaming -= 1
+        return timing
+
+    replies = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    return list(replies), most
+
+
+async def _concurrency_sweep(mode: SweepMode, links: LinkProcess, options: SweepOptions,
+                             ctx: BenchContext) -> list[dict[str, Any]]:
+    pool = [*FREE_PROMPTS, *COPY_PROMPTS]
+    prompts = [pool[i % len(pool)] + ("" if i < len(pool) else f" (request {i + 1})")
+               for i in range(max(options.concurrency))]
+    queue = ReplyQueue(mode.mesh.mesh)
+    alone: dict[str, list[int]] = {}
+    rows: list[dict[str, Any]] = []
+    for rtt in options.rtt_ms:
+        links.set_rtt(rtt)
+        for count in options.concurrency:
+            batch = prompts[:count]
+            for prompt in batch:  # each request alone first: what a batched reply is compared with
+                if prompt not in alone:
+                    alone[prompt] = (await mode.chat(prompt, options.max_tokens)).token_ids
+            started = time.perf_counter()
+            replies, most = await _concurrent(queue, batch, options.max_tokens)
+            firsts = [r.token_times[0] for r in replies if r.token_times]
+            lasts = [r.token_times[-1] for r in replies if r.token_times]
+            decode_tokens = sum(r.decode_tokens for r in replies)
+            span = max(lasts) - min(firsts) if firsts else 0.0
+            per_request = [r.decode_tokens_per_second for r in replies if r.decode_tokens_per_second]
+            ttfts = [r.ttft for r in replies if r.ttft is not None]
+            rows.append({
+                "rtt_ms": rtt, "concurrency": count, "speculative": mode.speculative, "max_in_flight": most,
+                "wall_seconds": time.perf_counter() - started,
+                "generated_tokens": sum(len(r.token_ids) for r in replies),
+                "aggregate_decode_tokens_per_second": decode_tokens / span if span > 0 else None,
+                "per_request_decode_tokens_per_second": statistics.fmean(per_request) if per_request else None,
+                "ttft_seconds": {"mean": statistics.fmean(ttfts), "max": max(ttfts)} if ttfts else None,
+                "agreement_with_alone": [token_agreement(alone[r.prompt], r.token_ids) for r in replies],
+                "replies": [r.to_json() for r in replies],
+            })
+            ctx.progress(f"rtt {rtt:g} ms, {count} concurrent: aggregate "
+                         f"{rows[-1]['aggregate_decode_tokens_per_second'] or 0:.1f} tok/s, at most {most} at once")
+    return rows
+
+
+async def run_sweeps(inventory: Inventory, options: SweepOptions, *, accept_new: bool = False,
+                     listener: ev.Listener = lambda event: None,
+                     progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Bring the meshes up behind the relays, sweep, tear down; the report as one JSON object."""
+    if not inventory.hosts:
+        raise InventoryError("--rtt, --speculative and --concurrency need hosts: the links are in front of them")
+    check_counts(options.prompts, min(len(p) for p in PROMPT_SETS.values()), options.max_tokens)
+    model_path = resolve_model_path(inventory.model)
+    ctx = BenchContext(inventory, model_path, options.max_tokens, progress, lambda line: None, accept_new, listener)
+    facts = read_model_facts(model_path)
+    warm_page_cache(model_path)
+    support = speculation_support()
+    wanted = list(options.speculative)
+    skipped = [{"speculative": m, "reason": "this build's mesh has no speculative decoding yet"}
+               for m in wanted if m != "off" and support is None]
+    runnable = [m for m in wanted if support is not None or m == "off"]
+    if not runnable:
+        raise InventoryError("--speculative: no mode this build can run (only off is available)")
+    report: dict[str, Any] = {
+        "kind": "sweep", **bench_header(inventory, model_path, facts),
+        "settings": {"rtt_ms": list(options.rtt_ms), "speculative": wanted, "concurrency": list(options.concurrency),
+                     "max_tokens": options.max_tokens, "temperature": 0.0, "chat": True,
+                     "prompt_sets": {k: list(v[:options.prompts]) for k, v in PROMPT_SETS.items()},
+                     "speculation_support": support,
+                     "link": "one relay process on 127.0.0.1 in front of each host's sshd; 0 ms = no delay added",
+                     "head_threads": inventory.head.threads,
+                     "host_threads": {h.name: h.threads for h in inventory.hosts}},
+        "skipped": skipped,
+    }
+    if support == "mesh" and len(runnable) > 1 and not can_hold(facts, len(runnable)):
+        raise InventoryError(f"--speculative: {len(runnable)} meshes of this model do not fit this machine at once")
+    with tempfile.TemporaryDirectory(prefix="meshtui-bench-") as folder, \
+            slow_links(inventory, Path(folder), options.rtt_ms[0]) as (through, links):
+        modes = sweep_modes(ctx, through, runnable, support)
+        meshes = list({id(m.mesh): m.mesh for m in modes}.values())
+        try:
+            for mesh in meshes:
+                await mesh.open()
+            plan = meshes[0].plan
+            assert plan is not None
+            report["plan"] = {"assignments": plan.to_json(), "n_gpu_layers": plan.n_gpu_layers,
+                              "tensor_split": list(engine_split(plan).tensor_split)}
+            report["rtt_sweep"] = await _rtt_sweep(modes, links, options, ctx)
+            if options.concurrency:
+                report["concurrency_sweep"] = await _concurrency_sweep(modes[0], links, options, ctx)
+        finally:
+            for mesh in meshes:
+                await mesh.close()
+    report["speedups"] = speedups(report["rtt_sweep"])
+    return report
+
+
+def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each speculation mode's decode speed over "off", per round trip and prompt set (same run, same mesh)."""
+    off = {(r["rtt_ms"], r["prompts"]): r["decode_tokens_per_second"] for r in rows if r["speculative"] == "off"}
+    result = []
+    for row in rows:
+        base = off.get((row["rtt_ms"], row["prompts"]))
+        if row["speculative"] != "off" and base and row["decode_tokens_per_second"]:
+            result.append({"rtt_ms": row["rtt_ms"], "prompts": row["prompts"], "speculative": row["speculative"],
+                           "over_off": row["decode_tokens_per_second"] / base})
+    return result

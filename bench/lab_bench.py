@@ -10,6 +10,13 @@ thread, so the head and two stages never fight over the cores of a small machine
     sudo .venv/bin/python bench/lab_bench.py --out out/bench
 
 Writes DIR/<model>/bench.json and DIR/<model>/bench.svg and prints where they are. Needs root.
+
+With --rtt, --speculative or --concurrency it runs `meshtui bench`'s sweeps instead (no tcp stages): decode
+tok/s against the round trip of every link (slow-link relays in front of each host's sshd), with and without
+speculation, and against requests at once, into DIR/<model>-sweep/. --rate caps every host's cable with tc tbf.
+
+    sudo .venv/bin/python bench/lab_bench.py --models smollm2 --hosts 3 --rtt 0,1,2,5 --speculative off,auto \
+        --concurrency 1,2,4,8 --out out/bench
 """
 
 from __future__ import annotations
@@ -225,9 +232,8 @@ def write_inventory(lab: netns.Lab, model_line: str, path: Path) -> Path:
     return path
 
 
-def run_bench(inventory: Path, endpoints: dict[str, str], out: Path, prompts: int, max_tokens: int) -> dict[str, Any]:
-    stages = ",".join(f"{name}={endpoint}" for name, endpoint in endpoints.items())
-    cmd = [sys.executable, "-m", "meshtui", "bench", str(inventory), "--tcp-stages", stages, "--json", "-v",
+def run_meshtui_bench(inventory: Path, extra: list[str], out: Path, prompts: int, max_tokens: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "meshtui", "bench", str(inventory), *extra, "--json", "-v",
            "--out", str(out), "--prompts", str(prompts), "--max-tokens", str(max_tokens)]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     result = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=3600, check=False)
@@ -235,6 +241,19 @@ def run_bench(inventory: Path, endpoints: dict[str, str], out: Path, prompts: in
         raise RuntimeError(f"meshtui bench failed with status {result.returncode}")
     report: dict[str, Any] = json.loads(result.stdout)
     return report
+
+
+def run_bench(inventory: Path, endpoints: dict[str, str], out: Path, prompts: int, max_tokens: int) -> dict[str, Any]:
+    stages = ",".join(f"{name}={endpoint}" for name, endpoint in endpoints.items())
+    return run_meshtui_bench(inventory, ["--tcp-stages", stages], out, prompts, max_tokens)
+
+
+def sweep_headline(label: str, report: dict[str, Any]) -> str:
+    speeds = "; ".join(f"{r['prompts']} {r['speculative']} at {r['rtt_ms']:g} ms {r['decode_tokens_per_second']:.1f}"
+                       for r in report["rtt_sweep"] if r["decode_tokens_per_second"])
+    gains = "; ".join(f"{g['speculative']}/off {g['prompts']} at {g['rtt_ms']:g} ms {g['over_off']:.2f}x"
+                      for g in report["speedups"])
+    return f"{label} (sweep): decode tok/s {speeds}" + (f"\n  {gains}" if gains else "")
 
 
 def headline(label: str, report: dict[str, Any]) -> str:
@@ -262,7 +281,16 @@ def main() -> int:
     via.add_argument("--tcp-via-relays", action="store_true",
                      help="send the tcp mode through two socat relays per stage (head loopback, host "
                           "namespace): the hops of any SSH forward without SSH, a floor for its cost")
+    parser.add_argument("--hosts", type=int, default=2, help="lab hosts (default 2)")
+    parser.add_argument("--rtt", metavar="MS,...", help="sweep: round trips per link, e.g. 0,1,2,5")
+    parser.add_argument("--speculative", metavar="MODE,...", help="sweep: speculation modes, e.g. off,auto")
+    parser.add_argument("--concurrency", metavar="N,...", help="sweep: requests at once, e.g. 1,2,4,8")
+    parser.add_argument("--rate", metavar="RATE", help="cap every host's cable with tc tbf, e.g. 100mbit")
     args = parser.parse_args()
+    sweep = [f"--{flag}={value}" for flag, value in (("rtt", args.rtt), ("speculative", args.speculative),
+                                                     ("concurrency", args.concurrency)) if value is not None]
+    if sweep and (args.tcp_via_proxy or args.tcp_via_openssh or args.tcp_via_relays):
+        parser.error("the sweeps run no tcp mode: --tcp-via-* does not combine with --rtt/--speculative/--concurrency")
     reason = netns.lab_unavailable_reason()
     if reason is not None:
         print(f"lab_bench: the namespace lab cannot run here: {reason}", file=sys.stderr)
@@ -277,7 +305,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     netns.cleanup_stale()
     reports: dict[str, dict[str, Any]] = {}
-    with netns.Lab(n_hosts=2) as lab:
+    with netns.Lab(n_hosts=args.hosts) as lab:
+        if args.rate:
+            for host in lab.hosts:
+                lab.cap_bandwidth(host, args.rate)
         for index, label in enumerate(labels):
             model_line, default_tokens = MODELS[label]
             if model_line is None:
@@ -285,6 +316,10 @@ def main() -> int:
                       file=sys.stderr, flush=True)
                 model_line = f'path = "{synthetic_model(**dataclasses.asdict(LARGE_SHAPE))}"'
             inventory = write_inventory(lab, model_line, lab.root / f"inventory-{label}.toml")
+            if sweep:
+                reports[label] = run_meshtui_bench(inventory, sweep, out / f"{label}-sweep", args.prompts,
+                                                   args.max_tokens or default_tokens)
+                continue
             # A new port per run: ggml's server does not set SO_REUSEADDR.
             with tcp_stages(lab, out, STAGE_PORT + index) as endpoints, \
                     tcp_proxy(endpoints, args.tcp_via_proxy) as proxied, \
@@ -294,8 +329,9 @@ def main() -> int:
                                            args.max_tokens or default_tokens)
     print()
     for label, report in reports.items():
-        print(headline(label, report))
-        print(f"  {out / label / 'bench.json'}\n  {out / label / 'bench.svg'}")
+        folder = out / (f"{label}-sweep" if sweep else label)
+        print(sweep_headline(label, report) if sweep else headline(label, report))
+        print(f"  {folder / 'bench.json'}\n  {folder / 'bench.svg'}")
     return 0
 
 

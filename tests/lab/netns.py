@@ -786,6 +786,15 @@ class Lab:
         if wait and not self.wait_port_open(state.name, wait):
             raise LabError(f"{state.name}:{SSH_PORT} unreachable {wait}s after link_up")
 
+    def cap_bandwidth(self, host: LabHost | str, rate: str) -> None:
+        """Limit the host's cable to `rate` (tc's syntax, e.g. "100mbit") both ways with tbf (netem is absent)."""
+        state = self._state(host)
+        tbf = ["root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms"]
+        _run(["tc", "qdisc", "replace", "dev", state.veth_root, *tbf])
+        result = self.exec_in(host, ["tc", "qdisc", "replace", "dev", "eth0", *tbf])
+        if result.returncode != 0:
+            raise LabError(f"{state.name}: tc tbf on eth0 failed: {result.stderr.strip()}")
+
     def wait_port_open(self, host: LabHost | str, timeout: float = 5.0, port: int = SSH_PORT) -> bool:
         address = self._state(host).address
         deadline = time.monotonic() + timeout

@@ -52,6 +52,12 @@ def test_sweeps_on_the_embedded_lab(tmp_path: Path) -> None:
         assert 1 <= row["max_in_flight"] <= row["concurrency"]
         assert len(row["replies"]) == len(row["agreement_with_alone"]) == row["concurrency"]
         assert row["aggregate_decode_tokens_per_second"] > 0 and row["ttft_seconds"]["max"] > 0
+        late = row["late_arrival"]
+        if row["concurrency"] == 1:
+            assert late is None
+        else:
+            assert late["ttft_seconds"] > 0 and late["idle_ttft_seconds"] > 0
+            assert late["over_idle"] == pytest.approx(late["ttft_seconds"] / late["idle_ttft_seconds"])
     assert json.loads((out / "bench.json").read_text()) == report
     svg = ET.parse(out / "bench.svg").getroot()
     assert len(svg.findall(f".//{SVG}polyline")) == 2 * len(runnable) + 2 * 2  # rtt lines; conc lines per rtt
@@ -97,7 +103,8 @@ def test_sweep_table_and_plot_from_fixed_numbers() -> None:
              "agreement_with_alone": [same]},
             {"rtt_ms": 0, "concurrency": 4, "max_in_flight": 4, "aggregate_decode_tokens_per_second": 120.0,
              "per_request_decode_tokens_per_second": 30.0, "ttft_seconds": {"mean": 0.08, "max": 0.1},
-             "agreement_with_alone": [same, same, parted, same]}],
+             "agreement_with_alone": [same, same, parted, same],
+             "late_arrival": {"ttft_seconds": 0.09, "idle_ttft_seconds": 0.04, "over_idle": 2.25}}],
     }
     assert render_sweep_table(report).splitlines() == [
         "tiny (1.00 MiB, 4 layers), chat prompts x 64 tokens, greedy",
@@ -110,10 +117,11 @@ def test_sweep_table_and_plot_from_fixed_numbers() -> None:
         "     2     2.50         20.0         60.0         20.0         19.0            3.00x            0.95x",
         "token agreement with off: 3 of 4 replies identical; auto copy at 2 ms parted at token 2",
         "",
-        "decode tok/s against requests sent at once (at once: the most streaming at the same time)",
-        "rtt ms requests at once  aggregate  per request  TTFT ms  TTFT max  agree",
-        "     0        1       1       40.0         40.0       50        50    1/1",
-        "     0        4       4      120.0         30.0       80       100    3/4",
+        "decode tok/s against requests sent at once (at once: the most streaming at the same time; late: one more "
+        "request sent while the others decode, idle: the same request alone)",
+        "rtt ms requests at once  aggregate  per request  TTFT ms  TTFT max  agree  late TTFT ms  idle TTFT ms",
+        "     0        1       1       40.0         40.0       50        50    1/1             -             -",
+        "     0        4       4      120.0         30.0       80       100    3/4            90            40",
     ]
     assert speedups(rows) == [
         {"rtt_ms": 0, "prompts": "copy", "speculative": "auto", "over_off": 2.0},

@@ -209,10 +209,17 @@ async def _rtt_sweep(modes: Sequence[SweepMode], links: LinkProcess, options: Sw
     return rows
 
 
-async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int) -> tuple[list[ReplyTiming], int]:
-    """Send every prompt at once; the replies and the most that were streaming tokens at the same time."""
+async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int,
+                      late: str | None = None) -> tuple[list[ReplyTiming], int]:
+    """Send every prompt at once (and `late` once the others decode); the replies, and the most that were
+    streaming tokens at the same time.
+
+    `late` is sent when every other request has a token, or as soon as one of them has finished (where the
+    mesh serves one reply at a time, the others never decode together).
+    """
     streaming = 0
     most = 0
+    decoding = asyncio.Event()
 
     async def one(index: int, prompt: str) -> ReplyTiming:
         nonlocal streaming, most
@@ -224,11 +231,20 @@ async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int
             if timing.token_ids and not had_tokens:
                 streaming += 1
                 most = max(most, streaming)
-            if isinstance(event, ev.ReplyFinished) and timing.token_ids:
-                streaming -= 1
+                if streaming >= len(prompts):
+                    decoding.set()
+            if isinstance(event, ev.ReplyFinished):
+                decoding.set()
+                if timing.token_ids:
+                    streaming -= 1
         return timing
 
-    replies = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    async def arriving(prompt: str) -> ReplyTiming:
+        await decoding.wait()
+        return await one(len(prompts), prompt)
+
+    tasks = [one(i, p) for i, p in enumerate(prompts)] + ([arriving(late)] if late is not None else [])
+    replies = await asyncio.gather(*tasks)
     return list(replies), most
 
 
@@ -249,6 +265,12 @@ async def _concurrency_sweep(mode: SweepMode, links: LinkProcess, options: Sweep
                     alone[prompt] = (await mode.chat(prompt, options.max_tokens)).token_ids
             started = time.perf_counter()
             replies, most = await _concurrent(queue, batch, options.max_tokens)
+            late = None
+            if count > 1:  # one more request arriving while count - 1 others decode, against an idle mesh
+                idle = (await mode.chat(batch[-1], options.max_tokens)).ttft
+                arrived = (await _concurrent(queue, batch[:-1], options.max_tokens, late=batch[-1]))[0][-1]
+                late = {"ttft_seconds": arrived.ttft, "idle_ttft_seconds": idle,
+                        "over_idle": arrived.ttft / idle if arrived.ttft and idle else None}
             firsts = [r.token_times[0] for r in replies if r.token_times]
             lasts = [r.token_times[-1] for r in replies if r.token_times]
             decode_tokens = sum(r.decode_tokens for r in replies)
@@ -263,6 +285,7 @@ async def _concurrency_sweep(mode: SweepMode, links: LinkProcess, options: Sweep
                 "per_request_decode_tokens_per_second": statistics.fmean(per_request) if per_request else None,
                 "ttft_seconds": {"mean": statistics.fmean(ttfts), "max": max(ttfts)} if ttfts else None,
                 "agreement_with_alone": [token_agreement(alone[r.prompt], r.token_ids) for r in replies],
+                "late_arrival": late,
                 "replies": [r.to_json() for r in replies],
             })
             ctx.progress(f"rtt {rtt:g} ms, {count} concurrent: aggregate "

@@ -249,9 +249,11 @@ def run_bench(inventory: Path, endpoints: dict[str, str], out: Path, prompts: in
 
 
 def sweep_headline(label: str, report: dict[str, Any]) -> str:
-    speeds = "; ".join(f"{r['prompts']} {r['speculative']} at {r['rtt_ms']:g} ms {r['decode_tokens_per_second']:.1f}"
+    speeds = "; ".join(f"{r['prompts']} {r.get('path', 'ssh')}/{r['speculative']} at {r['rtt_ms']:g} ms "
+                       f"{r['decode_tokens_per_second']:.1f}"
                        for r in report["rtt_sweep"] if r["decode_tokens_per_second"])
     gains = "; ".join(f"{g['speculative']}/off {g['prompts']} at {g['rtt_ms']:g} ms {g['over_off']:.2f}x"
+                      if "over_off" in g else f"ssh/tcp {g['prompts']} at {g['rtt_ms']:g} ms {g['ssh_over_tcp']:.2f}"
                       for g in report["speedups"])
     return f"{label} (sweep): decode tok/s {speeds}" + (f"\n  {gains}" if gains else "")
 
@@ -316,11 +318,14 @@ def main() -> int:
                       file=sys.stderr, flush=True)
                 model_line = f'path = "{synthetic_model(**dataclasses.asdict(LARGE_SHAPE))}"'
             inventory = write_inventory(lab, model_line, lab.root / f"inventory-{label}.toml")
-            if sweep:
-                reports[label] = run_meshtui_bench(inventory, sweep, out / f"{label}-sweep", args.prompts,
-                                                   args.max_tokens or default_tokens)
-                continue
             # A new port per run: ggml's server does not set SO_REUSEADDR.
+            if sweep:  # the plain TCP stages behind the same relays, as the baseline at every round trip
+                with tcp_stages(lab, out, STAGE_PORT + index) as endpoints:
+                    stages = ",".join(f"{name}={endpoint}" for name, endpoint in endpoints.items())
+                    reports[label] = run_meshtui_bench(inventory, [*sweep, "--tcp-stages", stages],
+                                                       out / f"{label}-sweep", args.prompts,
+                                                       args.max_tokens or default_tokens)
+                continue
             with tcp_stages(lab, out, STAGE_PORT + index) as endpoints, \
                     tcp_proxy(endpoints, args.tcp_via_proxy) as proxied, \
                     openssh_forwards(lab, proxied, args.tcp_via_openssh) as forwarded, \

@@ -311,16 +311,13 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     from meshtui import bench
 
     sweep = args.rtt is not None or args.speculative is not None or args.concurrency is not None
-    if sweep and args.tcp_stages:
-        raise InventoryError("--tcp-stages compares modes; it does not combine with --rtt, --speculative or "
-                             "--concurrency")
     options = bench.BenchOptions(prompts=args.prompts, max_tokens=args.max_tokens,
                                  tcp_stages=bench.parse_tcp_stages(args.tcp_stages) if args.tcp_stages else {})
     sweep_options = bench.SweepOptions(
         rtt_ms=bench.parse_rtt(args.rtt) if args.rtt is not None else (0.0,),
         speculative=bench.parse_speculative(args.speculative) if args.speculative is not None else ("off",),
         concurrency=bench.parse_concurrency(args.concurrency) if args.concurrency is not None else (),
-        prompts=args.prompts, max_tokens=args.max_tokens)
+        prompts=args.prompts, max_tokens=args.max_tokens, tcp_stages=options.tcp_stages)
 
     def progress(line: str) -> None:
         if args.verbose or not args.json:

@@ -8,9 +8,10 @@
 """
 
 from meshtui.bench.compare import BenchOptions, run_bench
+from meshtui.bench.flags import parse_concurrency, parse_rtt, parse_speculative
 from meshtui.bench.plot import render_svg, render_sweep_svg, write_outputs
 from meshtui.bench.report import render_sweep_table, render_table
-from meshtui.bench.sweeps import SweepOptions, parse_concurrency, parse_rtt, parse_speculative, run_sweeps
+from meshtui.bench.sweeps import SweepOptions, run_sweeps
 from meshtui.bench.tcpstats import parse_ss, parse_tcp_stages
 
 __all__ = ["BenchOptions", "SweepOptions", "parse_concurrency", "parse_rtt", "parse_speculative", "parse_ss",

@@ -44,7 +44,7 @@ def check_counts(prompts: int, available: int, max_tokens: int) -> None:
         raise InventoryError("--max-tokens: expected at least 2 (decode speed needs two tokens)")
 
 
-def _check_tcp_stages(plan: Plan, tcp_stages: Mapping[str, str]) -> None:
+def check_tcp_stages(plan: Plan, tcp_stages: Mapping[str, str]) -> None:
     names = [a.name for a in plan.remote]
     missing = [n for n in names if n not in tcp_stages]
     unknown = sorted(set(tcp_stages) - set(names))
@@ -113,7 +113,7 @@ async def run_bench(inventory: Inventory, options: BenchOptions, *, accept_new: 
                 await mode.close()
             if mode is mesh_mode and options.tcp_stages:
                 assert mesh_mode.plan is not None
-                _check_tcp_stages(mesh_mode.plan, options.tcp_stages)
+                check_tcp_stages(mesh_mode.plan, options.tcp_stages)
                 modes.append(TcpMode(ctx, mesh_mode.plan, options.tcp_stages))
         if interleaved:
             await _run_prompts(opened, prompts, ctx)

@@ -83,10 +83,12 @@ def inventory_through(inventory: Inventory, targets: Sequence[LinkTarget], confi
 
 
 @contextlib.contextmanager
-def slow_links(inventory: Inventory, folder: Path, rtt_ms: float = 0.0) -> Iterator[tuple[Inventory, LinkProcess]]:
-    """Relays in front of every host (one process), and the inventory that reaches the hosts through them."""
+def slow_links(inventory: Inventory, folder: Path, rtt_ms: float = 0.0,
+               extra: Sequence[tuple[str, int]] = ()) -> Iterator[tuple[Inventory, LinkProcess, list[int]]]:
+    """Relays in front of every host (one process), the inventory that reaches the hosts through them, and the
+    127.0.0.1 ports of relays to the `extra` targets (plain TCP stages) on the same links."""
     targets = link_targets(inventory)
-    with LinkProcess([(t.address, t.port) for t in targets], rtt_ms=rtt_ms) as links:
+    with LinkProcess([*((t.address, t.port) for t in targets), *extra], rtt_ms=rtt_ms) as links:
         config_path = folder / "ssh_config"
-        config_path.write_text(ssh_config_through(targets, links.ports))
-        yield inventory_through(inventory, targets, config_path), links
+        config_path.write_text(ssh_config_through(targets, links.ports[:len(targets)]))
+        yield inventory_through(inventory, targets, config_path), links, links.ports[len(targets):]

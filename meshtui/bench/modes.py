@@ -169,6 +169,7 @@ class TcpMode:
         self.reply_bytes: dict[str, list[int]] = {}
         self.counted = True
         self.local_stage: LocalStage | None = None  # the head's output stage, as the mesh has it
+        self.requests = 0
 
     async def open(self) -> None:
         for name, endpoint in zip(self.names, self.endpoints, strict=True):
@@ -193,11 +194,14 @@ class TcpMode:
         self.after_load = await tcp_counters(self.engine.pid)
         await self._engine_reply(0, WARMUP_PROMPT, WARMUP_TOKENS)
 
-    async def _engine_reply(self, request_id: int, prompt: str, max_tokens: int) -> ReplyTiming:
+    async def _engine_reply(self, request_id: int, prompt: str, max_tokens: int, *, chat: bool = False
+                            ) -> ReplyTiming:
         assert self.engine is not None
         timing = ReplyTiming(prompt, time.perf_counter())
-        async for event in self.engine.generate(Generate(id=request_id, prompt=prompt, raw=True,
-                                                         max_tokens=max_tokens, temperature=0.0, seed=0)):
+        command = (Generate(id=request_id, messages=({"role": "user", "content": prompt},), max_tokens=max_tokens,
+                            temperature=0.0, seed=0) if chat else
+                   Generate(id=request_id, prompt=prompt, raw=True, max_tokens=max_tokens, temperature=0.0, seed=0))
+        async for event in self.engine.generate(command):
             if isinstance(event, Started):
                 timing.prompt_tokens = event.prompt_tokens
             elif isinstance(event, Token):
@@ -205,6 +209,11 @@ class TcpMode:
             elif isinstance(event, Done):
                 timing.stop_reason = event.stop_reason
         return timing
+
+    async def chat(self, prompt: str, max_tokens: int) -> ReplyTiming:
+        """One user turn with the model's chat template, as `Mesh.stream(messages=...)` sends it."""
+        self.requests += 1
+        return await self._engine_reply(1000 + self.requests, prompt, max_tokens, chat=True)
 
     async def reply(self, prompt: str) -> None:
         assert self.engine is not None

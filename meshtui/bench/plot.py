@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from meshtui.bench.report import span
+from meshtui.bench.report import series_label, span
 from meshtui.capacity import HEAD_NAME
 from meshtui.units import format_size
 
@@ -79,7 +79,7 @@ def render_svg(report: Mapping[str, Any]) -> str:
             f'<rect width="{width}" height="{height}" fill="white"/>\n' + "\n".join(parts) + "\n</svg>\n")
 
 
-_MODE_COLORS = {"off": "#4c78a8", "auto": "#f58518", "ngram": "#54a24b", "draft": "#e45756"}
+_MODE_COLORS = {"off": "#4c78a8", "auto": "#f58518", "ngram": "#54a24b", "draft": "#e45756", "tcp": "#999999"}
 _SERIES_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2")
 Series = tuple[str, str, str, list[tuple[float, float]]]  # label, color, dash pattern ("" solid), points
 
@@ -142,9 +142,9 @@ def render_sweep_svg(report: Mapping[str, Any]) -> str:
     rtts = list(dict.fromkeys(r["rtt_ms"] for r in rows))
     series: list[Series] = []
     for prompts, dash in (("copy", ""), ("free", "6 4")):
-        for mode in dict.fromkeys(r["speculative"] for r in rows):
+        for mode in dict.fromkeys(series_label(r) for r in rows):
             points = [(r["rtt_ms"], r["decode_tokens_per_second"]) for r in rows
-                      if r["prompts"] == prompts and r["speculative"] == mode and r["decode_tokens_per_second"]]
+                      if r["prompts"] == prompts and series_label(r) == mode and r["decode_tokens_per_second"]]
             if points:
                 series.append((f"{prompts}, {mode}", _MODE_COLORS.get(mode, "#888"), dash, points))
     chart, y = line_chart(40, "decode tokens per second against round trip per link (higher is better)",

@@ -88,26 +88,33 @@ def sweep_header(report: Mapping[str, Any]) -> list[str]:
             f"link: {settings['link']}"]
 
 
+def series_label(row: Mapping[str, Any]) -> str:
+    """A sweep row's series: its speculation mode on the mesh, or "tcp" for the plain TCP stages."""
+    return "tcp" if row.get("path") == "tcp" else str(row["speculative"])
+
+
 def render_rtt_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Decode tok/s per round trip: a column per prompt set and speculation mode, and each mode over "off"."""
+    """Decode tok/s per round trip: a column per prompt set and series, each mode over "off", ssh over tcp."""
     sets = list(dict.fromkeys(r["prompts"] for r in rows))
-    modes = list(dict.fromkeys(r["speculative"] for r in rows))
-    by_key = {(r["rtt_ms"], r["prompts"], r["speculative"]): r for r in rows}
-    columns = [(s, m) for s in sets for m in modes]
-    ratios = [(s, m) for s in sets for m in modes if m != "off" and "off" in modes]
+    labels = list(dict.fromkeys(series_label(r) for r in rows))
+    by_key = {(r["rtt_ms"], r["prompts"], series_label(r)): r for r in rows}
+    columns = [(s, m) for s in sets for m in labels]
+    ratios = [(s, m, "off", f"{s} {m}/off") for s in sets for m in labels if m not in ("off", "tcp")
+              and "off" in labels]
+    ratios += [(s, "off", "tcp", f"{s} ssh/tcp") for s in sets if "tcp" in labels and "off" in labels]
     head = f"{'rtt ms':>6} {'ping ms':>8} " + " ".join(f"{s + ' ' + m:>12}" for s, m in columns)
-    head += "".join(f" {s + ' ' + m + '/off':>16}" for s, m in ratios)
+    head += "".join(f" {title:>16}" for *_, title in ratios)
     lines = ["decode tok/s against the round trip of every link (ping: the slowest stage's, through its agent)", head]
     for rtt in dict.fromkeys(r["rtt_ms"] for r in rows):
-        any_row = next(r for r in rows if r["rtt_ms"] == rtt)
-        pings = [p for p in (any_row.get("stage_ping_ms") or {}).values() if p is not None]
+        pings = [p for r in rows if r["rtt_ms"] == rtt for p in (r.get("stage_ping_ms") or {}).values()
+                 if p is not None]
         line = f"{rtt:>6g} {num(max(pings) if pings else None, '.2f'):>8} "
         line += " ".join(f"{num((by_key.get((rtt, s, m)) or {}).get('decode_tokens_per_second')):>12}"
                          for s, m in columns)
-        for s, m in ratios:
-            off = (by_key.get((rtt, s, "off")) or {}).get("decode_tokens_per_second")
+        for s, m, base, _title in ratios:
+            under = (by_key.get((rtt, s, base)) or {}).get("decode_tokens_per_second")
             got = (by_key.get((rtt, s, m)) or {}).get("decode_tokens_per_second")
-            line += f" {_ratio(got / off if got and off else None):>16}"
+            line += f" {_ratio(got / under if got and under else None):>16}"
         lines.append(line)
     spec = [r for r in rows if r.get("speculation")]
     if spec:
@@ -120,7 +127,7 @@ def render_rtt_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     if any("agreement_with_off" in r for r in rows):
         total = sum(len(r.get("agreement_with_off", [])) for r in rows)
         lines.append(f"token agreement with off: {total - len(parted)} of {total} replies identical"
-                     + "".join(f"; {r['speculative']} {r['prompts']} at {r['rtt_ms']:g} ms parted at token "
+                     + "".join(f"; {series_label(r)} {r['prompts']} at {r['rtt_ms']:g} ms parted at token "
                                f"{a['parted_at']}" for r, a in parted[:6]))
     return lines
 

@@ -16,15 +16,16 @@ import inspect
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meshtui import events as ev
-from meshtui.bench.compare import bench_header, can_hold, check_counts
+from meshtui.bench.compare import bench_header, can_hold, check_counts, check_tcp_stages
 from meshtui.bench.links import slow_links
-from meshtui.bench.modes import WARMUP_TOKENS, BenchContext, MeshMode
+from meshtui.bench.modes import WARMUP_TOKENS, BenchContext, MeshMode, TcpMode
+from meshtui.bench.tcpstats import check_reachable
 from meshtui.bench.timing import ReplyTiming, timed_reply, token_agreement, warm_page_cache
 from meshtui.errors import InventoryError
 from meshtui.gguf_facts import read_model_facts
@@ -33,9 +34,8 @@ from meshtui.mesh import Mesh
 from meshtui.models import resolve_model_path
 from meshtui.placement import engine_split
 from meshtui.replies import ReplyQueue
-from meshtui.slowlink import LinkProcess
+from meshtui.slowlink import LinkProcess, parse_target
 
-SPECULATIVE_MODES = ("off", "auto", "ngram", "draft")
 # Chat prompts the model does copy (the kind speculation over the conversation so far is for) ...
 COPY_PROMPTS: tuple[str, ...] = (
     "Repeat the following list exactly, one item per line:\nMercury\nVenus\nEarth\nMars\nJupiter\nSaturn\n"
@@ -62,54 +62,7 @@ class SweepOptions:
     concurrency: tuple[int, ...] = ()
     prompts: int = 3  # of each set
     max_tokens: int = 64
-
-
-def parse_list(flag: str, text: str, parse: Callable[[str], Any]) -> tuple[Any, ...]:
-    """`--rtt 0,1,2,5` -> (0.0, 1.0, 2.0, 5.0); a bad item is named with its flag."""
-    items = [part.strip() for part in text.split(",") if part.strip()]
-    if not items:
-        raise InventoryError(f"{flag}: expected a comma-separated list")
-    values = []
-    for item in items:
-        try:
-            values.append(parse(item))
-        except ValueError as err:
-            raise InventoryError(f"{flag}: {item!r} is not valid ({err})") from err
-    if len(set(values)) != len(values):
-        raise InventoryError(f"{flag}: a value is given twice")
-    return tuple(values)
-
-
-def _rtt(item: str) -> float:
-    value = float(item)
-    if not 0 <= value <= 1000:
-        raise ValueError("expected 0 to 1000 milliseconds")
-    return value
-
-
-def _speculative(item: str) -> str:
-    if item not in SPECULATIVE_MODES:
-        raise ValueError(f"expected one of {', '.join(SPECULATIVE_MODES)}")
-    return item
-
-
-def _concurrency(item: str) -> int:
-    value = int(item)
-    if not 1 <= value <= 64:
-        raise ValueError("expected 1 to 64 requests")
-    return value
-
-
-def parse_rtt(text: str) -> tuple[float, ...]:
-    return parse_list("--rtt", text, _rtt)
-
-
-def parse_speculative(text: str) -> tuple[str, ...]:
-    return parse_list("--speculative", text, _speculative)
-
-
-def parse_concurrency(text: str) -> tuple[int, ...]:
-    return parse_list("--concurrency", text, _concurrency)
+    tcp_stages: Mapping[str, str] = field(default_factory=dict)  # node name -> "host:port", relayed too
 
 
 def speculation_support() -> str | None:
@@ -128,6 +81,11 @@ class SweepMode:
     mesh: MeshMode
     speculative: str
     per_reply: dict[str, Any]
+    path = "ssh"
+
+    @property
+    def key(self) -> str:
+        return self.speculative
 
     async def chat(self, prompt: str, max_tokens: int) -> ReplyTiming:
         stream = self.mesh.mesh.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
@@ -145,6 +103,26 @@ class SweepMode:
             times = [await agent.ping() for _ in range(PING_ROUNDS)]
             measured[name] = 1000.0 * min(times)
         return measured
+
+
+class TcpSweepMode:
+    """The "off" mesh's plan on plain TCP stage servers behind the same relays: llama.cpp's manual setup."""
+
+    path = "tcp"
+    key = "tcp"
+    speculative = "off"
+
+    def __init__(self, tcp: TcpMode) -> None:
+        self.tcp = tcp
+
+    async def chat(self, prompt: str, max_tokens: int) -> ReplyTiming:
+        return await self.tcp.chat(prompt, max_tokens)
+
+    async def pings(self) -> dict[str, float | None]:
+        return {}  # no agent behind a plain TCP stage to ask
+
+
+SweepTarget = SweepMode | TcpSweepMode
 
 
 def sweep_modes(ctx: BenchContext, inventory: Inventory, wanted: Sequence[str],
@@ -173,26 +151,26 @@ def _speculation_totals(replies: Sequence[ReplyTiming]) -> dict[str, Any] | None
             "tokens_per_step": tokens / steps if steps else None}
 
 
-async def _rtt_sweep(modes: Sequence[SweepMode], links: LinkProcess, options: SweepOptions,
+async def _rtt_sweep(modes: Sequence[SweepTarget], links: LinkProcess, options: SweepOptions,
                      ctx: BenchContext) -> list[dict[str, Any]]:
     for mode in modes:  # one chat reply each, untimed: the chat template's first prefill stays out
         await mode.chat(COPY_PROMPTS[0], WARMUP_TOKENS)
     rows: list[dict[str, Any]] = []
     for rtt in options.rtt_ms:
         links.set_rtt(rtt)
-        pings = {mode.speculative: await mode.pings() for mode in modes}
+        pings = {mode.key: await mode.pings() for mode in modes}
         for set_name, prompts in PROMPT_SETS.items():
-            replies: dict[str, list[ReplyTiming]] = {mode.speculative: [] for mode in modes}
+            replies: dict[str, list[ReplyTiming]] = {mode.key: [] for mode in modes}
             for i, prompt in enumerate(prompts[:options.prompts]):
                 for k in range(len(modes)):  # the order rotates from prompt to prompt
                     mode = modes[(i + k) % len(modes)]
-                    replies[mode.speculative].append(await mode.chat(prompt, options.max_tokens))
+                    replies[mode.key].append(await mode.chat(prompt, options.max_tokens))
             reference = replies.get("off")
             for mode in modes:
-                got = replies[mode.speculative]
+                got = replies[mode.key]
                 row: dict[str, Any] = {
-                    "rtt_ms": rtt, "prompts": set_name, "speculative": mode.speculative,
-                    "stage_ping_ms": pings[mode.speculative],
+                    "rtt_ms": rtt, "prompts": set_name, "path": mode.path, "speculative": mode.speculative,
+                    "stage_ping_ms": pings[mode.key],
                     "decode_tokens_per_second": _decode_rate(got),
                     "ttft_seconds": statistics.fmean(r.ttft for r in got if r.ttft is not None)
                     if any(r.ttft is not None for r in got) else None,
@@ -200,11 +178,11 @@ async def _rtt_sweep(modes: Sequence[SweepMode], links: LinkProcess, options: Sw
                     "speculation": _speculation_totals(got),
                     "replies": [r.to_json() for r in got],
                 }
-                if reference is not None and mode.speculative != "off":
+                if reference is not None and mode.key != "off":
                     row["agreement_with_off"] = [token_agreement(a.token_ids, b.token_ids)
                                                  for a, b in zip(reference, got, strict=True)]
                 rows.append(row)
-                ctx.progress(f"rtt {rtt:g} ms, {set_name} prompts, speculative {mode.speculative}: "
+                ctx.progress(f"rtt {rtt:g} ms, {set_name} prompts, {mode.path} speculative {mode.speculative}: "
                              f"{row['decode_tokens_per_second'] or 0:.1f} tok/s")
     return rows
 
@@ -324,10 +302,15 @@ async def run_sweeps(inventory: Inventory, options: SweepOptions, *, accept_new:
     }
     if support == "mesh" and len(runnable) > 1 and not can_hold(facts, len(runnable)):
         raise InventoryError(f"--speculative: {len(runnable)} meshes of this model do not fit this machine at once")
+    for name, endpoint in options.tcp_stages.items():  # before the relays, which accept any connection
+        check_reachable(name, endpoint)
+    tcp_names = list(options.tcp_stages)
+    tcp_targets = [parse_target(options.tcp_stages[n]) for n in tcp_names]
     with tempfile.TemporaryDirectory(prefix="meshtui-bench-") as folder, \
-            slow_links(inventory, Path(folder), options.rtt_ms[0]) as (through, links):
+            slow_links(inventory, Path(folder), options.rtt_ms[0], tcp_targets) as (through, links, tcp_ports):
         modes = sweep_modes(ctx, through, runnable, support)
         meshes = list({id(m.mesh): m.mesh for m in modes}.values())
+        tcp: TcpMode | None = None
         try:
             for mesh in meshes:
                 await mesh.open()
@@ -335,10 +318,19 @@ async def run_sweeps(inventory: Inventory, options: SweepOptions, *, accept_new:
             assert plan is not None
             report["plan"] = {"assignments": plan.to_json(), "n_gpu_layers": plan.n_gpu_layers,
                               "tensor_split": list(engine_split(plan).tensor_split)}
-            report["rtt_sweep"] = await _rtt_sweep(modes, links, options, ctx)
+            targets: list[SweepTarget] = list(modes)
+            if options.tcp_stages:
+                check_tcp_stages(plan, options.tcp_stages)
+                tcp = TcpMode(ctx, plan, {n: f"127.0.0.1:{port}" for n, port in zip(tcp_names, tcp_ports,
+                                                                                     strict=True)})
+                await tcp.open()
+                targets.append(TcpSweepMode(tcp))
+            report["rtt_sweep"] = await _rtt_sweep(targets, links, options, ctx)
             if options.concurrency:
                 report["concurrency_sweep"] = await _concurrency_sweep(modes[0], links, options, ctx)
         finally:
+            if tcp is not None:
+                await tcp.close()
             for mesh in meshes:
                 await mesh.close()
     report["speedups"] = speedups(report["rtt_sweep"])
@@ -346,12 +338,20 @@ async def run_sweeps(inventory: Inventory, options: SweepOptions, *, accept_new:
 
 
 def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each speculation mode's decode speed over "off", per round trip and prompt set (same run, same mesh)."""
-    off = {(r["rtt_ms"], r["prompts"]): r["decode_tokens_per_second"] for r in rows if r["speculative"] == "off"}
+    """Each speculation mode's decode speed over "off" on the same mesh, and "off" over the plain TCP stages,
+    per round trip and prompt set (same run)."""
+    def rate(path: str, mode: str) -> dict[tuple[float, str], float]:
+        return {(r["rtt_ms"], r["prompts"]): r["decode_tokens_per_second"] for r in rows
+                if r.get("path", "ssh") == path and r["speculative"] == mode and r["decode_tokens_per_second"]}
+
+    off = rate("ssh", "off")
     result = []
     for row in rows:
-        base = off.get((row["rtt_ms"], row["prompts"]))
-        if row["speculative"] != "off" and base and row["decode_tokens_per_second"]:
+        key, got = (row["rtt_ms"], row["prompts"]), row["decode_tokens_per_second"]
+        if row.get("path", "ssh") == "ssh" and row["speculative"] != "off" and off.get(key) and got:
             result.append({"rtt_ms": row["rtt_ms"], "prompts": row["prompts"], "speculative": row["speculative"],
-                           "over_off": row["decode_tokens_per_second"] / base})
+                           "over_off": got / off[key]})
+        if row.get("path") == "tcp" and off.get(key) and got:
+            result.append({"rtt_ms": row["rtt_ms"], "prompts": row["prompts"], "speculative": "off",
+                           "ssh_over_tcp": off[key] / got})
     return result

@@ -25,6 +25,7 @@ class Load:
     threads: int | None = None
     batch: int = 512
     seed: int = 0
+    parallel: int = 1  # sequences the engine decodes together; `context` is each one's (n_ctx = context x parallel)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from meshtui import events as ev
 from meshtui.errors import InventoryError, MeshError
 from meshtui.inventory import ModelSpec, load_inventory
 from meshtui.lab import EmbeddedLab
-from meshtui.mesh import Mesh
+from meshtui.mesh import DEFAULT_PARALLEL, Mesh
 from meshtui.placement import engine_split
 from meshtui.text import printable
 from meshtui.units import format_size
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--api-key-file", type=Path, metavar="FILE",
                        help="read the bearer key from the first line of FILE")
 
+    def parallel_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                       help=f"replies in flight at once, decoded together; the plan reserves KV cache for N "
+                            f"sequences at the context (default {DEFAULT_PARALLEL})")
+
     up = sub.add_parser("up", help="bring the mesh up and chat (TUI), or answer once (--headless)")
     common(up)
     up.add_argument("--headless", action="store_true", help="no TUI: answer --prompt once, tear down, exit")
@@ -69,13 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     api_options(up, default_port=None)
+    parallel_option(up)
 
     serve = sub.add_parser("serve", help="bring the mesh up and serve an OpenAI-compatible API until stopped")
     common(serve)
     api_options(serve, default_port=8000)
+    parallel_option(serve)
 
     plan = sub.add_parser("plan", help="connect, probe and print the layer split; loads nothing")
     common(plan)
+    parallel_option(plan)
 
     bench = sub.add_parser("bench", help="measure speed: the head alone, the mesh over SSH, plain TCP stages")
     common(bench)
@@ -143,7 +151,9 @@ def _stderr_listener(verbose: bool) -> ev.Listener:
 
 def _print_plan(mesh: Mesh, out: TextIO) -> None:
     assert mesh.plan is not None and mesh.model is not None
-    print(f"model {mesh.model.name}: {mesh.model.n_layer} layers + output, context {mesh.plan.context}", file=out)
+    sequences = f", {mesh.plan.parallel} sequences at once" if mesh.plan.parallel > 1 else ""
+    print(f"model {mesh.model.name}: {mesh.model.n_layer} layers + output, context {mesh.plan.context}{sequences}",
+          file=out)
     for a in mesh.plan.assignments:
         node = mesh.node(a.name)
         holds_output = mesh.plan.n_layer in mesh.plan.layers_of(a.name)
@@ -165,7 +175,7 @@ def _print_plan(mesh: Mesh, out: TextIO) -> None:
 async def cmd_plan(args: argparse.Namespace) -> int:
     async with _inventory_for(args) as inventory:
         mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(False),
-                    weight_by_speed=args.weight_by_speed)
+                    weight_by_speed=args.weight_by_speed, parallel=args.parallel)
         try:
             mesh.read_model()
             await mesh.connect_and_probe()
@@ -173,7 +183,8 @@ async def cmd_plan(args: argparse.Namespace) -> int:
         finally:
             await mesh.close()
         if args.json:
-            print(json.dumps({"plan": plan.to_json(), "reasons": list(plan.reasons),
+            print(json.dumps({"plan": plan.to_json(), "reasons": list(plan.reasons), "context": plan.context,
+                              "parallel": plan.parallel,
                               "n_gpu_layers": plan.n_gpu_layers, "tensor_split": list(engine_split(plan).tensor_split),
                               "nodes": [{"name": n.name, "facts": n.facts.to_json() if n.facts else None}
                                         for n in mesh.nodes]}))
@@ -195,12 +206,12 @@ async def cmd_up(args: argparse.Namespace) -> int:
         async with _inventory_for(args) as inventory:
             return await run_tui(inventory, accept_new=args.accept_new, weight_by_speed=args.weight_by_speed,
                                  max_tokens=args.max_tokens or TUI_MAX_TOKENS, temperature=args.temperature,
-                                 seed=args.seed, api=api)
+                                 seed=args.seed, api=api, parallel=args.parallel)
     if args.prompt is None:
         raise InventoryError("--headless needs --prompt TEXT")
     async with _inventory_for(args) as inventory:
         mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(args.verbose),
-                    weight_by_speed=args.weight_by_speed)
+                    weight_by_speed=args.weight_by_speed, parallel=args.parallel)
         try:
             await mesh.up()
             mesh.enable_auto_rejoin()
@@ -297,7 +308,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     check_api_options(args.api_host, api_key)
     async with _inventory_for(args) as inventory:
         listener = request_logger(_stderr_listener(args.verbose))
-        mesh = Mesh(inventory, accept_new=args.accept_new, listener=listener, weight_by_speed=args.weight_by_speed)
+        mesh = Mesh(inventory, accept_new=args.accept_new, listener=listener, weight_by_speed=args.weight_by_speed,
+                    parallel=args.parallel)
         try:
             await mesh.up()
             mesh.enable_auto_rejoin()

@@ -23,7 +23,7 @@ from meshtui import events as ev
 from meshtui.capacity import HEAD_NAME, ProbedHost, gpu_verdict
 from meshtui.engine.client import EngineDied, EngineProcess
 from meshtui.engine.protocol import Done, Generate, Load, Started, Token
-from meshtui.errors import EngineError, HostError, MeshError, PlanError
+from meshtui.errors import EngineError, HostError, InventoryError, MeshError, PlanError
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.hosts import Agent, HostFacts
 from meshtui.inventory import HostSpec, Inventory
@@ -46,6 +46,7 @@ from meshtui.tunnels import StageTunnel
 from meshtui.watchdog import StageClock, StallPolicy, Verdict, judge
 
 LATENCY_HISTORY = 256
+DEFAULT_PARALLEL = 4  # replies decoded together unless --parallel says otherwise
 
 
 @dataclass
@@ -108,8 +109,12 @@ class Reply:
 class Mesh:
     def __init__(self, inventory: Inventory, *, accept_new: bool = False,
                  listener: ev.Listener = lambda event: None, output_on_head: bool = True,
-                 weight_by_speed: bool = False, stall_policy: StallPolicy | None = None) -> None:
+                 weight_by_speed: bool = False, stall_policy: StallPolicy | None = None,
+                 parallel: int = DEFAULT_PARALLEL) -> None:
+        if parallel < 1:
+            raise InventoryError(f"--parallel: expected at least 1, not {parallel}")
         self.inventory = inventory
+        self.parallel = parallel  # replies in flight at once, each a sequence the engine decodes with the others
         self.accept_new = accept_new
         self.output_on_head = output_on_head
         self.weight_by_speed = weight_by_speed
@@ -230,7 +235,8 @@ class Mesh:
         assert self.model is not None and self.head.facts is not None
         capacities = capacity.capacities(self.model, self.inventory.head, self.head.facts, self._probed_hosts())
         self.plan = plan_layer_split(self.model, capacities, self.inventory.model.context,
-                                     output_on_head=self.output_on_head, speeds=self._speeds(capacities))
+                                     output_on_head=self.output_on_head, speeds=self._speeds(capacities),
+                                     parallel=self.parallel)
         for assignment in self.plan.assignments:
             node = self.node(assignment.name)
             node.usable_bytes = assignment.usable_bytes
@@ -314,6 +320,7 @@ class Mesh:
                 tensor_split=split.tensor_split,
                 n_gpu_layers=split.n_gpu_layers,
                 threads=self.inventory.head.threads,
+                parallel=self.parallel,
             ))
         except EngineError as err:
             failed = await self._find_failed_stage()

@@ -35,6 +35,23 @@ class NodeCapacity:
 
 
 @dataclass(frozen=True)
+class KvReserve:
+    """The KV cache a plan reserves: `sequences` (replies decoded together) of `context` tokens each."""
+
+    context: int
+    sequences: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.context * self.sequences
+
+    def __str__(self) -> str:
+        if self.sequences == 1:
+            return f"context {self.context}"
+        return f"context {self.context} x {self.sequences} sequences"
+
+
+@dataclass(frozen=True)
 class NodeAssignment:
     name: str
     start: int  # first layer index, inclusive
@@ -66,6 +83,7 @@ class Plan:
     # The output layer (index n_layer) stays on the head, served by a local stage registered after the
     # remote ones, so only hidden states cross the network; the logits (n_vocab floats a token) never do.
     output_on_head: bool = False
+    parallel: int = 1  # sequences the KV cache holds at `context` tokens each (replies decoded together)
 
     @property
     def head(self) -> NodeAssignment:
@@ -103,7 +121,8 @@ class Plan:
 
 
 def plan_layer_split(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int, *,
-                     output_on_head: bool = False, speeds: Sequence[float] | None = None) -> Plan:
+                     output_on_head: bool = False, speeds: Sequence[float] | None = None,
+                     parallel: int = 1) -> Plan:
     """Split layers in proportion to each node's free memory, then make sure every node fits.
 
     With `speeds` (one positive number per node, e.g. its memory bandwidth), shares follow speed instead of
@@ -114,19 +133,36 @@ def plan_layer_split(model: ModelFacts, nodes: Sequence[NodeCapacity], context: 
     blocks are split as usual; if the head cannot hold it, or the head ends up holding every block, the
     plain plan (output on the last node with layers) is returned instead.
 
+    With `parallel` N, the KV cache is reserved for N sequences (replies decoded together) of `context` tokens
+    each: N times one reply's, on every node in proportion to its layers.
+
     Raises PlanError (one line, naming the shortfall) when no contiguous whole-layer split fits, and
     ValueError for programming errors (no nodes, the head not first, duplicate names, context < 1).
     """
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1, not {parallel}")
+    at = KvReserve(context, parallel)
     if output_on_head and len(nodes) > 1:
         # Plan a model whose output layer costs nothing and whose embeddings weigh what both weigh.
         moved = dataclasses.replace(model, output_bytes=0, input_bytes=model.input_bytes + model.output_bytes)
         try:
-            plan, why = _plan_explained(moved, nodes, context, speeds)
+            plan, why = _plan_explained(moved, nodes, at, speeds)
         except PlanError:
             plan = None
         if plan is not None and any(a.n_layers and a.start < model.n_layer for a in plan.assignments[1:]):
-            return _output_to_head(plan, why, model, context)
-    return _plan_explained(model, nodes, context, speeds)[0]
+            return _say_sequences(_output_to_head(plan, why, model, at), model, at)
+    return _say_sequences(_plan_explained(model, nodes, at, speeds)[0], model, at)
+
+
+def _say_sequences(plan: Plan, model: ModelFacts, at: KvReserve) -> Plan:
+    """With several sequences, a reason says what their KV cache costs: the plan's memory is sized for them."""
+    if at.sequences == 1:
+        return plan
+    total = sum(a.kv_bytes for a in plan.assignments)
+    one = model.n_layer * model.kv_bytes_per_layer(at.context)
+    reason = (f"the KV cache holds {at.sequences} sequences of {at.context} tokens (replies decoded together, "
+              f"--parallel {at.sequences}): {format_size(total)} in all, {format_size(one)} each")
+    return dataclasses.replace(plan, reasons=(*plan.reasons, reason))
 
 
 @dataclass(frozen=True)
@@ -143,21 +179,21 @@ class _Why:
         return (self.header, *offers, *([self.rebalanced] if self.rebalanced else []))
 
 
-def _output_to_head(plan: Plan, why: _Why, model: ModelFacts, context: int) -> Plan:
+def _output_to_head(plan: Plan, why: _Why, model: ModelFacts, at: KvReserve) -> Plan:
     """The zero-cost output layer ended on the last stage: take it off, and account its bytes on the head."""
     assignments = []
     for a in plan.assignments:
         end = min(a.end, model.n_layer)
         start = min(a.start, end)
         node = NodeCapacity(a.name, a.usable_bytes, a.is_head, a.device)
-        fixed = _assignment(model, node, start, end, context)
+        fixed = _assignment(model, node, start, end, at)
         if a.is_head:
             fixed = dataclasses.replace(fixed, weight_bytes=fixed.weight_bytes + model.output_bytes)
         assignments.append(fixed)
-    kv = model.kv_bytes_per_layer(context)
+    kv = model.kv_bytes_per_layer(at.tokens)
     blocks = [w + kv for w in model.layer_weight_bytes]
     reasons = [
-        f"at context {context} blocks need {format_size(min(blocks))} to {format_size(max(blocks))} each "
+        f"at {at} blocks need {format_size(min(blocks))} to {format_size(max(blocks))} each "
         f"(weights + {format_size(kv)} KV cache); the head keeps the token embeddings "
         f"({format_size(model.input_bytes)}) and the output layer ({format_size(model.output_bytes)})"
     ]
@@ -165,18 +201,18 @@ def _output_to_head(plan: Plan, why: _Why, model: ModelFacts, context: int) -> P
     reasons.extend(why.lines(counts, model.n_layer, "blocks")[1:])
     reasons.append("the output layer stays on the head (a local stage), so logits never cross the network")
     return Plan(n_layer=plan.n_layer, context=plan.context, assignments=tuple(assignments),
-                reasons=tuple(reasons), output_on_head=True)
+                reasons=tuple(reasons), output_on_head=True, parallel=at.sequences)
 
 
-def _plan_explained(model: ModelFacts, nodes: Sequence[NodeCapacity], context: int,
+def _plan_explained(model: ModelFacts, nodes: Sequence[NodeCapacity], at: KvReserve,
                     speeds: Sequence[float] | None = None) -> tuple[Plan, _Why]:
     """The memory-proportional contiguous split, repaired to fit.
 
     Raises PlanError (one line, naming the shortfall) when no contiguous whole-layer split fits, and
     ValueError for programming errors (no nodes, the head not first, duplicate names, context < 1).
     """
-    _check_arguments(nodes, context)
-    costs = model.node_layer_costs(context)
+    _check_arguments(nodes, at)
+    costs = model.node_layer_costs(at.tokens)
     prefix = [0]
     for cost in costs:
         prefix.append(prefix[-1] + cost)
@@ -187,7 +223,7 @@ def _plan_explained(model: ModelFacts, nodes: Sequence[NodeCapacity], context: i
     room[0] = nodes[0].usable_bytes - head_fixed
 
     if nodes[0].usable_bytes < head_fixed or _greedy_fill(costs, room) is None:
-        raise PlanError(_refusal(model, nodes, context, costs, room))
+        raise PlanError(_refusal(model, nodes, at, costs, room))
 
     smallest = min(costs)
     shares = [r if r >= max(smallest, 0) else 0 for r in room]
@@ -206,16 +242,17 @@ def _plan_explained(model: ModelFacts, nodes: Sequence[NodeCapacity], context: i
         boundaries = _min_peak_boundaries(costs, nodes, head_fixed)
 
     assignments = tuple(
-        _assignment(model, node, start, end, context)
+        _assignment(model, node, start, end, at)
         for node, (start, end) in zip(nodes, _ranges(boundaries), strict=True)
     )
-    why = _reasons(model, context, costs, room, shares, assignments, repaired, by_speed=speeds is not None)
+    why = _reasons(model, at, costs, room, shares, assignments, repaired, by_speed=speeds is not None)
     reasons = (*why.lines({a.name: a.n_layers for a in assignments}, len(costs), "layers"),
                f"the output layer goes to {why.output_holder}, the last node with layers")
-    return Plan(n_layer=model.n_layer, context=context, assignments=assignments, reasons=reasons), why
+    return Plan(n_layer=model.n_layer, context=at.context, assignments=assignments, reasons=reasons,
+                parallel=at.sequences), why
 
 
-def _check_arguments(nodes: Sequence[NodeCapacity], context: int) -> None:
+def _check_arguments(nodes: Sequence[NodeCapacity], at: KvReserve) -> None:
     if not nodes:
         raise ValueError("plan_layer_split needs at least the head node")
     if not nodes[0].is_head or any(node.is_head for node in nodes[1:]):
@@ -223,8 +260,8 @@ def _check_arguments(nodes: Sequence[NodeCapacity], context: int) -> None:
     names = [node.name for node in nodes]
     if len(set(names)) != len(names):
         raise ValueError(f"plan_layer_split got duplicate node names: {names}")
-    if context < 1:
-        raise ValueError(f"context must be at least 1, not {context}")
+    if at.context < 1:
+        raise ValueError(f"context must be at least 1, not {at.context}")
 
 
 def _ranges(boundaries: Sequence[int]) -> list[tuple[int, int]]:
@@ -290,7 +327,7 @@ def _min_peak_boundaries(costs: Sequence[int], nodes: Sequence[NodeCapacity], he
     return boundaries
 
 
-def _assignment(model: ModelFacts, node: NodeCapacity, start: int, end: int, context: int) -> NodeAssignment:
+def _assignment(model: ModelFacts, node: NodeCapacity, start: int, end: int, at: KvReserve) -> NodeAssignment:
     blocks = range(start, min(end, model.n_layer))
     weights = sum(model.layer_weight_bytes[i] for i in blocks)
     if start <= model.n_layer < end:
@@ -302,7 +339,7 @@ def _assignment(model: ModelFacts, node: NodeCapacity, start: int, end: int, con
         start=start,
         end=end,
         weight_bytes=weights,
-        kv_bytes=len(blocks) * model.kv_bytes_per_layer(context),
+        kv_bytes=len(blocks) * model.kv_bytes_per_layer(at.tokens),
         usable_bytes=node.usable_bytes,
         is_head=node.is_head,
         device=node.device,
@@ -312,14 +349,14 @@ def _assignment(model: ModelFacts, node: NodeCapacity, start: int, end: int, con
 def _refusal(
     model: ModelFacts,
     nodes: Sequence[NodeCapacity],
-    context: int,
+    at: KvReserve,
     costs: Sequence[int],
     room: Sequence[int],
 ) -> str:
     head = nodes[0]
     # Nodes that could take part at all: the head, and any other with more than its compute buffers.
     taking_part = [head, *(node for node in nodes[1:] if node.usable_bytes > NODE_OVERHEAD_BYTES)]
-    kv_total = model.n_layer * model.kv_bytes_per_layer(context)
+    kv_total = model.n_layer * model.kv_bytes_per_layer(at.tokens)
     buffers = NODE_OVERHEAD_BYTES * len(taking_part)
     need = model.weight_bytes + kv_total + buffers
     offer = sum(max(0, node.usable_bytes) for node in taking_part)
@@ -327,7 +364,7 @@ def _refusal(
         count = f"{len(taking_part)} node" + ("s" if len(taking_part) != 1 else "")
         return (
             f"model needs {format_size(need)} (weights {format_size(model.weight_bytes)} + KV cache "
-            f"{format_size(kv_total)} at context {context} + compute buffers {format_size(buffers)}) "
+            f"{format_size(kv_total)} at {at} + compute buffers {format_size(buffers)}) "
             f"but the {count} offer {format_size(offer)} usable: short by {format_size(need - offer)}"
         )
     head_fixed = model.input_bytes + NODE_OVERHEAD_BYTES
@@ -342,20 +379,20 @@ def _refusal(
     if costs[biggest] > roomiest:
         what = "the output layer" if biggest == model.n_layer else f"layer {biggest}"
         return (
-            f"{what} alone needs {format_size(costs[biggest])} at context {context} but the most any "
+            f"{what} alone needs {format_size(costs[biggest])} at {at} but the most any "
             f"node can give to layers is {format_size(roomiest)}: "
             f"short by {format_size(costs[biggest] - roomiest)}"
         )
     free = ", ".join(f"{node.name} {format_size(max(0, r))}" for node, r in zip(nodes, room, strict=True))
     return (
         f"model fits in total but not as whole layers in node order: the {len(costs)} layers "
-        f"({format_size(sum(costs))} at context {context}) do not fit the room left on each node ({free})"
+        f"({format_size(sum(costs))} at {at}) do not fit the room left on each node ({free})"
     )
 
 
 def _reasons(
     model: ModelFacts,
-    context: int,
+    at: KvReserve,
     costs: Sequence[int],
     room: Sequence[int],
     shares: Sequence[int],
@@ -363,13 +400,13 @@ def _reasons(
     repaired: bool,
     by_speed: bool = False,
 ) -> _Why:
-    kv = model.kv_bytes_per_layer(context)
+    kv = model.kv_bytes_per_layer(at.tokens)
     blocks = costs[:-1]
     if min(blocks) == max(blocks):
         block_text = f"each block needs {format_size(blocks[0])} ({format_size(blocks[0] - kv)} weights + "
     else:
         block_text = f"blocks need {format_size(min(blocks))} to {format_size(max(blocks))} each (with "
-    header = (f"at context {context} {block_text}{format_size(kv)} KV cache), the output layer "
+    header = (f"at {at} {block_text}{format_size(kv)} KV cache), the output layer "
               f"{format_size(costs[-1])}; the head also keeps the token embeddings "
               f"({format_size(model.input_bytes)})")
     total_share = sum(shares)

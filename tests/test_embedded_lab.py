@@ -82,3 +82,21 @@ async def test_the_mesh_is_ready_only_once_the_model_is_loaded() -> None:
         await mesh.close()
         await lab.close()
     assert not mesh.ready
+
+
+def test_plan_reserves_kv_for_the_parallel_sequences() -> None:
+    """`plan` says how many sequences its KV cache holds; --parallel 1 and 8 differ by exactly that cache."""
+    one = meshtui_json("plan", "--context", "512", "--parallel", "1")
+    eight = meshtui_json("plan", "--context", "512", "--parallel", "8")
+    assert (one["context"], one["parallel"], eight["context"], eight["parallel"]) == (512, 1, 512, 8)
+    assert [row["layers"] for row in eight["plan"]] == [row["layers"] for row in one["plan"]]
+    assert [row["kv_bytes"] for row in eight["plan"]] == [8 * row["kv_bytes"] for row in one["plan"]]
+    assert sum(row["kv_bytes"] for row in one["plan"]) == 30 * 512 * 3 * 64 * 2 * 2  # SmolLM2: 3 KV heads of 64
+    assert eight["reasons"][-1] == ("the KV cache holds 8 sequences of 512 tokens (replies decoded together, "
+                                    "--parallel 8): 90.0 MiB in all, 11.2 MiB each")
+    text = meshtui("plan", "--context", "512")  # the default: 4
+    assert text.returncode == 0, text.stderr
+    assert ", context 512, 4 sequences at once" in text.stdout.splitlines()[0]
+    assert "the KV cache holds 4 sequences of 512 tokens" in text.stdout
+    refused = meshtui("plan", "--parallel", "0")
+    assert (refused.returncode, refused.stderr.strip()) == (2, "meshtui: error: --parallel: expected at least 1, not 0")

@@ -424,3 +424,32 @@ def test_sharing_among_devices_rejects_nonsense() -> None:
     for n_layers, weights in ((3, []), (-1, [1]), (3, [1, -1])):
         with pytest.raises(ValueError):
             split_among_devices(n_layers, weights)
+
+
+# --- several sequences decoded together (--parallel)
+def test_parallel_reserves_kv_for_every_sequence_and_says_so() -> None:
+    model = uniform_model(29)  # each block: 100 MiB at CONTEXT, of which KV_PER_LAYER is its KV cache
+    nodes = [head(10 * GiB, model), node("a", 10 * GiB), node("b", 10 * GiB)]
+    one = plan_layer_split(model, nodes, CONTEXT)
+    four = plan_layer_split(model, nodes, CONTEXT, parallel=4)
+    assert ranges(four) == ranges(one) and (four.parallel, four.context) == (4, CONTEXT)
+    for a1, a4 in zip(one.assignments, four.assignments, strict=True):
+        blocks = min(a1.end, model.n_layer) - a1.start
+        assert a4.kv_bytes == 4 * a1.kv_bytes == blocks * 4 * KV_PER_LAYER
+        assert a4.used_bytes - a1.used_bytes == 3 * a1.kv_bytes
+    assert four.reasons[0].startswith(f"at context {CONTEXT} x 4 sequences each block needs 101 MiB "
+                                      "(99.8 MiB weights + 1.00 MiB KV cache)")
+    assert four.reasons[-1] == (f"the KV cache holds 4 sequences of {CONTEXT} tokens (replies decoded together, "
+                                f"--parallel 4): 29.0 MiB in all, 7.25 MiB each")
+    assert not any("sequences" in reason for reason in one.reasons)
+
+
+def test_parallel_sequences_that_do_not_fit_are_refused_by_name() -> None:
+    # Room for every layer with one sequence; with 64, the KV cache (16 MiB a layer) overfills the nodes.
+    model = make_model([KV_PER_LAYER + MiB] * 10, output_bytes=MiB)
+    nodes = [head(20 * MiB, model), node("a", 20 * MiB)]
+    assert plan_layer_split(model, nodes, CONTEXT).parallel == 1
+    with pytest.raises(PlanError, match=rf"at context {CONTEXT} x 64 sequences"):
+        plan_layer_split(model, nodes, CONTEXT, parallel=64)
+    with pytest.raises(ValueError, match="parallel must be at least 1"):
+        plan_layer_split(model, nodes, CONTEXT, parallel=0)

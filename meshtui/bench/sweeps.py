@@ -125,12 +125,19 @@ class TcpSweepMode:
 SweepTarget = SweepMode | TcpSweepMode
 
 
-def sweep_modes(ctx: BenchContext, inventory: Inventory, wanted: Sequence[str],
-                support: str | None) -> list[SweepMode]:
+def parallel_option(concurrency: Sequence[int]) -> dict[str, int]:
+    """`Mesh(parallel=N)` for the most requests the sweep sends at once, where this build's mesh takes it."""
+    if concurrency and "parallel" in inspect.signature(Mesh).parameters:
+        return {"parallel": max(concurrency)}
+    return {}
+
+
+def sweep_modes(ctx: BenchContext, inventory: Inventory, wanted: Sequence[str], support: str | None,
+                options: dict[str, Any]) -> list[SweepMode]:
     """A mesh per mode when the mesh takes the mode at start; one mesh for all when it takes it per reply."""
     if support == "mesh":
-        return [SweepMode(MeshMode(ctx, f"ssh/{m}", inventory, speculative=m), m, {}) for m in wanted]
-    shared = MeshMode(ctx, "ssh", inventory)
+        return [SweepMode(MeshMode(ctx, f"ssh/{m}", inventory, speculative=m, **options), m, {}) for m in wanted]
+    shared = MeshMode(ctx, "ssh", inventory, **options)
     return [SweepMode(shared, m, {"speculative": m} if support == "stream" else {}) for m in wanted]
 
 
@@ -295,6 +302,7 @@ async def run_sweeps(inventory: Inventory, options: SweepOptions, *, accept_new:
                      "max_tokens": options.max_tokens, "temperature": 0.0, "chat": True,
                      "prompt_sets": {k: list(v[:options.prompts]) for k, v in PROMPT_SETS.items()},
                      "speculation_support": support,
+                     "mesh_parallel": parallel_option(options.concurrency).get("parallel"),
                      "link": "one relay process on 127.0.0.1 in front of each host's sshd; 0 ms = no delay added",
                      "head_threads": inventory.head.threads,
                      "host_threads": {h.name: h.threads for h in inventory.hosts}},
@@ -308,7 +316,7 @@ async def run_sweeps(inventory: Inventory, options: SweepOptions, *, accept_new:
     tcp_targets = [parse_target(options.tcp_stages[n]) for n in tcp_names]
     with tempfile.TemporaryDirectory(prefix="meshtui-bench-") as folder, \
             slow_links(inventory, Path(folder), options.rtt_ms[0], tcp_targets) as (through, links, tcp_ports):
-        modes = sweep_modes(ctx, through, runnable, support)
+        modes = sweep_modes(ctx, through, runnable, support, parallel_option(options.concurrency))
         meshes = list({id(m.mesh): m.mesh for m in modes}.values())
         tcp: TcpMode | None = None
         try:

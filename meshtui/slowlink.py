@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import random
+import selectors
 import subprocess
 import sys
 import threading
@@ -49,6 +50,12 @@ class LinkShape:
     def for_rtt(cls, rtt_ms: float, jitter_ms: float = 0.0) -> LinkShape:
         """The shape whose round trip is `rtt_ms` (half of it each way)."""
         return cls(rtt_ms / 2000.0, jitter_ms / 1000.0)
+
+
+def fine_event_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose timers keep sub-millisecond delays: epoll and poll wait in whole milliseconds
+    (a 0.5 ms delay would take 1), select() in microseconds. A relay holds few sockets, so select() suits it."""
+    return asyncio.SelectorEventLoop(selectors.SelectSelector())
 
 
 class Relay:
@@ -144,7 +151,7 @@ class SlowLink:
     def __init__(self, target: tuple[str, int], shape: LinkShape, *, seed: int | None = None) -> None:
         self.relay = Relay(target, shape, seed=seed)
         self.port = 0
-        self._loop = asyncio.new_event_loop()
+        self._loop = fine_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"slowlink-{target[0]}", daemon=True)
 
     @property
@@ -298,8 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = [parse_target(t) for t in args.targets]
     except ValueError as err:
         parser.error(str(err))
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_process(targets, LinkShape.for_rtt(args.rtt_ms, args.jitter_ms), args.seed))
+    loop = fine_event_loop()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            loop.run_until_complete(serve_process(targets, LinkShape.for_rtt(args.rtt_ms, args.jitter_ms), args.seed))
+    finally:
+        loop.close()
     return 0
 
 

@@ -53,6 +53,7 @@ FREE_PROMPTS: tuple[str, ...] = (
 )
 PROMPT_SETS = {"copy": COPY_PROMPTS, "free": FREE_PROMPTS}
 PING_ROUNDS = 5
+FORGET_PROMPT = "Hi"
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,12 @@ async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int
     return list(replies), most
 
 
+async def _forget(mode: SweepMode) -> None:
+    """A short unrelated reply, so the next prompt finds no prefix of its own in the KV cache (llama.cpp reuses the
+    previous reply's): times to first token then compare like with like."""
+    await mode.chat(FORGET_PROMPT, 2)
+
+
 async def _concurrency_sweep(mode: SweepMode, links: LinkProcess, options: SweepOptions,
                              ctx: BenchContext) -> list[dict[str, Any]]:
     pool = [*FREE_PROMPTS, *COPY_PROMPTS]
@@ -248,10 +255,12 @@ async def _concurrency_sweep(mode: SweepMode, links: LinkProcess, options: Sweep
             for prompt in batch:  # each request alone first: what a batched reply is compared with
                 if prompt not in alone:
                     alone[prompt] = (await mode.chat(prompt, options.max_tokens)).token_ids
+            await _forget(mode)
             started = time.perf_counter()
             replies, most = await _concurrent(queue, batch, options.max_tokens)
             late = None
             if count > 1:  # one more request arriving while count - 1 others decode, against an idle mesh
+                await _forget(mode)
                 idle = (await mode.chat(batch[-1], options.max_tokens)).ttft
                 arrived = (await _concurrent(queue, batch[:-1], options.max_tokens, late=batch[-1]))[0][-1]
                 late = {"ttft_seconds": arrived.ttft, "idle_ttft_seconds": idle,

@@ -217,7 +217,7 @@ class ApiServer:
             client=x.client, method=one_line(x.method, 20), path=one_line(x.path, 300), status=x.status,
             seconds=time.perf_counter() - x.started, stream=x.stream, prompt_tokens=x.prompt_tokens,
             completion_tokens=x.completion_tokens if x.prompt_tokens is not None else None,
-            finish_reason=x.finish_reason, detail=one_line(x.detail, 300))
+            finish_reason=x.finish_reason, detail=one_line(x.detail, 300), first_token_seconds=x.first_token_seconds)
         level = "warning" if record.status >= 500 else "info"
         self.mesh.listener(ev.LogRecorded(source="api", message=record.line(), level=level))
         if self.on_request is not None:

@@ -17,7 +17,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from meshtui.api_openai import ApiError
+from meshtui.api_openai import ApiError, ReplyUsage
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # the StreamReader limit start_server is given
@@ -152,6 +152,7 @@ class ApiRequestRecord:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     detail: str = ""
+    first_token_seconds: float | None = None  # from asking the mesh for the reply (queueing included)
 
     def line(self) -> str:
         parts = [self.client, self.method, self.path, str(self.status or "-")]
@@ -161,6 +162,8 @@ class ApiRequestRecord:
             parts.append(self.finish_reason)
         if self.stream:
             parts.append("stream")
+        if self.first_token_seconds is not None:
+            parts.append(f"first token {self.first_token_seconds:.2f}s")
         parts.append(f"{self.seconds:.2f}s")
         if self.detail:
             parts.append(f"({self.detail})")
@@ -181,6 +184,11 @@ class Exchange:
     finish_reason: str | None = None
     detail: str = ""
     started: float = field(default_factory=time.perf_counter)
+    asked: float = 0.0  # when the reply was asked of the mesh
+    first_token_seconds: float | None = None
+
+    def usage(self) -> ReplyUsage:
+        return ReplyUsage(self.prompt_tokens or 0, self.completion_tokens, self.first_token_seconds)
 
 
 async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float = 2.0) -> None:

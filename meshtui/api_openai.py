@@ -294,18 +294,29 @@ def finish_reason(stop_reason: str, stopped_by_sequence: bool) -> str:
     return "length" if stop_reason == "length" else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+@dataclass(frozen=True)
+class ReplyUsage:
+    """One request's own counts: its tokens, and how long its client waited for the first one (queue included)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_seconds: float | None = None  # None: no token came
+
+    def to_json(self) -> dict[str, Any]:
+        """OpenAI's usage object, and `time_to_first_token_seconds` (clients ignore fields they do not know)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "time_to_first_token_seconds": (round(self.first_token_seconds, 4)
+                                                if self.first_token_seconds is not None else None)}
 
 
 def chat_completion(reply_id: str, created: int, model: str, text: str, reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                    usage: ReplyUsage) -> dict[str, Any]:
     return {
         "id": reply_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                      "logprobs": None, "finish_reason": reason}],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage.to_json(),
     }
 
 
@@ -318,20 +329,19 @@ def chat_chunk(reply_id: str, created: int, model: str, delta: dict[str, Any],
 
 
 def text_completion(reply_id: str, created: int, model: str, text: str, reason: str | None,
-                    prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict[str, Any]:
-    """A text_completion object; without token counts it is one streamed chunk."""
+                    usage: ReplyUsage | None = None) -> dict[str, Any]:
+    """A text_completion object; without usage it is one streamed chunk."""
     obj: dict[str, Any] = {
         "id": reply_id, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
     }
-    if prompt_tokens is not None and completion_tokens is not None:
-        obj["usage"] = usage(prompt_tokens, completion_tokens)
+    if usage is not None:
+        obj["usage"] = usage.to_json()
     return obj
 
 
-def usage_chunk(request: GenerationRequest, reply_id: str, created: int,
-                prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_chunk(request: GenerationRequest, reply_id: str, created: int, usage: ReplyUsage) -> dict[str, Any]:
     """The last chunk of a stream with stream_options.include_usage: no choices, only usage."""
     kind = "chat.completion.chunk" if request.kind == "chat" else "text_completion"
     return {"id": reply_id, "object": kind, "created": created, "model": request.model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage.to_json()}

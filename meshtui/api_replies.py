@@ -39,6 +39,7 @@ async def answer(gen: GenerationRequest, requests: ReplyQueue, writer: asyncio.S
     reply_id = ("chatcmpl-" if gen.kind == "chat" else "cmpl-") + secrets.token_hex(12)
     created = int(time.time())
     scanner = StopScanner(gen.stop)
+    x.asked = time.perf_counter()
     async with contextlib.aclosing(requests.stream(source="api", **gen.mesh_params(seed))) as events:
         try:
             started = await reply_started(events)
@@ -53,8 +54,7 @@ async def answer(gen: GenerationRequest, requests: ReplyQueue, writer: asyncio.S
                     raise failure(err, param) from err
                 assert x.finish_reason is not None
                 body = (chat_completion if gen.kind == "chat" else text_completion)(
-                    reply_id, created, gen.model, text, x.finish_reason, started.prompt_tokens,
-                    x.completion_tokens)
+                    reply_id, created, gen.model, text, x.finish_reason, x.usage())
                 x.status = 200
                 await write_json(writer, 200, body)
                 return
@@ -79,8 +79,7 @@ async def answer(gen: GenerationRequest, requests: ReplyQueue, writer: asyncio.S
                 return
     await write_event(writer, chunk("", x.finish_reason))
     if gen.include_usage:
-        await write_event(writer, usage_chunk(gen, reply_id, created, started.prompt_tokens,
-                                              x.completion_tokens))
+        await write_event(writer, usage_chunk(gen, reply_id, created, x.usage()))
     await end_events(writer)
 
 
@@ -98,6 +97,8 @@ async def texts_of(events: AsyncIterator[ev.Event], scanner: StopScanner,
     async for event in events:
         if isinstance(event, ev.TokenGenerated):
             x.completion_tokens += int(event.token_id >= 0)
+            if x.first_token_seconds is None and event.token_id >= 0:
+                x.first_token_seconds = time.perf_counter() - x.asked
             piece = scanner.feed(event.text)
             if piece:
                 yield piece

@@ -686,10 +686,10 @@ class Mesh:
                              event.tokens_per_second, event.stop_reason)
         raise EngineError("the engine ended the reply without finishing it")
 
-    def cancel(self) -> None:
-        """Stop the reply under way (the stream then ends with stop_reason "cancelled")."""
+    def cancel(self, request_id: int | None = None) -> None:
+        """Stop a reply (its stream then ends with stop_reason "cancelled"): that request's, or the one under way."""
         if self.engine is not None:
-            self.engine.cancel(self._streaming_request)
+            self.engine.cancel(request_id if request_id is not None else self._streaming_request)
 
     @property
     def ready(self) -> bool:

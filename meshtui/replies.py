@@ -1,8 +1,8 @@
-"""The reply queue in front of the engine: one reply at a time, shared by the chat pane and the API.
+"""The reply queue in front of the engine: up to N replies in flight, shared by the chat pane and the API.
 
-The engine serves one reply at a time, so every reply (the API's and the chat pane's) takes its turn on one
-`ReplyQueue`. It lives in the core so that neither front end imports the other: the TUI's chat pane and the
-HTTP API (`meshtui/api.py`) both hold the same queue.
+The engine decodes up to `Mesh.parallel` sequences together, so that many replies (the API's and the chat
+pane's) stream at once; more wait in arrival order. It lives in the core so that neither front end imports the
+other: the TUI's chat pane and the HTTP API (`meshtui/api.py`) both hold the same queue.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from meshtui.errors import EngineError
 _END = object()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Turn:
     source: str
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     abandoned: bool = False
     stopping: bool = False  # stop generating, but hand the consumer the reply up to its end
-    started: bool = False
+    request_id: int | None = None  # the mesh's id for it, once the engine started it
     cancelled: bool = False
+    exclusive: bool = False  # holds the engine alone (a rejoin reloads it)
 
 
 class ReplySource(Protocol):
@@ -35,20 +36,27 @@ class ReplySource(Protocol):
     @property
     def stream(self) -> Callable[..., AsyncIterator[ev.Event]]: ...
 
-    def cancel(self) -> None: ...
+    def cancel(self, request_id: int | None = None) -> None: ...
 
     @property
     def ready(self) -> bool: ...
 
 
 class ReplyQueue:
-    """The queue in front of the engine, shared by the API and the chat pane: one reply at a time."""
+    """The queue in front of the engine, shared by the API and the chat pane: up to `slots` replies at once.
 
-    def __init__(self, mesh: ReplySource) -> None:
+    Replies are admitted in arrival order; a hold of the whole engine (`exclusive`) waits its turn like a reply
+    and, once admitted, keeps every later reply waiting until it ends.
+    """
+
+    def __init__(self, mesh: ReplySource, slots: int = 1) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, not {slots}")
         self.mesh = mesh
-        self.lock = asyncio.Lock()
-        self.waiting = 0
-        self._active: _Turn | None = None
+        self.slots = slots
+        self._changed = asyncio.Condition()
+        self._line: list[_Turn] = []  # waiting, in arrival order
+        self._active: list[_Turn] = []  # in flight, in the order they were admitted
         self._pumps: set[asyncio.Task[None]] = set()
 
     @property
@@ -58,15 +66,25 @@ class ReplyQueue:
         return self.mesh.ready
 
     @property
+    def waiting(self) -> int:
+        """Replies (and holds) asked for and not yet admitted."""
+        return len(self._line)
+
+    @property
+    def in_flight(self) -> tuple[str, ...]:
+        """Whose replies are being generated now ("api", "chat", ...), in the order they were admitted."""
+        return tuple(turn.source for turn in self._active)
+
+    @property
     def active_source(self) -> str | None:
-        """Who the reply being generated is for ("api", "chat"), or None when the engine is idle."""
-        return self._active.source if self._active else None
+        """Who the first reply in flight is for, or None when the engine is idle."""
+        return self._active[0].source if self._active else None
 
     async def stream(self, *, source: str = "chat", **params: Any) -> AsyncGenerator[ev.Event, None]:
-        """`Mesh.stream(**params)` in turn.
+        """`Mesh.stream(**params)` once admitted.
 
         A separate task drives the mesh, so a consumer that leaves early (break, cancelled, client gone)
-        cancels the reply and the task drains what the engine still sends: the next reply starts clean.
+        cancels its reply and the task drains what the engine still sends for it; no other reply is touched.
         """
         turn = _Turn(source)
         pump = asyncio.create_task(self._pump(turn, params))
@@ -91,24 +109,19 @@ class ReplyQueue:
 
     async def _pump(self, turn: _Turn, params: dict[str, Any]) -> None:
         try:
-            self.waiting += 1
-            try:
-                await self.lock.acquire()
-            finally:
-                self.waiting -= 1
+            await self._enter(turn)
             try:
                 if turn.abandoned:
                     return
-                self._active = turn
                 async for event in self.mesh.stream(**params):
-                    turn.started = turn.started or isinstance(event, ev.ReplyStarted)
+                    if isinstance(event, ev.ReplyStarted) and turn.request_id is None:
+                        turn.request_id = event.request_id
                     if turn.abandoned or turn.stopping:
                         self._cancel(turn)
                     if not turn.abandoned:
                         turn.queue.put_nowait(event)
             finally:
-                self._active = None
-                self.lock.release()
+                await self._leave(turn)
         except asyncio.CancelledError:
             turn.queue.put_nowait(EngineError("the reply was interrupted"))
             raise
@@ -117,44 +130,66 @@ class ReplyQueue:
         finally:
             turn.queue.put_nowait(_END)
 
+    def _admits(self, turn: _Turn) -> bool:
+        if not self._line or self._line[0] is not turn:
+            return False  # arrival order: only the first in line may go
+        if turn.exclusive:
+            return not self._active
+        return len(self._active) < self.slots and not any(t.exclusive for t in self._active)
+
+    async def _enter(self, turn: _Turn) -> None:
+        async with self._changed:
+            self._line.append(turn)
+            try:
+                await self._changed.wait_for(lambda: self._admits(turn))
+            finally:
+                self._line.remove(turn)
+                self._changed.notify_all()  # the next in line may be admitted too
+            self._active.append(turn)
+
+    async def _leave(self, turn: _Turn) -> None:
+        # Shielded: a pump cancelled at close still gives its place back.
+        async def leave() -> None:
+            async with self._changed:
+                self._active.remove(turn)
+                self._changed.notify_all()
+
+        await asyncio.shield(leave())
+
     @contextlib.asynccontextmanager
     async def exclusive(self, source: str) -> AsyncIterator[None]:
         """Hold the engine between replies (a rejoin reloads it): replies asked meanwhile wait their turn."""
-        self.waiting += 1
-        try:
-            await self.lock.acquire()
-        finally:
-            self.waiting -= 1
-        self._active = _Turn(source)
+        turn = _Turn(source, exclusive=True)
+        await self._enter(turn)
         try:
             yield
         finally:
-            self._active = None
-            self.lock.release()
+            await self._leave(turn)
 
     def _cancel(self, turn: _Turn) -> None:
-        # Only once the engine has started this reply: a cancel sent before would be cleared by its start.
-        if turn.started and not turn.cancelled and turn is self._active:
+        # Only once the engine has started this reply (its id is known then), and only while it is in flight.
+        if turn.request_id is not None and not turn.cancelled and turn in self._active:
             turn.cancelled = True
-            self.mesh.cancel()
+            self.mesh.cancel(turn.request_id)
+
+    def _turns_of(self, source: str | None) -> list[_Turn]:
+        return [t for t in self._active if not t.exclusive and (source is None or t.source == source)]
 
     def stop(self, source: str) -> bool:
-        """Stop the reply being generated if it is `source`'s; its consumer still gets it, cut, to the end."""
-        turn = self._active
-        if turn is None or turn.source != source:
-            return False
-        turn.stopping = True
-        self._cancel(turn)
-        return True
+        """Stop the replies being generated for `source`; their consumers still get them, cut, to the end."""
+        turns = self._turns_of(source)
+        for turn in turns:
+            turn.stopping = True
+            self._cancel(turn)
+        return bool(turns)
 
     def cancel(self, source: str | None = None) -> bool:
-        """Cancel the reply being generated, if it is `source`'s (any source's when None)."""
-        turn = self._active
-        if turn is None or (source is not None and turn.source != source):
-            return False
-        turn.abandoned = True
-        self._cancel(turn)
-        return True
+        """Cancel the replies being generated for `source` (every one when None)."""
+        turns = self._turns_of(source)
+        for turn in turns:
+            turn.abandoned = True
+            self._cancel(turn)
+        return bool(turns)
 
     async def settle(self, timeout: float = 10.0) -> None:
         """Wait for replies still draining (after a cancel they end within a token); then stop them."""

@@ -45,8 +45,8 @@ class Served:
                                   max_retries=0, timeout=60)
 
     async def direct(self, **params: Any) -> Any:
-        """What the chat pane gets: Mesh.generate, in turn with the API's requests."""
-        async with self.server.requests.lock:
+        """What the chat pane gets: Mesh.generate, alone (the API's requests wait)."""
+        async with self.server.requests.exclusive("direct"):
             return await self.mesh.generate(**params)
 
 
@@ -164,8 +164,11 @@ async def test_chat_answers_like_the_chat_pane(served: Served) -> None:
     assert reply.usage.prompt_tokens == direct.prompt_tokens
     assert reply.usage.completion_tokens == len(direct.token_ids)
     assert reply.usage.total_tokens == direct.prompt_tokens + len(direct.token_ids)
+    first_token = (reply.usage.model_extra or {})["time_to_first_token_seconds"]
+    assert 0 < first_token < served.records[-1].seconds
     record = served.records[-1]
     assert (record.method, record.path, record.status) == ("POST", "/v1/chat/completions", 200)
+    assert record.first_token_seconds == pytest.approx(first_token, abs=1e-4)
     logged = [e for e in served.events if isinstance(e, ev.LogRecorded) and e.source == "api"]
     assert "POST /v1/chat/completions 200" in logged[-1].message
 
@@ -184,6 +187,7 @@ async def test_streamed_chat_is_the_same_text(served: Served) -> None:
     assert with_choices[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert (chunks[-1].usage.model_extra or {})["time_to_first_token_seconds"] > 0
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
 
 

@@ -172,7 +172,7 @@ class FakeMesh:
         stop = "cancelled" if self.cancelled else "stop"
         yield self.emit(ev.ReplyFinished(rid, text, tuple(ids), 0.5, self.tokens_per_second, stop))
 
-    def cancel(self) -> None:
+    def cancel(self, request_id: int | None = None) -> None:
         self.cancelled = True
         self._cancel.set()
 

@@ -74,8 +74,11 @@ class MeshReady(Event):
 
 @dataclass(frozen=True)
 class ReplyStarted(Event):
+    """The engine started a reply (several may be in flight at once, each with its own request id)."""
+
     request_id: int
     prompt_tokens: int
+    source: str = ""  # who asked for it: "chat", "api", ... (ReplyQueue's source)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,19 @@ class ReplyFinished(Event):
     seconds: float
     tokens_per_second: float
     stop_reason: str  # "stop" | "length" | "cancelled"
+    source: str = ""
+    prompt_tokens: int = 0
+    first_token_seconds: float | None = None  # from asking the mesh to the reply's first token; None: no token
+
+
+@dataclass(frozen=True)
+class ReplyFailed(Event):
+    """A reply ended without finishing (the engine refused it, or the mesh could not recover): it is no longer in
+    flight. `request_id` is 0 when it failed before the engine gave it one."""
+
+    request_id: int
+    reason: str
+    source: str = ""
 
 
 @dataclass(frozen=True)

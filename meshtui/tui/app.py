@@ -64,6 +64,13 @@ class MeshApp(App[None]):
         Binding("r", "rejoin", "Rejoin failed"),
     ]
 
+    class RepliesChanged(Message):
+        """A reply started or ended: whose are in flight now."""
+
+        def __init__(self, sources: tuple[str, ...]) -> None:
+            super().__init__()
+            self.sources = sources
+
     class MeshWentUp(Message):
         pass
 
@@ -108,6 +115,7 @@ class MeshApp(App[None]):
         self.up_error = ""  # the one-line reason bringing the mesh up failed
         self.exit_code = 0
         self._teardown: asyncio.Future[None] | None = None
+        self._in_flight: dict[int, str] = {}  # request id -> source, from the core's reply events
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="◆")
@@ -131,8 +139,16 @@ class MeshApp(App[None]):
                 self.log_panel.post_message(LogPanel.Recorded(event))
             case ev.StageLatencyMeasured():
                 self.nodes_view.post_message(NodesView.Changed())
-            case ev.ReplyStarted() | ev.TokenGenerated() | ev.ReplyFinished():
-                return  # the chat pane consumes its own stream
+            case ev.ReplyStarted() | ev.ReplyFinished() | ev.ReplyFailed():
+                # The chat pane consumes its own stream; it shows whose replies are in flight.
+                if isinstance(event, ev.ReplyStarted):
+                    self._in_flight[event.request_id] = event.source
+                else:
+                    self._in_flight.pop(event.request_id, None)
+                self.post_message(self.RepliesChanged(tuple(self._in_flight.values())))
+                return
+            case ev.TokenGenerated():
+                return
             case ev.MeshReady():
                 self.post_message(self.MeshWentUp())
             case ev.MeshRecovered():
@@ -203,6 +219,10 @@ class MeshApp(App[None]):
 
     def _log_line(self, source: str, message: str, level: str = "info") -> None:
         self.log_panel.post_message(LogPanel.Recorded(ev.LogRecorded(source=source, message=message, level=level)))
+
+    @on(RepliesChanged)
+    def _on_replies_changed(self, message: RepliesChanged) -> None:
+        self.chat.in_flight = message.sources
 
     @on(StageLost)
     def _on_stage_lost(self, message: StageLost) -> None:

@@ -21,6 +21,7 @@ from meshtui import events as ev
 from meshtui.errors import MeshError
 from meshtui.replies import ReplyQueue
 from meshtui.text import printable
+from meshtui.tui.formatting import replies_in_flight
 from meshtui.tui.throttle import Throttle
 
 REPLY_REDRAW_INTERVAL = 0.1  # seconds: at most 10 redraws of a streaming reply a second
@@ -48,6 +49,8 @@ class ChatMessage(Static):
 
 
 class ChatPane(Vertical):
+    in_flight: reactive[tuple[str, ...]] = reactive(())
+    """Whose replies are being generated now (the chat's and the API's), from the core's reply events."""
     ready: reactive[bool] = reactive(False)
     """The mesh can answer: a copy of the core's one definition (`ReplyQueue.ready`, which is `Mesh.ready`),
     taken by `sync_ready` whenever the core reports a change. Never set from anywhere else."""
@@ -100,6 +103,9 @@ class ChatPane(Vertical):
         self.focus_prompt()
 
     # -- readiness -------------------------------------------------------------------------------
+    def watch_in_flight(self, sources: tuple[str, ...]) -> None:
+        self.border_subtitle = replies_in_flight(sources)
+
     def sync_ready(self) -> None:
         """Take the core's readiness (the app calls this whenever the core reports something changed)."""
         self.ready = self.requests.ready

@@ -96,3 +96,14 @@ def proportional_widths(weights: Sequence[int], width: int) -> list[int]:
         widest = max(range(len(cells)), key=lambda i: cells[i])
         cells[widest] -= 1
     return cells
+
+
+def replies_in_flight(sources: Sequence[str]) -> str:
+    """Whose replies the engine is generating: `("chat", "api", "api")` reads "3 in flight: api 2, chat"."""
+    if not sources:
+        return ""
+    counts: dict[str, int] = {}
+    for source in sources:
+        counts[source or "other"] = counts.get(source or "other", 0) + 1
+    parts = [name if n == 1 else f"{name} {n}" for name, n in sorted(counts.items())]
+    return f"{len(sources)} in flight: {', '.join(parts)}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from meshtui import events as ev
-from meshtui.tui.formatting import latency_columns, layer_range, proportional_widths
+from meshtui.tui.formatting import latency_columns, layer_range, proportional_widths, replies_in_flight
 from meshtui.tui.provisioning import HostProgress
 
 
@@ -56,3 +56,9 @@ def test_a_build_on_the_host_shows_its_progress_until_the_launch() -> None:
     assert host.cell("push") == ("◐ …", "active")
     host.apply(ev.HostPhaseChanged("gpu1", "launch"))
     assert host.detail() == ("gpu1 · 16 cores · 1 GPU", "pending")
+
+
+def test_replies_in_flight_count_by_source() -> None:
+    assert replies_in_flight(()) == ""
+    assert replies_in_flight(("chat",)) == "1 in flight: chat"
+    assert replies_in_flight(("chat", "api", "api", "")) == "4 in flight: api 2, chat, other"

@@ -8,6 +8,7 @@ t_first), pooled over the replies, so prefill never counts as decode.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -93,12 +94,12 @@ async def timed_reply(events: AsyncIterator[ev.Event], prompt: str, requested_at
 
 
 def _as_dict(value: object) -> dict[str, Any]:
+    """A reply's speculation report as JSON: a dataclass's fields, or what its `to_json` gives."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
     to_json = getattr(value, "to_json", None)
-    if callable(to_json):
-        result = to_json()
-        if isinstance(result, dict):
-            return result
-    return dict(getattr(value, "__dict__", {}))
+    result = to_json() if callable(to_json) else None
+    return result if isinstance(result, dict) else {"value": repr(value)}
 
 
 def summarise_replies(replies: Sequence[ReplyTiming]) -> dict[str, Any]:

@@ -288,6 +288,7 @@ def main() -> int:
     parser.add_argument("--speculative", metavar="MODE,...", help="sweep: speculation modes, e.g. off,auto")
     parser.add_argument("--concurrency", metavar="N,...", help="sweep: requests at once, e.g. 1,2,4,8")
     parser.add_argument("--rate", metavar="RATE", help="cap every host's cable with tc tbf, e.g. 100mbit")
+    parser.add_argument("--draft", metavar="PATH_OR_NAME", help="the inventory's [model] draft (--speculative draft)")
     args = parser.parse_args()
     sweep = [f"--{flag}={value}" for flag, value in (("rtt", args.rtt), ("speculative", args.speculative),
                                                      ("concurrency", args.concurrency)) if value is not None]
@@ -317,6 +318,8 @@ def main() -> int:
                 print("preparing the synthetic model (about 2.3 GB, cached in ~/.cache/meshtui/models)",
                       file=sys.stderr, flush=True)
                 model_line = f'path = "{synthetic_model(**dataclasses.asdict(LARGE_SHAPE))}"'
+            if args.draft:  # the inventory's `[model] draft`, for --speculative draft
+                model_line += f"\ndraft = {json.dumps(args.draft)}"
             inventory = write_inventory(lab, model_line, lab.root / f"inventory-{label}.toml")
             # A new port per run: ggml's server does not set SO_REUSEADDR.
             if sweep:  # the plain TCP stages behind the same relays, as the baseline at every round trip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from meshtui.text import printable
 
 
@@ -56,3 +58,13 @@ class EngineError(MeshError):
     """The engine process failed to start, load or generate."""
 
     exit_code = 5
+
+
+def raise_first(results: Sequence[object]) -> None:
+    """After a gather across hosts: a bug (not a MeshError) wins, else the first host's failure."""
+    errors = [r for r in results if isinstance(r, BaseException)]
+    for err in errors:
+        if not isinstance(err, MeshError):
+            raise err
+    if errors:
+        raise errors[0]

@@ -1,0 +1,83 @@
+"""What the orchestrator knows of each node, as plain data, and the one place that changes a node and tells.
+
+A host's live objects (connection, agent, tunnel) are its `Stage`; a `Node` holds only facts: its status, its
+layers, its measured latencies. `NodeSink` is how every part of the orchestrator (the load, the step watchdog,
+the rejoin watch) changes a node's status or writes a log line: the change and its event always go together.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshtui import events as ev
+from meshtui.hosts import HostFacts
+from meshtui.stats import p95
+
+LATENCY_HISTORY = 256
+
+
+@dataclass
+class Node:
+    """One node (the head or a host): plain data, changed only through a `NodeSink`."""
+
+    name: str
+    address: str
+    is_head: bool = False
+    status: str = "pending"
+    reason: str = ""
+    facts: HostFacts | None = None  # None until the node is probed
+    layers: tuple[int, int] | None = None
+    usable_bytes: int = 0
+    planned_bytes: int = 0
+    device: str = "cpu"  # what holds its layers, as planned: "cpu" or the GPU's name
+    rtt_ms: float | None = None  # its stage's round trip (the minimum of recent pings)
+    latencies: deque[ev.StageLatencyMeasured] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
+    lost_reason: str = ""  # the step watchdog declared it lost; the failure path takes it from here
+    stalled_seconds: float | None = None  # how long its stall lasted before it was declared lost
+
+    def latency_summary(self) -> dict[str, float | None]:
+        values = [x.total_ms for x in self.latencies]
+        if not values:
+            return {"last": None, "mean": None, "p95": None, "network": self.rtt_ms}
+        return {
+            "last": self.latencies[-1].total_ms,
+            "mean": statistics.fmean(values),
+            "p95": p95(values),
+            "network": self.rtt_ms,
+        }
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A stage lost mid-run and the mesh rebuilt without it."""
+
+    node: str
+    token_index: int  # tokens of the reply already generated when it happened
+    seconds: float  # from noticing the loss to the engine loaded again
+    stalled_seconds: float | None = None  # how long the stage was stalled before the watchdog declared it lost
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "token_index": self.token_index, "seconds": self.seconds,
+                "stalled_seconds": self.stalled_seconds}
+
+
+@dataclass(frozen=True)
+class NodeSink:
+    """Changes a node's status and emits the matching event; writes log lines as events."""
+
+    emit: ev.Listener
+
+    def log(self, source: str, message: str, level: str = "info") -> None:
+        self.emit(ev.LogRecorded(source=source, message=message, level=level))
+
+    def phase(self, node: Node, phase: str, detail: str = "") -> None:
+        node.status = phase
+        self.emit(ev.HostPhaseChanged(node.name, phase, detail))
+
+    def fail(self, node: Node, phase: str, reason: str) -> None:
+        node.status = "failed"
+        node.reason = reason
+        self.emit(ev.HostFailed(node.name, phase, reason))

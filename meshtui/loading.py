@@ -1,0 +1,132 @@
+"""Load the model into a started engine over the planned stages, and check where its layers went.
+
+The orchestrator decides when (at start, after a recovery or a rejoin); this module performs one load: every
+stage speaks the head's RPC protocol, the head's local output stage runs when the plan puts the output there,
+the engine loads with the plan's device split, and the placement llama.cpp reports matches the plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshtui import events as ev
+from meshtui.capacity import HEAD_NAME
+from meshtui.engine.client import EngineProcess
+from meshtui.engine.protocol import Load
+from meshtui.errors import EngineError, HostError
+from meshtui.localstage import LocalStage
+from meshtui.node import Node, NodeSink
+from meshtui.placement import check_placement, engine_split, placement_by_node
+from meshtui.planner import Plan
+from meshtui.runtime import expected_rpc_protocol, local_runtime_bundle
+from meshtui.stage import Stage
+from meshtui.tunnels import StageTunnel
+
+LOAD_PROGRESS_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What one load needs besides the live stages: the model, its context and the plan it follows."""
+
+    model_path: Path
+    context: int
+    threads: int | None
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Loaded:
+    seconds: float
+    bytes_sent: int  # weights sent up the stages' tunnels
+    placement: dict[str, list[int]]  # node name -> the layers llama.cpp put there
+
+
+def stage_tunnels(stages: Mapping[str, Stage], nodes: Sequence[Node]) -> dict[str, StageTunnel]:
+    """The open tunnels of these nodes' stages, in their order."""
+    tunnels = {n.name: stages[n.name].tunnel for n in nodes if n.name in stages}
+    return {name: t for name, t in tunnels.items() if t is not None}
+
+
+def device_memory(stages: Mapping[str, Stage]) -> dict[str, list[int]]:
+    """Each remote stage's devices' free memory: a host serving several GPUs shares its layers by it."""
+    return {name: [int(d.get("memory_free") or 0) for d in stage.agent.devices]
+            for name, stage in stages.items() if stage.agent is not None}
+
+
+async def check_protocols(stages: Mapping[str, Stage], remote: Sequence[Node]) -> None:
+    """Every stage must speak the head's RPC protocol: ggml aborts on a mismatch, so ask first."""
+    expected = expected_rpc_protocol()
+    for node in remote:
+        await stages[node.name].check_protocol(expected)
+
+
+async def ensure_local_stage(plan: Plan, local_stage: LocalStage | None, threads: int | None,
+                             sink: NodeSink) -> LocalStage | None:
+    """Start (or stop) the head's local output stage as the plan says; returns the one now running, if any."""
+    if plan.output_on_head and (local_stage is None or not local_stage.alive):
+        local_stage = LocalStage(local_runtime_bundle(), threads=threads)
+        await local_stage.start()
+        sink.log(HEAD_NAME, f"local output stage on {local_stage.endpoint}")
+    elif not plan.output_on_head and local_stage is not None:
+        await local_stage.close()
+        local_stage = None
+    return local_stage
+
+
+async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node, remote: Sequence[Node],
+                      stages: Mapping[str, Stage], local_stage: LocalStage | None, sink: NodeSink,
+                      failed_stage: Callable[[], Awaitable[Node | None]]) -> Loaded:
+    """Load the model into `engine` (started) over the remote stages and the local stage, as planned.
+
+    A load that fails because a stage went away is reported as that stage's failure (`failed_stage` names it).
+    """
+    plan = request.plan
+    tunnels = stage_tunnels(stages, remote)
+    endpoint_names = {t.endpoint: name for name, t in tunnels.items()}
+    endpoints = list(endpoint_names)
+    if plan.output_on_head and local_stage is not None:
+        endpoints.append(local_stage.endpoint)  # llama.cpp's device order: remote stages, then the local one
+        endpoint_names[local_stage.endpoint] = HEAD_NAME
+    for node in [*remote, head]:
+        sink.phase(node, "load")
+    progress = asyncio.create_task(_report_load_progress(tunnels, remote, sink))
+    started = time.perf_counter()
+    split = engine_split(plan, device_memory(stages))
+    try:
+        loaded = await engine.load(Load(
+            model=str(request.model_path),
+            context=request.context,
+            endpoints=tuple(endpoints),
+            tensor_split=split.tensor_split,
+            n_gpu_layers=split.n_gpu_layers,
+            threads=request.threads,
+        ))
+    except EngineError as err:
+        failed = await failed_stage()
+        if failed is not None:
+            raise HostError(f"stage failed while loading: {failed.reason}", host=failed.name) from err
+        raise
+    finally:
+        progress.cancel()
+    seconds = time.perf_counter() - started
+    bytes_sent = sum(t.meter.bytes_up for t in tunnels.values())
+    placement = placement_by_node(loaded.placement, loaded.device_endpoints, endpoint_names)
+    check_placement(placement, plan)
+    for name, tunnel in tunnels.items():
+        sink.emit(ev.TransferProgressed(name, "load", tunnel.meter.bytes_up, None))
+    sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement)))
+    return Loaded(seconds, bytes_sent, placement)
+
+
+async def _report_load_progress(tunnels: Mapping[str, StageTunnel], remote: Sequence[Node], sink: NodeSink) -> None:
+    while True:
+        await asyncio.sleep(LOAD_PROGRESS_SECONDS)
+        for node in remote:
+            tunnel = tunnels.get(node.name)
+            if tunnel is not None:
+                sink.emit(ev.TransferProgressed(node.name, "load", tunnel.meter.bytes_up, node.planned_bytes or None))

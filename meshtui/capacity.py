@@ -5,7 +5,7 @@ One rule for `up`, `plan`, `bench` and the tests: the orchestrator only passes i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshtui.gguf_facts import ModelFacts
@@ -85,3 +85,15 @@ def capacities(model: ModelFacts, head: HeadSpec, head_facts: HostFacts,
                hosts: Sequence[ProbedHost]) -> list[NodeCapacity]:
     """The planner's input: the head first, then the hosts in inventory order."""
     return [head_capacity(model, head, head_facts.mem_available), *(host_capacity(h) for h in hosts)]
+
+
+def bandwidth_speeds(names: Sequence[str], bandwidth: Mapping[str, int | None]) -> tuple[list[float] | None, str]:
+    """Each planned node's probed memory bandwidth, for a split that follows speed. Without a measurement for
+    every node: None, and the first node that lacks one (the split then follows memory only)."""
+    speeds = []
+    for name in names:
+        measured = bandwidth.get(name)
+        if not measured:
+            return None, name
+        speeds.append(float(measured))
+    return speeds, ""

@@ -1,0 +1,48 @@
+"""What the orchestrator reports about its nodes: the per-node summary (`--json`, the TUI) and the prediction."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from meshtui.gguf_facts import ModelFacts
+from meshtui.node import Node
+from meshtui.planner import Plan
+from meshtui.predict import Prediction, predict_decode
+from meshtui.runtime import agent_source_path, load_file_module
+
+
+def predict(plan: Plan | None, model: ModelFacts | None, nodes: Sequence[Node]) -> Prediction | None:
+    """Predicted decode speed of the plan from probed bandwidth and measured round trips."""
+    if plan is None or model is None:
+        return None
+    bandwidth = {n.name: (n.facts.mem_bandwidth if n.facts else None) for n in nodes}
+    return predict_decode(plan, model, bandwidth, {n.name: n.rtt_ms for n in nodes})
+
+
+def summary(nodes: Sequence[Node]) -> list[dict[str, Any]]:
+    rows = []
+    for node in nodes:
+        lat = node.latency_summary()
+        rows.append({
+            "name": node.name,
+            "address": node.address,
+            "status": node.status,
+            "reason": node.reason or None,
+            "layers": list(node.layers) if node.layers else None,
+            "usable_bytes": node.usable_bytes,
+            "planned_bytes": node.planned_bytes,
+            "device": node.device,
+            "latency_ms": {"last": lat["last"], "mean": lat["mean"], "p95": lat["p95"]},
+            "network_rtt_ms": lat["network"],
+            "bytes_per_token": (statistics.fmean(x.bytes_up + x.bytes_down for x in node.latencies)
+                                if node.latencies else None),
+        })
+    return rows
+
+
+def probe_head() -> dict[str, Any]:
+    """The head is probed by the same code as the hosts, run in-process."""
+    result: dict[str, Any] = load_file_module(agent_source_path(), "meshtui_agent_local").probe()
+    return result

@@ -1,0 +1,101 @@
+"""A reply's result, and the attribution of each decoded token's time to the stages that computed it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from meshtui import events as ev
+from meshtui.capacity import HEAD_NAME
+from meshtui.engine.protocol import Done, ReplyEvent, Started, Token
+from meshtui.node import Node
+from meshtui.planner import Plan
+from meshtui.tunnels import StageTunnel
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    seconds: float
+    tokens_per_second: float
+    stop_reason: str
+
+
+class ReplyFold:
+    """One reply's engine events, over every attempt (a recovery replays it), folded into the core's events.
+
+    Pure: the caller passes the clock. `resume_tokens` is what a new attempt replays after a recovery.
+    """
+
+    def __init__(self, request_id: int, started: float) -> None:
+        self.request_id = request_id
+        self.started = started
+        self.generated: list[int] = []
+        self.text_parts: list[str] = []
+        self.stop_reason = "length"
+        self._announced = False
+        self._first_token_at: float | None = None
+        self._last_token_at = started
+        self._first_of_attempt = True
+
+    @property
+    def resume_tokens(self) -> tuple[int, ...]:
+        return tuple(self.generated)
+
+    def new_attempt(self) -> None:
+        self._first_of_attempt = True
+
+    def token(self, event: Token, now: float) -> tuple[ev.TokenGenerated, bool]:
+        """The event to tell, and whether the token came out of a decode step (whose time the stages' meters
+        attribute); the first token of an attempt comes out of the prompt's prefill instead."""
+        if event.token_id >= 0:
+            self._first_token_at = self._first_token_at or now
+            self._last_token_at = now
+            self.generated.append(event.token_id)
+        self.text_parts.append(event.text)
+        decoded = event.token_id >= 0 and not self._first_of_attempt
+        self._first_of_attempt = self._first_of_attempt and event.token_id < 0
+        return ev.TokenGenerated(self.request_id, event.index, event.token_id, event.text), decoded
+
+    def other(self, event: ReplyEvent) -> ev.Event | None:
+        """A non-token engine event: the reply's start (told once, not again after a recovery), its end."""
+        if isinstance(event, Started) and not self._announced:
+            self._announced = True
+            return ev.ReplyStarted(self.request_id, event.prompt_tokens)
+        if isinstance(event, Done):
+            self.stop_reason = event.stop_reason
+        return None
+
+    def finished(self, now: float) -> ev.ReplyFinished:
+        span = self._last_token_at - (self._first_token_at or self._last_token_at)
+        count = len(self.generated)
+        tps = (count - 1) / span if count > 1 and span > 0 else 0.0
+        return ev.ReplyFinished(self.request_id, "".join(self.text_parts), tuple(self.generated),
+                                now - self.started, tps, self.stop_reason)
+
+
+def head_holds_layers(plan: Plan | None) -> bool:
+    """The head computes some of each token: its own layers, or the output layer on its local stage."""
+    return plan is not None and (plan.head.n_layers > 0 or plan.output_on_head)
+
+
+def stage_latencies(remote: Sequence[Node], tunnels: Mapping[str, StageTunnel], plan: Plan | None,
+                    token: Token) -> list[ev.StageLatencyMeasured]:
+    """Each stage's round trip for the decode call that produced `token`, from its tunnel's meter; then the
+    head's share: the decode call's time less every stage's round trip (its layers, the output layer on its
+    local stage), when every stage's round trip is known."""
+    measured = []
+    for node in remote:
+        meter = tunnels[node.name].meter
+        rounds = meter.rounds
+        if token.decode_call >= len(rounds) or meter.rounds_since_reset != len(rounds):
+            continue
+        r = rounds[token.decode_call]
+        measured.append(ev.StageLatencyMeasured(
+            node.name, token.index, r.ms, min(node.rtt_ms or 0.0, r.ms), r.bytes_up, r.bytes_down))
+    if head_holds_layers(plan) and token.decode_ms > 0 and len(measured) == len(remote):
+        head_ms = max(0.0, token.decode_ms - sum(s.total_ms for s in measured))
+        measured.append(ev.StageLatencyMeasured(HEAD_NAME, token.index, head_ms, 0.0, 0, 0))
+    return measured

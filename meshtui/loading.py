@@ -37,6 +37,7 @@ class LoadRequest:
     context: int
     threads: int | None
     plan: Plan
+    parallel: int = 1  # sequences the engine decodes together
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
             tensor_split=split.tensor_split,
             n_gpu_layers=split.n_gpu_layers,
             threads=request.threads,
+            parallel=request.parallel,
         ))
     except EngineError as err:
         failed = await failed_stage()

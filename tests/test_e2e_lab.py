@@ -387,7 +387,7 @@ async def test_failed_host_rejoins_automatically_before_the_next_reply(lab, tmp_
         after_loss = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=16, temperature=0.0)
         assert [a.name for a in mesh.plan.assignments] == ["head", "h2"]
         deadline = time.monotonic() + 30
-        while "h1" not in mesh._rejoinable:
+        while "h1" not in mesh.rejoin_pending:
             assert time.monotonic() < deadline, "h1 was never found reachable again"
             await asyncio.sleep(0.1)
         rejoined = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=16, temperature=0.0)

@@ -68,7 +68,7 @@ def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> Non
 async def _rejoinable(mesh: Mesh, name: str, timeout: float = 30.0) -> None:
     """Wait until the background rejoin has found the host reachable again (it rejoins before the next reply)."""
     deadline = time.monotonic() + timeout
-    while name not in mesh._rejoinable:
+    while name not in mesh.rejoin_pending:
         assert time.monotonic() < deadline, f"{name} was never found reachable again"
         await asyncio.sleep(0.05)
 
@@ -81,9 +81,17 @@ class Timeline:
         self.recovered: float | None = None
         self.resumed: float | None = None
         self.stalled: list[str] = []
+        self.tokens_before_loss: int | None = None  # the reply's tokens out when the loss was noticed
+        self._tokens = 0
 
     def on_event(self, event: ev.Event) -> None:
         now = time.perf_counter()
+        if isinstance(event, ev.ReplyStarted):
+            self._tokens = 0
+        elif isinstance(event, ev.TokenGenerated) and event.token_id >= 0 and self.recovered is None:
+            self._tokens += 1
+        if isinstance(event, ev.MeshRecovering) and self.tokens_before_loss is None:
+            self.tokens_before_loss = self._tokens
         if isinstance(event, ev.StageStalled):
             self.stalled.append(event.host)
         elif isinstance(event, ev.MeshRecovered) and self.recovered is None:
@@ -146,7 +154,9 @@ async def test_frozen_stage_is_lost_in_seconds_then_rejoins_when_it_resumes(
                     os.kill(pid, signal.SIGCONT)
             await mesh.close()
     assert finished.token_ids == clean.token_ids and finished.text == clean.text
-    assert [(r.node, r.token_index) for r in recoveries] == [("h1", 9)]
+    # The fault comes as token 8 is read; the engine may have computed token 9 before the stage went silent.
+    assert [(r.node, r.token_index) for r in recoveries] == [("h1", timeline.tokens_before_loss)]
+    assert timeline.tokens_before_loss in (9, 10)
     assert recoveries[0].stalled_seconds is not None and recoveries[0].stalled_seconds > 0
     assert json_recoveries[0]["stalled_seconds"] == recoveries[0].stalled_seconds
     assert lost_reason.startswith("lost after a ") and "no answer to its step, nor to a ping" in lost_reason
@@ -184,7 +194,9 @@ async def test_cut_link_is_lost_in_seconds_then_rejoins_when_it_is_back(
         finally:
             await mesh.close()
     assert finished.token_ids == clean.token_ids and finished.text == clean.text
-    assert [(r.node, r.token_index) for r in recoveries] == [("h2", 9)]
+    # The fault comes as token 8 is read; the engine may have computed token 9 before the stage went silent.
+    assert [(r.node, r.token_index) for r in recoveries] == [("h2", timeline.tokens_before_loss)]
+    assert timeline.tokens_before_loss in (9, 10)
     assert recoveries[0].stalled_seconds is not None
     assert lost_reason.startswith("lost after a ")
     assert after_loss_plan == ["head", "h1"]

@@ -78,7 +78,7 @@ class FakeMesh:
                  hold_up: bool = False) -> None:
         self.listener = listener
         self.head = Node(name="head", address="127.0.0.1", is_head=True)
-        self.hosts = [Node(name=h.name, address=h.address, spec=h) for h in inventory.hosts]
+        self.hosts = [Node(name=h.name, address=h.address) for h in inventory.hosts]
         self.plan: Plan | None = None
         self.until = until
         self.fail_up = fail_up

@@ -79,6 +79,36 @@ async def ensure_local_stage(plan: Plan, local_stage: LocalStage | None, threads
     return local_stage
 
 
+def device_order(remote: Sequence[tuple[str, str]], plan: Plan,
+                 local_stage: LocalStage | None) -> list[tuple[str, str]]:
+    """(endpoint, node name) of every RPC device in llama.cpp's order: the remote stages, then the head's local
+    output stage when the plan puts the output there."""
+    devices = list(remote)
+    if plan.output_on_head and local_stage is not None:
+        devices.append((local_stage.endpoint, HEAD_NAME))
+    return devices
+
+
+async def load_split(engine: EngineProcess, request: LoadRequest, devices: Sequence[tuple[str, str]],
+                     memory: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
+    """Load the model into `engine` over these RPC devices with the plan's split; returns where llama.cpp put
+    the layers, by node name, once it is checked against the plan. The one load of `up` and of the bench's
+    plain TCP baseline."""
+    split = engine_split(request.plan, memory)
+    loaded = await engine.load(Load(
+        model=str(request.model_path),
+        context=request.context,
+        endpoints=tuple(endpoint for endpoint, _ in devices),
+        tensor_split=split.tensor_split,
+        n_gpu_layers=split.n_gpu_layers,
+        threads=request.threads,
+        parallel=request.parallel,
+    ))
+    placement = placement_by_node(loaded.placement, loaded.device_endpoints, dict(devices))
+    check_placement(placement, request.plan)
+    return placement
+
+
 async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node, remote: Sequence[Node],
                       stages: Mapping[str, Stage], local_stage: LocalStage | None, sink: NodeSink,
                       failed_stage: Callable[[], Awaitable[Node | None]]) -> Loaded:
@@ -86,28 +116,14 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
 
     A load that fails because a stage went away is reported as that stage's failure (`failed_stage` names it).
     """
-    plan = request.plan
     tunnels = stage_tunnels(stages, remote)
-    endpoint_names = {t.endpoint: name for name, t in tunnels.items()}
-    endpoints = list(endpoint_names)
-    if plan.output_on_head and local_stage is not None:
-        endpoints.append(local_stage.endpoint)  # llama.cpp's device order: remote stages, then the local one
-        endpoint_names[local_stage.endpoint] = HEAD_NAME
+    devices = device_order([(t.endpoint, name) for name, t in tunnels.items()], request.plan, local_stage)
     for node in [*remote, head]:
         sink.phase(node, "load")
     progress = asyncio.create_task(_report_load_progress(tunnels, remote, sink))
     started = time.perf_counter()
-    split = engine_split(plan, device_memory(stages))
     try:
-        loaded = await engine.load(Load(
-            model=str(request.model_path),
-            context=request.context,
-            endpoints=tuple(endpoints),
-            tensor_split=split.tensor_split,
-            n_gpu_layers=split.n_gpu_layers,
-            threads=request.threads,
-            parallel=request.parallel,
-        ))
+        placement = await load_split(engine, request, devices, device_memory(stages))
     except EngineError as err:
         failed = await failed_stage()
         if failed is not None:
@@ -117,8 +133,6 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
         progress.cancel()
     seconds = time.perf_counter() - started
     bytes_sent = sum(t.meter.bytes_up for t in tunnels.values())
-    placement = placement_by_node(loaded.placement, loaded.device_endpoints, endpoint_names)
-    check_placement(placement, plan)
     for name, tunnel in tunnels.items():
         sink.emit(ev.TransferProgressed(name, "load", tunnel.meter.bytes_up, None))
     sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement)))

@@ -22,13 +22,15 @@ from meshtui.bench.tcpstats import check_reachable, resolve_endpoint, tcp_counte
 from meshtui.bench.timing import ReplyTiming, stage_row, summarise_replies, timed_reply
 from meshtui.capacity import HEAD_NAME
 from meshtui.engine.client import EngineProcess
-from meshtui.engine.protocol import Done, Generate, Load, Loaded, Started, Token
+from meshtui.engine.protocol import Generate, Token
 from meshtui.inventory import HeadSpec, Inventory
+from meshtui.loading import LoadRequest, device_order, ensure_local_stage, load_split
 from meshtui.localstage import LocalStage
 from meshtui.mesh import Mesh
-from meshtui.placement import engine_split, expected_placement, placement_by_node
+from meshtui.node import NodeSink
+from meshtui.placement import expected_placement
 from meshtui.planner import Plan
-from meshtui.runtime import local_runtime_bundle
+from meshtui.streaming import ReplyFold
 from meshtui.tunnels import StageTunnel
 from meshtui.units import format_size
 
@@ -164,7 +166,7 @@ class TcpMode:
         self.engine: EngineProcess | None = None
         self.replies: list[ReplyTiming] = []
         self.load_seconds = 0.0
-        self.loaded: Loaded | None = None
+        self.placement: dict[str, list[int]] = {}
         self.after_load: dict[str, tuple[int, int]] | None = None
         self.reply_bytes: dict[str, list[int]] = {}
         self.counted = True
@@ -179,35 +181,34 @@ class TcpMode:
         self.ctx.progress("tcp: the same split, the engine straight to plain TCP stage servers")
         self.engine = EngineProcess(on_log=self.ctx.on_engine_log)
         await self.engine.start()
-        placed = engine_split(self.plan)  # one device per plain TCP server
-        endpoints = list(self.endpoints)
-        if self.plan.output_on_head:
-            self.local_stage = LocalStage(local_runtime_bundle(), threads=self.ctx.inventory.head.threads)
-            await self.local_stage.start()
-            endpoints.append(self.local_stage.endpoint)
+        # `up`'s own steps: the head's output stage as planned, then the one load (one device per plain server).
+        inventory = self.ctx.inventory
+        self.local_stage = await ensure_local_stage(self.plan, None, inventory.head.threads,
+                                                    NodeSink(self.ctx.listener))
+        devices = device_order(list(zip(self.endpoints, self.names, strict=True)), self.plan, self.local_stage)
         started = time.perf_counter()
-        self.loaded = await self.engine.load(Load(
-            model=str(self.ctx.model_path), context=self.ctx.inventory.model.context, endpoints=tuple(endpoints),
-            threads=self.ctx.inventory.head.threads, tensor_split=placed.tensor_split,
-            n_gpu_layers=placed.n_gpu_layers))
+        self.placement = await load_split(self.engine, LoadRequest(
+            self.ctx.model_path, inventory.model.context, inventory.head.threads, self.plan, self.plan.parallel),
+            devices)
         self.load_seconds = time.perf_counter() - started
         self.after_load = await tcp_counters(self.engine.pid)
         await self._engine_reply(0, WARMUP_PROMPT, WARMUP_TOKENS)
 
     async def _engine_reply(self, request_id: int, prompt: str, max_tokens: int, *, chat: bool = False
                             ) -> ReplyTiming:
+        """One reply straight from the engine, folded into the core's events as `Mesh.stream` folds it."""
         assert self.engine is not None
         timing = ReplyTiming(prompt, time.perf_counter())
         command = (Generate(id=request_id, messages=({"role": "user", "content": prompt},), max_tokens=max_tokens,
                             temperature=0.0, seed=0) if chat else
                    Generate(id=request_id, prompt=prompt, raw=True, max_tokens=max_tokens, temperature=0.0, seed=0))
+        fold = ReplyFold(request_id, timing.requested_at)
         async for event in self.engine.generate(command):
-            if isinstance(event, Started):
-                timing.prompt_tokens = event.prompt_tokens
-            elif isinstance(event, Token):
-                timing.token(event.token_id, time.perf_counter())
-            elif isinstance(event, Done):
-                timing.stop_reason = event.stop_reason
+            now = time.perf_counter()
+            told = fold.token(event, now)[0] if isinstance(event, Token) else fold.other(event)
+            if told is not None:
+                timing.fold(told, now)
+        timing.fold(fold.finished(time.perf_counter()), time.perf_counter())
         return timing
 
     async def chat(self, prompt: str, max_tokens: int) -> ReplyTiming:
@@ -238,11 +239,7 @@ class TcpMode:
         run: dict[str, Any] = {"mode": self.mode, "load_seconds": self.load_seconds, **summarise_replies(self.replies)}
         after_load = self.after_load
         run["load_bytes_sent"] = sum(after_load.get(p, (0, 0))[0] for p in self.peers) if after_load else None
-        names = dict(zip(self.endpoints, self.names, strict=True))
-        if self.local_stage is not None:
-            names[self.local_stage.endpoint] = HEAD_NAME
-        placement = (placement_by_node(self.loaded.placement, self.loaded.device_endpoints, names)
-                     if self.loaded else {})
+        placement = self.placement
         run.update({"placement": placement, "placement_matches_plan": placement == expected_placement(self.plan),
                     "bytes_source": "kernel TCP counters (ss -ti); no proxy in the path, so per-stage latency "
                                     "and round trips are not measured"})

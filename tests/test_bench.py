@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import socket
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import meshtui_json
+from helpers import REPO, meshtui_json
 
 from meshtui.bench import parse_ss, parse_tcp_stages
 from meshtui.errors import InventoryError
+from meshtui.runtime import local_runtime_bundle
 
 
 @pytest.mark.slow
@@ -60,3 +67,54 @@ def test_ss_counters_are_summed_per_peer_for_one_process() -> None:
         "\t cubic bytes_acked:999 bytes_received:999\n"
     )
     assert parse_ss(text, 42) == {"198.51.100.11:50052": (1005, 307)}
+
+
+@contextlib.contextmanager
+def plain_tcp_stages(folder: Path, names: list[str]) -> Iterator[dict[str, str]]:
+    """bench/tcp_stage.py (a plain TCP ggml RPC server on the meshtui runtime) on 127.0.0.1, one per name."""
+    (folder / "lib").mkdir(parents=True)
+    for rel, path in local_runtime_bundle().files:
+        shutil.copy2(path, folder / rel)
+    procs: list[subprocess.Popen[str]] = []
+    endpoints: dict[str, str] = {}
+    try:
+        for name in names:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "tcp_stage.py"), "--runtime", str(folder),
+                                     "--host", "127.0.0.1", "--port", str(port)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout is not None
+            assert json.loads(proc.stdout.readline())["event"] == "ready"
+            endpoints[name] = f"127.0.0.1:{port}"
+        yield endpoints
+    finally:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(10)
+
+
+@pytest.mark.slow
+def test_the_tcp_baseline_loads_as_up_does_and_runs_behind_the_relays_too(tmp_path: Path) -> None:
+    with plain_tcp_stages(tmp_path / "runtime", ["lab1", "lab2"]) as endpoints:
+        stages = ",".join(f"{name}={endpoint}" for name, endpoint in endpoints.items())
+        report = meshtui_json("bench", "--lab-hosts", "2", "--tcp-stages", stages, "--prompts", "1",
+                              "--max-tokens", "6")
+        runs = {run["mode"]: run for run in report["runs"]}
+        assert set(runs) == {"single", "ssh", "tcp"} and report["skipped"] == []
+        assert runs["tcp"]["placement_matches_plan"] is True
+        assert runs["tcp"]["placement"] == runs["ssh"]["placement"]
+        assert runs["tcp"]["load_bytes_sent"] > 0 and runs["tcp"]["decode_tokens_per_second"] > 0
+        assert report["outputs_identical"] is True and report["ssh_over_tcp_decode_ratio"] > 0
+        # The same plain stages as the baseline of the round-trip sweep, behind the same relays.
+        sweep = meshtui_json("bench", "--lab-hosts", "2", "--tcp-stages", stages, "--rtt", "2", "--prompts", "1",
+                             "--max-tokens", "4")
+    assert [(r["path"], r["prompts"]) for r in sweep["rtt_sweep"]] == [
+        ("ssh", "copy"), ("tcp", "copy"), ("ssh", "free"), ("tcp", "free")]
+    tcp_rows = [r for r in sweep["rtt_sweep"] if r["path"] == "tcp"]
+    assert all(r["agreement_with_off"] == [{"identical": True, "common_prefix": r["replies"][0]["tokens"],
+                                            "parted_at": None}] for r in tcp_rows)
+    assert sorted(g["prompts"] for g in sweep["speedups"] if "ssh_over_tcp" in g) == ["copy", "free"]

@@ -44,6 +44,8 @@ def test_sweeps_on_the_embedded_lab(tmp_path: Path) -> None:
         assert set(row["stage_ping_ms"]) == {"lab1", "lab2"}
         assert row["decode_tokens_per_second"] > 0 and row["generated_tokens"] > 0
         assert len(row["replies"]) == 1 and row["replies"][0]["tokens"] >= 2
+        if row["speculative"] == "off":  # a token per step at most: every step is a round trip of every stage
+            assert 0 < row["tokens_per_round_trip"] <= 1.0, row["tokens_per_round_trip"]
         if row["rtt_ms"] == 3.0:  # through the relay: 1.5 ms each way is a floor
             assert min(row["stage_ping_ms"].values()) >= 3.0, row["stage_ping_ms"]
     conc = report["concurrency_sweep"]

@@ -116,6 +116,11 @@ def render_rtt_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             got = (by_key.get((rtt, s, m)) or {}).get("decode_tokens_per_second")
             line += f" {_ratio(got / under if got and under else None):>16}"
         lines.append(line)
+    trips = [r for r in rows if r.get("tokens_per_round_trip") is not None]
+    if trips:
+        lines.append("tokens per round trip (busiest stage, prefill included): " + ", ".join(
+            f"{r['prompts']} {series_label(r)} {r['tokens_per_round_trip']:.2f}"
+            for r in trips if r["rtt_ms"] == trips[0]["rtt_ms"]) + f" (at {trips[0]['rtt_ms']:g} ms)")
     spec = [r for r in rows if r.get("speculation")]
     if spec:
         lines += ["", f"{'rtt ms':>6} {'prompts':>8} {'mode':>6} {'drafted':>8} {'accepted':>9} {'tokens/step':>12}"]

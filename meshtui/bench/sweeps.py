@@ -91,7 +91,10 @@ class SweepMode:
     async def chat(self, prompt: str, max_tokens: int) -> ReplyTiming:
         stream = self.mesh.mesh.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
                                        temperature=0.0, seed=0, **self.per_reply)
-        return await timed_reply(stream, prompt)
+        timing = await timed_reply(stream, prompt)
+        meters = [t.meter for t in self.mesh.tunnels().values()]  # the mesh counts each reply's from its start
+        timing.round_trips = max((m.rounds_since_reset for m in meters), default=None)
+        return timing
 
     async def pings(self) -> dict[str, float | None]:
         """Each stage's round trip now: the least of a few pings through its agent's channel (the relay's path)."""
@@ -148,6 +151,14 @@ def _decode_rate(replies: Sequence[ReplyTiming]) -> float | None:
     return tokens / seconds if seconds > 0 else None
 
 
+def _tokens_per_round_trip(replies: Sequence[ReplyTiming]) -> float | None:
+    """Tokens generated per round trip of the busiest stage, prefill's included (1 or less without speculation)."""
+    trips = [r.round_trips for r in replies]
+    if not trips or any(t is None or t == 0 for t in trips):
+        return None
+    return sum(len(r.token_ids) for r in replies) / sum(t or 0 for t in trips)
+
+
 def _speculation_totals(replies: Sequence[ReplyTiming]) -> dict[str, Any] | None:
     reports = [r.speculative for r in replies if r.speculative]
     if not reports:
@@ -184,6 +195,7 @@ async def _rtt_sweep(modes: Sequence[SweepTarget], links: LinkProcess, options: 
                     if any(r.ttft is not None for r in got) else None,
                     "generated_tokens": sum(len(r.token_ids) for r in got),
                     "speculation": _speculation_totals(got),
+                    "tokens_per_round_trip": _tokens_per_round_trip(got),
                     "replies": [r.to_json() for r in got],
                 }
                 if reference is not None and mode.key != "off":

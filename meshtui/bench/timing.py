@@ -35,6 +35,7 @@ class ReplyTiming:
     stop_reason: str = "length"
     finished_at: float | None = None
     speculative: dict[str, Any] | None = None  # the reply's speculation report, when the mesh gives one
+    round_trips: int | None = None  # round trips of the busiest stage during the reply (prefill included)
 
     def fold(self, event: ev.Event, now: float) -> None:
         """Take one of the reply's events, arrived at `now`."""
@@ -79,7 +80,8 @@ class ReplyTiming:
         return {"prompt_tokens": self.prompt_tokens, "tokens": len(self.token_ids), "ttft_seconds": self.ttft,
                 "decode_seconds": self.decode_seconds, "stop_reason": self.stop_reason,
                 "token_ids": list(self.token_ids),
-                **({"speculative": self.speculative} if self.speculative is not None else {})}
+                **({"speculative": self.speculative} if self.speculative is not None else {}),
+                **({"round_trips": self.round_trips} if self.round_trips is not None else {})}
 
 
 async def timed_reply(events: AsyncIterator[ev.Event], prompt: str, requested_at: float | None = None,

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=48, metavar="N", help="tokens per prompt (default 48)")
     bench.add_argument("--tcp-stages", metavar="NAME=HOST:PORT,...",
                        help="plain TCP ggml RPC servers you started, one per stage: adds the 'tcp' baseline")
+    bench.add_argument("--parallel", type=int, default=None, metavar="N",
+                       help="replies decoded together, as on up (default: the most --concurrency sends at once, "
+                            f"else {DEFAULT_PARALLEL})")
     bench.add_argument("--rtt", metavar="MS,...",
                        help="sweep: the round trip added to every link, e.g. 0,1,2,5 (slow-link relays in front of "
                             "the hosts' sshd; decode tok/s per round trip)")
@@ -323,13 +326,16 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     from meshtui import bench
 
     sweep = args.rtt is not None or args.speculative is not None or args.concurrency is not None
+    if args.parallel is not None and args.parallel < 1:
+        raise InventoryError(f"--parallel: expected at least 1, not {args.parallel}")
     options = bench.BenchOptions(prompts=args.prompts, max_tokens=args.max_tokens,
-                                 tcp_stages=bench.parse_tcp_stages(args.tcp_stages) if args.tcp_stages else {})
+                                 tcp_stages=bench.parse_tcp_stages(args.tcp_stages) if args.tcp_stages else {},
+                                 parallel=args.parallel)
     sweep_options = bench.SweepOptions(
         rtt_ms=bench.parse_rtt(args.rtt) if args.rtt is not None else (0.0,),
         speculative=bench.parse_speculative(args.speculative) if args.speculative is not None else ("off",),
         concurrency=bench.parse_concurrency(args.concurrency) if args.concurrency is not None else (),
-        prompts=args.prompts, max_tokens=args.max_tokens, tcp_stages=options.tcp_stages)
+        prompts=args.prompts, max_tokens=args.max_tokens, tcp_stages=options.tcp_stages, parallel=args.parallel)
 
     def progress(line: str) -> None:
         if args.verbose or not args.json:

@@ -33,6 +33,7 @@ def test_sweeps_on_the_embedded_lab(tmp_path: Path) -> None:
                           timeout=600)
     assert report["kind"] == "sweep"
     assert report["settings"]["rtt_ms"] == [0.0, 3.0] and report["settings"]["concurrency"] == [1, 2]
+    assert report["settings"]["mesh_parallel"] == 2  # the mesh decodes as many replies as the sweep sends at once
     runnable = ["off", "auto"] if speculation_support() else ["off"]
     if not speculation_support():
         assert report["skipped"] == [{"speculative": "auto",
@@ -150,6 +151,8 @@ def test_sweep_flags_are_parsed_and_bad_ones_named() -> None:
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "meshtui: error: --rtt: 'fast' is not valid (could not convert string to float: 'fast')"]
+    result = meshtui("bench", "--lab-hosts", "1", "--rtt", "1", "--parallel", "0")
+    assert result.stderr.strip().splitlines() == ["meshtui: error: --parallel: expected at least 1, not 0"]
     result = meshtui("bench", "--lab-hosts", "1", "--rtt", "1", "--tcp-stages", "lab1=127.0.0.1:9")
     assert result.returncode != 0
     [line] = result.stderr.strip().splitlines()

@@ -35,6 +35,10 @@ class BenchOptions:
     prompts: int = 3
     max_tokens: int = 48
     tcp_stages: Mapping[str, str] = field(default_factory=dict)  # node name -> "host:port"
+    parallel: int | None = None  # Mesh(parallel=N); None: up's default
+
+    def mesh_options(self) -> dict[str, Any]:
+        return {"parallel": self.parallel} if self.parallel is not None else {}
 
 
 def check_counts(prompts: int, available: int, max_tokens: int) -> None:
@@ -83,6 +87,7 @@ async def run_bench(inventory: Inventory, options: BenchOptions, *, accept_new: 
     report: dict[str, Any] = {
         **bench_header(inventory, model_path, facts),
         "settings": {"prompts": list(prompts), "max_tokens": ctx.max_tokens, "temperature": 0.0,
+                     "parallel": options.parallel,
                      "warmup": {"prompt": "Hello", "tokens": 4},
                      "schedule": "interleaved" if interleaved else "sequential",
                      "head_threads": inventory.head.threads,
@@ -91,8 +96,8 @@ async def run_bench(inventory: Inventory, options: BenchOptions, *, accept_new: 
     }
     if not options.tcp_stages:
         report["skipped"].append({"mode": "tcp", "reason": "no --tcp-stages given"})
-    single = MeshMode(ctx, "single", head_alone(inventory))
-    mesh_mode = MeshMode(ctx, "ssh", inventory)
+    single = MeshMode(ctx, "single", head_alone(inventory), **options.mesh_options())
+    mesh_mode = MeshMode(ctx, "ssh", inventory, **options.mesh_options())
     modes: list[Mode] = [single, mesh_mode]
     opened: list[Mode] = []
     try:
@@ -125,7 +130,7 @@ async def run_bench(inventory: Inventory, options: BenchOptions, *, accept_new: 
     report["runs"] = [mode.result() for mode in opened]
     report["plan"] = {"assignments": plan.to_json(), "n_gpu_layers": plan.n_gpu_layers,
                       "tensor_split": list(engine_split(plan).tensor_split)}
-    report.update(await _reload_over_ssh(ctx, plan))
+    report.update(await _reload_over_ssh(ctx, plan, options.mesh_options()))
     by_mode = {run["mode"]: run for run in report["runs"]}
     ssh_tps = by_mode["ssh"]["decode_tokens_per_second"]
     tcp_tps = by_mode.get("tcp", {}).get("decode_tokens_per_second")
@@ -137,10 +142,10 @@ async def run_bench(inventory: Inventory, options: BenchOptions, *, accept_new: 
     return report
 
 
-async def _reload_over_ssh(ctx: BenchContext, plan: Plan) -> dict[str, Any]:
+async def _reload_over_ssh(ctx: BenchContext, plan: Plan, mesh_options: dict[str, Any]) -> dict[str, Any]:
     """A second mesh on the same hosts: the agents' RPC cache spares every tensor over ggml's 10 MB threshold."""
     ctx.progress("ssh: second load on the same hosts (agents keep ggml's RPC cache)")
-    mesh = Mesh(ctx.inventory, accept_new=ctx.accept_new, listener=ctx.listener)
+    mesh = Mesh(ctx.inventory, accept_new=ctx.accept_new, listener=ctx.listener, **mesh_options)
     try:
         await mesh.up()
         same_plan = mesh.plan is not None and mesh.plan.assignments == plan.assignments

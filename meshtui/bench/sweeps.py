@@ -64,6 +64,7 @@ class SweepOptions:
     prompts: int = 3  # of each set
     max_tokens: int = 64
     tcp_stages: Mapping[str, str] = field(default_factory=dict)  # node name -> "host:port", relayed too
+    parallel: int | None = None  # Mesh(parallel=N); None: the most requests sent at once, else up's default
 
 
 def speculation_support() -> str | None:
@@ -129,11 +130,11 @@ class TcpSweepMode:
 SweepTarget = SweepMode | TcpSweepMode
 
 
-def parallel_option(concurrency: Sequence[int]) -> dict[str, int]:
-    """`Mesh(parallel=N)` for the most requests the sweep sends at once, where this build's mesh takes it."""
-    if concurrency and "parallel" in inspect.signature(Mesh).parameters:
-        return {"parallel": max(concurrency)}
-    return {}
+def parallel_option(options: SweepOptions) -> dict[str, int]:
+    """`Mesh(parallel=N)`: as given, else the most requests the sweep sends at once (else up's default)."""
+    if options.parallel is not None:
+        return {"parallel": options.parallel}
+    return {"parallel": max(options.concurrency)} if options.concurrency else {}
 
 
 def sweep_modes(ctx: BenchContext, inventory: Inventory, wanted: Sequence[str], support: str | None,
@@ -323,7 +324,7 @@ async def run_sweeps(inventory: Inventory, options: SweepOptions, *, accept_new:
                      "max_tokens": options.max_tokens, "temperature": 0.0, "chat": True,
                      "prompt_sets": {k: list(v[:options.prompts]) for k, v in PROMPT_SETS.items()},
                      "speculation_support": support,
-                     "mesh_parallel": parallel_option(options.concurrency).get("parallel"),
+                     "mesh_parallel": parallel_option(options).get("parallel"),
                      "link": "one relay process on 127.0.0.1 in front of each host's sshd; 0 ms = no delay added",
                      "head_threads": inventory.head.threads,
                      "host_threads": {h.name: h.threads for h in inventory.hosts}},
@@ -337,7 +338,7 @@ async def run_sweeps(inventory: Inventory, options: SweepOptions, *, accept_new:
     tcp_targets = [parse_target(options.tcp_stages[n]) for n in tcp_names]
     with tempfile.TemporaryDirectory(prefix="meshtui-bench-") as folder, \
             slow_links(inventory, Path(folder), options.rtt_ms[0], tcp_targets) as (through, links, tcp_ports):
-        modes = sweep_modes(ctx, through, runnable, support, parallel_option(options.concurrency))
+        modes = sweep_modes(ctx, through, runnable, support, parallel_option(options))
         meshes = list({id(m.mesh): m.mesh for m in modes}.values())
         tcp: TcpMode | None = None
         try:

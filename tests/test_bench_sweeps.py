@@ -17,8 +17,8 @@ from helpers import meshtui, meshtui_json
 from meshtui.bench import parse_concurrency, parse_rtt, parse_speculative, render_sweep_table
 from meshtui.bench.links import link_targets, ssh_config_through
 from meshtui.bench.plot import render_sweep_svg
-from meshtui.bench.sweeps import speculation_support, speedups
-from meshtui.bench.timing import token_agreement
+from meshtui.bench.sweeps import speculation_support, speculation_totals, speedups
+from meshtui.bench.timing import ReplyTiming, token_agreement
 from meshtui.errors import InventoryError
 from meshtui.inventory import HeadSpec, HostSpec, Inventory, ModelSpec, SSHSpec
 
@@ -182,3 +182,13 @@ def test_relayed_hosts_keep_their_key_names_and_proxied_ones_are_refused(tmp_pat
     with pytest.raises(InventoryError, match="^h3: --rtt cannot put a slow link in front of a host reached through "
                                              "ProxyJump or ProxyCommand$"):
         link_targets(proxied)
+
+
+def test_speculation_reports_are_summed_with_each_replys_own_steps() -> None:
+    copied = ReplyTiming("a", 0.0, token_ids=list(range(30)), speculative={
+        "mode": "auto", "drafted": 40, "accepted": 20, "verify_steps": 8, "tokens_per_step": 3.0})
+    plain = ReplyTiming("b", 0.0, token_ids=list(range(10)), speculative={
+        "mode": "auto", "drafted": 0, "accepted": 0, "verify_steps": 0, "tokens_per_step": 1.0})
+    assert speculation_totals([copied, plain]) == {"drafted": 40, "accepted": 20, "verify_steps": 8, "acceptance": 0.5,
+                                                   "tokens_per_step": 2.0}  # 40 tokens in 10 + 10 steps
+    assert speculation_totals([ReplyTiming("c", 0.0, token_ids=[1, 2])]) is None

@@ -160,15 +160,18 @@ def _tokens_per_round_trip(replies: Sequence[ReplyTiming]) -> float | None:
     return sum(len(r.token_ids) for r in replies) / sum(t or 0 for t in trips)
 
 
-def _speculation_totals(replies: Sequence[ReplyTiming]) -> dict[str, Any] | None:
-    reports = [r.speculative for r in replies if r.speculative]
-    if not reports:
+def speculation_totals(replies: Sequence[ReplyTiming]) -> dict[str, Any] | None:
+    """The replies' speculation reports summed: drafted, accepted, verify steps; acceptance and tokens per step
+    (the steps each reply took, from its own tokens per step)."""
+    reported = [(r, r.speculative) for r in replies if r.speculative]
+    if not reported:
         return None
-    totals = {key: sum(int(rep.get(key) or 0) for rep in reports) for key in ("drafted", "accepted", "verify_steps")}
-    steps = totals["verify_steps"]
-    tokens = sum(len(r.token_ids) for r in replies)
+    totals = {key: sum(int(rep.get(key) or 0) for _, rep in reported)
+              for key in ("drafted", "accepted", "verify_steps")}
+    per_step = [(len(r.token_ids), float(rep["tokens_per_step"])) for r, rep in reported if rep.get("tokens_per_step")]
+    steps = sum(tokens / rate for tokens, rate in per_step)
     return {**totals, "acceptance": totals["accepted"] / totals["drafted"] if totals["drafted"] else None,
-            "tokens_per_step": tokens / steps if steps else None}
+            "tokens_per_step": sum(tokens for tokens, _ in per_step) / steps if steps else None}
 
 
 async def _rtt_sweep(modes: Sequence[SweepTarget], links: LinkProcess, options: SweepOptions,
@@ -195,7 +198,7 @@ async def _rtt_sweep(modes: Sequence[SweepTarget], links: LinkProcess, options: 
                     "ttft_seconds": statistics.fmean(r.ttft for r in got if r.ttft is not None)
                     if any(r.ttft is not None for r in got) else None,
                     "generated_tokens": sum(len(r.token_ids) for r in got),
-                    "speculation": _speculation_totals(got),
+                    "speculation": speculation_totals(got),
                     "tokens_per_round_trip": _tokens_per_round_trip(got),
                     "replies": [r.to_json() for r in got],
                 }

@@ -168,10 +168,22 @@ def speculation_totals(replies: Sequence[ReplyTiming]) -> dict[str, Any] | None:
         return None
     totals = {key: sum(int(rep.get(key) or 0) for _, rep in reported)
               for key in ("drafted", "accepted", "verify_steps")}
-    per_step = [(len(r.token_ids), float(rep["tokens_per_step"])) for r, rep in reported if rep.get("tokens_per_step")]
-    steps = sum(tokens / rate for tokens, rate in per_step)
+    counted: list[tuple[int, float]] = []
+    for reply, report in reported:
+        steps_taken = _steps(len(reply.token_ids), report)
+        if steps_taken:
+            counted.append((len(reply.token_ids), steps_taken))
+    steps = sum(s for _, s in counted)
     return {**totals, "acceptance": totals["accepted"] / totals["drafted"] if totals["drafted"] else None,
-            "tokens_per_step": sum(tokens for tokens, _ in per_step) / steps if steps else None}
+            "tokens_per_step": sum(tokens for tokens, _ in counted) / steps if steps else None}
+
+
+def _steps(tokens: int, report: dict[str, Any]) -> float | None:
+    """The decode steps a reply took: as reported, else from its tokens per step."""
+    if report.get("decode_steps"):
+        return float(report["decode_steps"])
+    rate = report.get("tokens_per_step")
+    return tokens / float(rate) if rate else None
 
 
 async def _rtt_sweep(modes: Sequence[SweepTarget], links: LinkProcess, options: SweepOptions,

@@ -96,12 +96,15 @@ async def timed_reply(events: AsyncIterator[ev.Event], prompt: str, requested_at
 
 
 def _as_dict(value: object) -> dict[str, Any]:
-    """A reply's speculation report as JSON: a dataclass's fields, or what its `to_json` gives."""
+    """A reply's speculation report as JSON: a dataclass's fields with what its `to_json` adds (derived rates)."""
+    result: dict[str, Any] = {}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        result.update(dataclasses.asdict(value))
     to_json = getattr(value, "to_json", None)
-    result = to_json() if callable(to_json) else None
-    return result if isinstance(result, dict) else {"value": repr(value)}
+    extra = to_json() if callable(to_json) else None
+    if isinstance(extra, dict):
+        result.update(extra)
+    return result or {"value": repr(value)}
 
 
 def summarise_replies(replies: Sequence[ReplyTiming]) -> dict[str, Any]:

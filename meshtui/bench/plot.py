@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,18 @@ def render_sweep_svg(report: Mapping[str, Any]) -> str:
             f'<rect width="{width}" height="{height}" fill="white"/>\n' + "\n".join(parts) + "\n</svg>\n")
 
 
+_NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
+
+
+def compact_json(report: Mapping[str, Any]) -> str:
+    """Indented JSON with every list of numbers (a reply's token ids) on one line."""
+    text = json.dumps(report, indent=2)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+
+
 def write_outputs(report: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path, svg_path = out / "bench.json", out / "bench.svg"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    json_path.write_text(compact_json(report) + "\n")
     svg_path.write_text(render_sweep_svg(report) if report.get("kind") == "sweep" else render_svg(report))
     return json_path, svg_path

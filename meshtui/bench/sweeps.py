@@ -223,7 +223,7 @@ async def _rtt_sweep(modes: Sequence[SweepTarget], links: LinkProcess, options: 
     return rows
 
 
-async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int,
+async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int, params: dict[str, Any],
                       late: str | None = None) -> tuple[list[ReplyTiming], int]:
     """Send every prompt at once (and `late` once the others decode); the replies, and the most that were
     streaming tokens at the same time.
@@ -239,7 +239,7 @@ async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int
         nonlocal streaming, most
         timing = ReplyTiming(prompt, time.perf_counter())
         async for event in queue.stream(source=f"bench-{index}", messages=[{"role": "user", "content": prompt}],
-                                        max_tokens=max_tokens, temperature=0.0, seed=0):
+                                        max_tokens=max_tokens, temperature=0.0, seed=0, **params):
             had_tokens = bool(timing.token_ids)
             timing.fold(event, time.perf_counter())
             if timing.token_ids and not had_tokens:
@@ -285,12 +285,13 @@ async def _concurrency_sweep(mode: SweepMode, links: LinkProcess, options: Sweep
                     alone[prompt] = (await mode.chat(prompt, options.max_tokens)).token_ids
             await _forget(mode)
             started = time.perf_counter()
-            replies, most = await _concurrent(queue, batch, options.max_tokens)
+            replies, most = await _concurrent(queue, batch, options.max_tokens, mode.per_reply)
             late = None
             if count > 1:  # one more request arriving while count - 1 others decode, against an idle mesh
                 await _forget(mode)
                 idle = (await mode.chat(batch[-1], options.max_tokens)).ttft
-                arrived = (await _concurrent(queue, batch[:-1], options.max_tokens, late=batch[-1]))[0][-1]
+                arrived = (await _concurrent(queue, batch[:-1], options.max_tokens, mode.per_reply,
+                                             late=batch[-1]))[0][-1]
                 late = {"ttft_seconds": arrived.ttft, "idle_ttft_seconds": idle,
                         "over_idle": arrived.ttft / idle if arrived.ttft and idle else None}
             firsts = [r.token_times[0] for r in replies if r.token_times]

@@ -26,6 +26,7 @@ class Load:
     batch: int = 512
     seed: int = 0
     parallel: int = 1  # sequences the engine decodes together; `context` is each one's (n_ctx = context x parallel)
+    draft_model: str | None = None  # a GGUF with the model's vocabulary, run on the head's CPU to draft tokens
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class Generate:
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    speculative: str = "auto"  # "auto" | "ngram" | "draft" | "off": which drafts the mesh verifies in one step
+    draft_length: int = 0  # 0: the draft length adapts; N: always draft up to N tokens (references, benches)
+
+
+SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Loaded:
 class Started:
     id: int
     prompt_tokens: int
+    decode_call: int = 0  # the engine-wide index of the first decode step that can carry this request
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ class Token:
     index: int
     token_id: int  # -1: no token, only the UTF-8 tail of the text so far
     text: str
-    decode_call: int  # the index of the llama_decode call whose logits produced it
+    decode_call: int  # the engine-wide decode step whose logits produced it (shared by accepted drafts)
     decode_ms: float = 0.0  # how long that call took: the head's layers plus every stage's round trip
 
 
@@ -96,6 +103,9 @@ class Done:
     text: str
     seconds: float
     prompt_tokens: int
+    drafted: int = 0  # draft tokens sent to verification
+    accepted: int = 0  # of those, the ones the model agreed with
+    verify_steps: int = 0  # decode steps that verified at least one drafted token
 
 
 @dataclass(frozen=True)

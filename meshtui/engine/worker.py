@@ -7,7 +7,6 @@ the original stdout (native code's prints are moved to stderr so they cannot cor
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import os
 import queue
@@ -18,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshtui.engine.decoder import Decoder
+from meshtui.engine.drafts import DraftModel
+from meshtui.engine.prompts import prompt_tokens
 from meshtui.engine.protocol import (
     Bye,
     Cancel,
     Command,
-    Done,
     Event,
     Failed,
     Generate,
@@ -30,8 +31,6 @@ from meshtui.engine.protocol import (
     Load,
     Loaded,
     Shutdown,
-    Started,
-    Token,
     decode_command,
     encode,
 )
@@ -54,15 +53,16 @@ class Protocol:
 
 
 class Engine:
+    """Loading, and the handing of requests to the step loop (`meshtui.engine.decoder`)."""
+
     def __init__(self, proto: Protocol) -> None:
         self.proto = proto
-        self.llm: Any = None
+        self.model: Any = None
+        self.metadata: dict[str, str] = {}
+        self.decoder: Decoder | None = None
         self.placement: dict[int, str] = {}
-        self.cancel = threading.Event()  # cancel the reply under way, whichever it is
-        self.cancelled_ids: set[Any] = set()  # cancel these requests, even before they start
-        self.decode_calls = 0
-        self.decode_ms = 0.0  # how long the last decode call took
         self.device_endpoints: dict[str, str] = {}  # ggml device name ("RPC0") -> endpoint
+        self._keep: list[Any] = []  # ctypes objects llama.cpp points into while the model lives
         self._log_cb: Any = None
 
     # -- loading ---------------------------------------------------------------------------------
@@ -116,138 +116,66 @@ class Engine:
 
     def load(self, cmd: Load) -> None:
         import llama_cpp
+        from llama_cpp import _internals as internals
 
+        if self.decoder is not None:
+            raise RuntimeError("a model is loaded already; start a new engine to load another")
         self._install_log_capture(llama_cpp)
+        llama_cpp.llama_backend_init()
+        threads = int(cmd.threads or max(1, os.cpu_count() or 1))
+        parallel = max(1, int(cmd.parallel))
+        draft: DraftModel | None = None
+        if cmd.draft_model:
+            # Checked before the weights travel: a draft with another vocabulary is refused at once.
+            vocab_params = llama_cpp.llama_model_default_params()
+            vocab_params.vocab_only = True
+            target_vocab = internals.LlamaModel(path_model=cmd.model, params=vocab_params, verbose=False)
+            try:
+                draft = DraftModel(cmd.draft_model, target_vocab.vocab, context=int(cmd.context),
+                                   sequences=parallel, threads=threads, batch=int(cmd.batch))
+            finally:
+                target_vocab.close()
         self._register_rpc(llama_cpp, list(cmd.endpoints))
         started = time.perf_counter()
-        kwargs: dict[str, Any] = {
-            "model_path": cmd.model,
-            "n_ctx": int(cmd.context),
-            "n_batch": int(cmd.batch),
-            "n_ubatch": int(cmd.batch),
-            "n_threads": int(cmd.threads or max(1, os.cpu_count() or 1)),
-            "n_gpu_layers": int(cmd.n_gpu_layers),
-            "seed": int(cmd.seed),
-            # Off on purpose: CUDA stages built on hosts leave out the flash-attention kernels (a quarter of the
-            # build time), and a stage asked for an op it lacks aborts. The same setting everywhere keeps the
-            # single-process reference comparable.
-            "flash_attn": False,
-            "verbose": False,
-        }
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = int(cmd.n_gpu_layers)
         if cmd.tensor_split:
-            kwargs["tensor_split"] = [float(x) for x in cmd.tensor_split]
-        self.llm = llama_cpp.Llama(**kwargs)
-        self._install_log_capture(llama_cpp)  # Llama() may have replaced the callback
-        ctx = self.llm._ctx
-        original_decode = ctx.decode
-
-        def counting_decode(batch: Any) -> Any:
-            self.decode_calls += 1
-            started = time.perf_counter()
-            try:
-                return original_decode(batch)
-            finally:
-                self.decode_ms = (time.perf_counter() - started) * 1000.0
-
-        ctx.decode = counting_decode
+            split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*[float(x) for x in cmd.tensor_split])
+            self._keep.append(split)
+            params.tensor_split = split
+        self.model = internals.LlamaModel(path_model=cmd.model, params=params, verbose=False)
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = int(cmd.context) * parallel  # `context` is each sequence's
+        ctx_params.n_batch = ctx_params.n_ubatch = int(cmd.batch)
+        ctx_params.n_seq_max = parallel
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = max(1, os.cpu_count() or 1)
+        # Off on purpose: CUDA stages built on hosts leave out the flash-attention kernels (a quarter of the
+        # build time), and a stage asked for an op it lacks aborts. The same setting everywhere keeps the
+        # single-process reference comparable.
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = internals.LlamaContext(model=self.model, params=ctx_params, verbose=False)
+        self._keep.append(ctx)
+        self._install_log_capture(llama_cpp)  # loading may have replaced the callback
+        self.metadata = self.model.metadata()
+        self.decoder = Decoder(llama_cpp, self.model, ctx, context=int(cmd.context), parallel=parallel,
+                               batch=int(cmd.batch), send=self.proto.send, draft_model=draft)
         by_device: dict[str, list[int]] = {}
         for layer, device in sorted(self.placement.items()):
             by_device.setdefault(device, []).append(layer)
+        architecture = self.metadata.get("general.architecture")
         self.proto.send(Loaded(
             seconds=time.perf_counter() - started,
             placement=by_device,
             device_endpoints=self.device_endpoints,
-            n_layer=int(self.llm.metadata.get(f"{self.llm.metadata.get('general.architecture')}.block_count", 0)),
+            n_layer=int(self.metadata.get(f"{architecture}.block_count", 0)),
         ))
 
-    # -- generation ------------------------------------------------------------------------------
-    def _prompt_tokens(self, cmd: Generate) -> list[int]:
-        llm = self.llm
-        if cmd.raw:
-            return list(llm.tokenize((cmd.prompt or "").encode("utf-8"), add_bos=True, special=True))
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = llm.metadata.get("tokenizer.chat_template")
-        turns = cmd.messages or ({"role": "user", "content": cmd.prompt or ""},)
-        messages: Any = [dict(m) for m in turns]
-        if not template:
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-            return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
-        eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
-        bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
-        formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        rendered = formatter(messages=messages)
-        add_bos = not (bos and rendered.prompt.startswith(bos))
-        return list(llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True))
-
-    def generate(self, cmd: Generate) -> None:
-        import llama_cpp
-
-        llm = self.llm
-        request_id = cmd.id
-        self.cancel.clear()
-        prompt_tokens = self._prompt_tokens(cmd)
-        # After a stage was lost the orchestrator resumes a reply: what was generated already is replayed
-        # as part of the prompt, which rebuilds the KV cache, and generation continues after it.
-        resume = [int(t) for t in cmd.resume_tokens]
-        tokens = prompt_tokens + resume
-        if len(tokens) >= llm.n_ctx():
-            self.proto.send(Failed(f"prompt is {len(tokens)} tokens; the context holds {llm.n_ctx()}", request_id,
-                                   prompt_tokens=len(tokens), context=llm.n_ctx()))
+    def submit(self, cmd: Generate) -> None:
+        if self.decoder is None:
+            self.proto.send(Failed("no model loaded", cmd.id))
             return
-        max_tokens = int(cmd.max_tokens or 256)
-        max_tokens = min(max_tokens, llm.n_ctx() - len(prompt_tokens))
-        temperature = float(cmd.temperature)
-        llm.set_seed(int(cmd.seed))
-        self.decode_calls = 0
-        self.proto.send(Started(request_id, len(prompt_tokens)))
-        started = time.perf_counter()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        generated: list[int] = list(resume)
-        text_parts: list[str] = []
-        stop_reason = "length"
-        if len(generated) >= max_tokens:
-            self.proto.send(Done(request_id, "length", tuple(generated), "", 0.0, len(prompt_tokens)))
-            return
-        vocab = llm._model.vocab
-        if resume:
-            # Rebuild the KV cache exactly as the first attempt built it: the prompt in one batch, then each
-            # token already generated on its own, so greedy decoding continues bit for bit the same.
-            llm.reset()
-            llm.eval(prompt_tokens)
-            for token in resume:
-                llm.eval([token])
-        for token in llm.generate(
-            tokens,
-            temp=temperature,
-            top_k=int(cmd.top_k),
-            top_p=float(cmd.top_p),
-            min_p=float(cmd.min_p),
-            repeat_penalty=float(cmd.repeat_penalty),
-            reset=True,
-        ):
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                stop_reason = "stop"
-                break
-            piece = llm.detokenize([token], prev_tokens=prompt_tokens + generated)
-            generated.append(token)
-            text = decoder.decode(piece)
-            text_parts.append(text)
-            # decode_calls - 1 is the index of the decode call whose logits produced this token.
-            self.proto.send(Token(request_id, len(generated) - 1, token, text, self.decode_calls - 1,
-                                  self.decode_ms))
-            if len(generated) >= max_tokens:
-                break
-            if self.cancel.is_set() or request_id in self.cancelled_ids:
-                stop_reason = "cancelled"
-                break
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            text_parts.append(tail)
-            self.proto.send(Token(request_id, len(generated) - 1, -1, tail, self.decode_calls - 1))
-        seconds = time.perf_counter() - started
-        self.proto.send(Done(request_id, stop_reason, tuple(generated), "".join(text_parts), seconds,
-                             len(prompt_tokens)))
+        self.decoder.submit(cmd, prompt_tokens(self.model, self.metadata, cmd))
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -268,10 +196,8 @@ def main() -> int:
                 proto.send(Failed(f"bad command line: {err}"))
                 continue
             if isinstance(cmd, Cancel):
-                if cmd.id is None:
-                    engine.cancel.set()
-                else:
-                    engine.cancelled_ids.add(cmd.id)
+                if engine.decoder is not None:
+                    engine.decoder.cancel(cmd.id)
             else:
                 commands.put(cmd)
         # stdin closed: the orchestrator is gone, and nobody is left to read what we would say. Leave now,
@@ -281,25 +207,35 @@ def main() -> int:
     threading.Thread(target=read_commands, name="commands", daemon=True).start()
     proto.send(Hello(os.getpid()))
     while True:
-        cmd = commands.get()
-        if cmd is None or isinstance(cmd, Shutdown):
-            break
-        request_id = cmd.id if isinstance(cmd, Generate) else None
+        busy = engine.decoder is not None and engine.decoder.busy
         try:
-            if isinstance(cmd, Load):
-                engine.load(cmd)
-            elif isinstance(cmd, Generate):
-                if engine.llm is None:
-                    proto.send(Failed("no model loaded", request_id))
-                else:
-                    engine.generate(cmd)
-        except Exception as err:
-            # One request's failure (a chat template that does not render, a bad value) is that request's
-            # error, not the engine's end: the engine keeps serving the next one.
-            expected = isinstance(err, (ValueError, RuntimeError, OSError))
-            proto.send(Failed(_one_line(str(err) if expected else f"{type(err).__name__}: {err}"), request_id))
+            # While replies are under way, commands join between steps; idle, wait for the next one.
+            cmd = commands.get_nowait() if busy else commands.get()
+        except queue.Empty:
+            cmd = None
+        else:
+            if cmd is None or isinstance(cmd, Shutdown):
+                break
+        if cmd is not None:
+            _handle(engine, proto, cmd)
+        elif engine.decoder is not None:
+            engine.decoder.step()
     proto.send(Bye())
     os._exit(0)  # skip ggml's finalizers: remote buffers may already be gone
+
+
+def _handle(engine: Engine, proto: Protocol, cmd: Command) -> None:
+    request_id = cmd.id if isinstance(cmd, Generate) else None
+    try:
+        if isinstance(cmd, Load):
+            engine.load(cmd)
+        elif isinstance(cmd, Generate):
+            engine.submit(cmd)
+    except Exception as err:
+        # One request's failure (a chat template that does not render, a bad value) is that request's
+        # error, not the engine's end: the engine keeps serving the next one.
+        expected = isinstance(err, (ValueError, RuntimeError, OSError))
+        proto.send(Failed(_one_line(str(err) if expected else f"{type(err).__name__}: {err}"), request_id))
 
 
 if __name__ == "__main__":

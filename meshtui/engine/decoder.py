@@ -1,0 +1,296 @@
+"""The engine's step loop: every sequence in flight advances in one `llama_decode` per step.
+
+A step's batch holds, for each sequence that is decoding, its latest token plus the tokens drafted after it
+(all with logits), and chunks of the prompts still being read (logits only where a prompt ends), up to the
+batch size. One step costs one round trip per stage whatever it holds, which is what drafting and batching
+both exploit. After the step each decoding sequence samples at its positions with its own sampler chain and
+keeps the drafts while they equal what it sampled (exact for any sampler: the tokens are the ones a plain run
+would sample from the same logits); the rejected positions leave the KV cache (`llama_memory_seq_rm`, which
+the RPC stages follow through the next graph, nothing extra on hosts).
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshtui.engine.drafts import DraftModel, DraftPolicy, lookup_draft
+from meshtui.engine.protocol import Done, Event, Failed, Generate, Started, Token
+
+PENALTY_LAST_N = 64  # llama-cpp-python's default window for the repeat penalty
+ADAPTIVE_MAX_NGRAM = 3
+
+
+@dataclass
+class Slot:
+    """One request in flight on its own sequence id (mutable, the decoder's own)."""
+
+    request: Generate
+    seq_id: int
+    prompt: list[int]
+    max_tokens: int
+    sampler: Any
+    mode: str  # "auto", "ngram", "draft" or "off"
+    feeds: deque[list[int]]  # runs still to decode before the next sample, one run per step (split if long)
+    generated: list[int]
+    started: float
+    n_past: int = 0  # positions of this sequence in the KV cache
+    last: int | None = None  # the latest sampled token, not yet in the KV cache
+    policy: DraftPolicy = field(default_factory=DraftPolicy)
+    drafts: list[int] = field(default_factory=list)
+    draft_ms: float = 0.0
+    text_parts: list[str] = field(default_factory=list)
+    utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    last_step: int = -1
+
+
+class Decoder:
+    """Requests in, events out (`send`); `step()` advances every request in flight by one decode."""
+
+    def __init__(self, llama_cpp: Any, model: Any, ctx: Any, *, context: int, parallel: int, batch: int,
+                 send: Callable[[Event], None], draft_model: DraftModel | None = None) -> None:
+        self._llama = llama_cpp
+        self.model = model
+        self.ctx = ctx
+        self.context = context  # each sequence's
+        self.batch_size = batch
+        self.send = send
+        self.draft_model = draft_model
+        self.free_seqs: deque[int] = deque(range(parallel))
+        self.waiting: deque[tuple[Generate, list[int]]] = deque()
+        self.slots: list[Slot] = []
+        self.cancelled: set[int] = set()
+        self.cancel_all = False
+        self.steps = 0  # decode steps since load: a Token's decode_call
+        self._batch = llama_cpp.llama_batch_init(batch, 0, 1)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.slots or self.waiting)
+
+    # -- requests --------------------------------------------------------------------------------
+    def submit(self, request: Generate, prompt: list[int]) -> None:
+        """Queue a request whose prompt is tokenized; it joins at the next step a sequence is free."""
+        tokens = len(prompt) + len(request.resume_tokens)
+        if tokens >= self.context:
+            self.send(Failed(f"prompt is {tokens} tokens; the context holds {self.context}", request.id,
+                             prompt_tokens=tokens, context=self.context))
+            return
+        if request.speculative == "draft" and self.draft_model is None:
+            self.send(Failed("speculative 'draft' needs a draft model: set [model] draft in the inventory",
+                             request.id))
+            return
+        self.waiting.append((request, prompt))
+
+    def cancel(self, request_id: int | None) -> None:
+        """Called from the command reader's thread: the step loop acts on it at its next step."""
+        if request_id is None:
+            self.cancel_all = True
+        else:
+            self.cancelled.add(request_id)
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_seqs:
+            request, prompt = self.waiting.popleft()
+            if request.id in self.cancelled:
+                self.cancelled.discard(request.id)
+                self.send(Done(request.id, "cancelled", (), "", 0.0, len(prompt)))
+                continue
+            resume = [int(t) for t in request.resume_tokens]
+            max_tokens = min(int(request.max_tokens or 256), self.context - len(prompt))
+            self.send(Started(request.id, len(prompt), self.steps))
+            if len(resume) >= max_tokens:
+                self.send(Done(request.id, "length", tuple(resume), "", 0.0, len(prompt)))
+                continue
+            seq_id = self.free_seqs.popleft()
+            self._llama.llama_memory_seq_rm(self.ctx.memory, seq_id, -1, -1)
+            sampler = self._sampler(request)
+            for token in resume:  # the repeat penalty sees the reply so far, as it did the first time
+                self._llama.llama_sampler_accept(sampler, token)
+            # After a stage was lost the reply resumes: the prompt in one run, then each token generated
+            # so far on its own, rebuilding the KV cache the way plain decoding built it.
+            feeds: deque[list[int]] = deque([prompt, *([t] for t in resume)])
+            self.slots.append(Slot(request=request, seq_id=seq_id, prompt=prompt, max_tokens=max_tokens,
+                                   sampler=sampler, mode=request.speculative, feeds=feeds, generated=resume,
+                                   started=time.perf_counter()))
+
+    def _sampler(self, request: Generate) -> Any:
+        """llama.cpp's sampler chain, as llama-cpp-python's `Llama.generate` builds it."""
+        lib = self._llama
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            lib.llama_sampler_chain_add(chain, sampler)
+
+        n_vocab = lib.llama_vocab_n_tokens(self.model.vocab)
+        add(lib.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, float(request.repeat_penalty), 0.0, 0.0))
+        temperature = float(request.temperature)
+        seed = int(request.seed)
+        if temperature < 0:
+            add(lib.llama_sampler_init_dist(seed))
+        elif temperature == 0:
+            add(lib.llama_sampler_init_greedy())
+        else:
+            add(lib.llama_sampler_init_top_k(int(request.top_k)))
+            add(lib.llama_sampler_init_typical(1.0, 1))
+            add(lib.llama_sampler_init_top_p(float(request.top_p), 1))
+            add(lib.llama_sampler_init_min_p(float(request.min_p), 1))
+            add(lib.llama_sampler_init_temp(temperature))
+            add(lib.llama_sampler_init_dist(seed))
+        return chain
+
+    # -- drafting --------------------------------------------------------------------------------
+    def _draft(self, slot: Slot, room: int) -> list[int]:
+        """The tokens to verify after `slot.last` this step (none for a plain step)."""
+        request = slot.request
+        if slot.mode == "off":
+            return []
+        remaining = slot.max_tokens - len(slot.generated) - 1
+        if request.draft_length > 0:
+            limit = request.draft_length
+        else:
+            limit = slot.policy.length(minimum=1 if slot.mode in ("ngram", "draft") else 0)
+        limit = min(limit, remaining, room)
+        if limit <= 0:
+            return []
+        history = slot.prompt + slot.generated
+        drafts: list[int] = []
+        started = time.perf_counter()
+        if slot.mode in ("auto", "ngram"):
+            drafts = lookup_draft(history, limit, 2 if request.draft_length > 0 else ADAPTIVE_MAX_NGRAM)
+        if not drafts and self.draft_model is not None and slot.mode in ("auto", "draft"):
+            drafts = self.draft_model.draft(slot.seq_id, history, limit,
+                                            min_probability=0.0 if request.draft_length > 0 else 0.5)
+        slot.draft_ms = (time.perf_counter() - started) * 1000.0
+        return drafts
+
+    # -- the step --------------------------------------------------------------------------------
+    def _put(self, index: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[index] = token
+        batch.pos[index] = pos
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = seq_id
+        batch.logits[index] = logits
+
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if not self.slots:
+            return
+        n = 0
+        verifying: list[tuple[Slot, int]] = []  # (slot, batch index of its latest token)
+        sampling: list[tuple[Slot, int]] = []  # (slot, batch index of its prompt's last token)
+        for slot in self.slots:
+            if slot.last is None:
+                continue
+            slot.drafts = self._draft(slot, self.batch_size - n - 1)
+            verifying.append((slot, n))
+            for i, token in enumerate([slot.last, *slot.drafts]):
+                self._put(n, token, slot.n_past + i, slot.seq_id, True)
+                n += 1
+        for slot in self.slots:
+            if slot.last is not None or n >= self.batch_size:
+                continue
+            run = slot.feeds[0]
+            take, rest = run[:self.batch_size - n], run[self.batch_size - n:]
+            final = not rest and len(slot.feeds) == 1
+            for i, token in enumerate(take):
+                self._put(n, token, slot.n_past + i, slot.seq_id, final and i == len(take) - 1)
+                n += 1
+            slot.n_past += len(take)
+            if rest:
+                slot.feeds[0] = rest
+            else:
+                slot.feeds.popleft()
+            if final:
+                sampling.append((slot, n - 1))
+        self._batch.n_tokens = n
+        started = time.perf_counter()
+        status = self._llama.llama_decode(self.ctx.ctx, self._batch)
+        ms = (time.perf_counter() - started) * 1000.0
+        step = self.steps
+        self.steps += 1
+        if status != 0:
+            for slot in list(self.slots):
+                self.send(Failed(f"llama_decode failed (status {status})", slot.request.id))
+                self._release(slot)
+            return
+        for slot, index in sampling:
+            token = self._llama.llama_sampler_sample(slot.sampler, self.ctx.ctx, index)
+            self._produce(slot, [token], step, ms)
+        for slot, index in verifying:
+            self._verify(slot, index, step, ms)
+
+    def _verify(self, slot: Slot, index: int, step: int, ms: float) -> None:
+        produced: list[int] = []
+        drafts = slot.drafts
+        for i in range(len(drafts) + 1):
+            token = self._llama.llama_sampler_sample(slot.sampler, self.ctx.ctx, index + i)
+            produced.append(token)
+            if i == len(drafts) or token != drafts[i]:
+                break
+        accepted = len(produced) - 1
+        slot.n_past += 1 + accepted
+        if accepted < len(drafts):  # the rejected drafts' positions leave the cache
+            self._llama.llama_memory_seq_rm(self.ctx.memory, slot.seq_id, slot.n_past, -1)
+        if drafts:
+            slot.drafted += len(drafts)
+            slot.accepted += accepted
+            slot.verify_steps += 1
+        slot.policy = slot.policy.verified(len(drafts), accepted, ms, slot.draft_ms)
+        slot.drafts = []
+        self._produce(slot, produced, step, ms)
+
+    def _produce(self, slot: Slot, tokens: Sequence[int], step: int, ms: float) -> None:
+        """Emit what a step produced for `slot`, stopping at end of generation, the length, or a cancel."""
+        request = slot.request
+        for token in tokens:
+            if self._llama.llama_vocab_is_eog(self.model.vocab, token):
+                self._finish(slot, "stop")
+                return
+            slot.generated.append(token)
+            slot.last = token
+            slot.last_step = step
+            text = slot.utf8.decode(self.model.detokenize([token]))
+            slot.text_parts.append(text)
+            self.send(Token(request.id, len(slot.generated) - 1, token, text, step, ms))
+            if len(slot.generated) >= slot.max_tokens:
+                self._finish(slot, "length")
+                return
+            if self.cancel_all or request.id in self.cancelled:
+                self._finish(slot, "cancelled")
+                return
+
+    def _drop_cancelled(self) -> None:
+        for slot in list(self.slots):
+            if self.cancel_all or slot.request.id in self.cancelled:
+                self._finish(slot, "cancelled")
+        self.cancel_all = False
+
+    def _finish(self, slot: Slot, reason: str) -> None:
+        tail = slot.utf8.decode(b"", final=True)
+        if tail:
+            slot.text_parts.append(tail)
+            self.send(Token(slot.request.id, len(slot.generated) - 1, -1, tail, max(0, slot.last_step)))
+        self.send(Done(slot.request.id, reason, tuple(slot.generated), "".join(slot.text_parts),
+                       time.perf_counter() - slot.started, len(slot.prompt), slot.drafted, slot.accepted,
+                       slot.verify_steps))
+        self.cancelled.discard(slot.request.id)
+        self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        """The sequence's cache is emptied and its id freed: nothing of this request stays behind."""
+        self._llama.llama_memory_seq_rm(self.ctx.memory, slot.seq_id, -1, -1)
+        if self.draft_model is not None:
+            self.draft_model.forget(slot.seq_id)
+        self._llama.llama_sampler_free(slot.sampler)
+        self.slots.remove(slot)
+        self.free_seqs.append(slot.seq_id)

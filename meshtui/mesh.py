@@ -270,9 +270,9 @@ class Mesh:
                         if folded is not None:
                             yield self._emitted(folded)
                         continue
-                    told, decoded = fold.token(event, time.perf_counter())
+                    told, step = fold.token(event, time.perf_counter())
                     yield self._emitted(told)
-                    for measured in stage_latencies(remote, tunnels, self.plan, event) if decoded else ():
+                    for measured in stage_latencies(remote, tunnels, self.plan, step) if step else ():
                         self.node(measured.host).latencies.append(measured)
                         yield self._emitted(measured)
                 break

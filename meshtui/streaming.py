@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshtui import events as ev
 from meshtui.capacity import HEAD_NAME
@@ -39,6 +39,8 @@ class ReplyFold:
         self._first_token_at: float | None = None
         self._last_token_at = started
         self._first_of_attempt = True
+        self._first_call = 0  # the engine's step when this attempt started: the stages' meters count from there
+        self._measured_call = -1
 
     @property
     def resume_tokens(self) -> tuple[int, ...]:
@@ -47,20 +49,26 @@ class ReplyFold:
     def new_attempt(self) -> None:
         self._first_of_attempt = True
 
-    def token(self, event: Token, now: float) -> tuple[ev.TokenGenerated, bool]:
-        """The event to tell, and whether the token came out of a decode step (whose time the stages' meters
-        attribute); the first token of an attempt comes out of the prompt's prefill instead."""
+    def token(self, event: Token, now: float) -> tuple[ev.TokenGenerated, Token | None]:
+        """The event to tell, and the decode step to attribute to the stages (the token, its `decode_call`
+        counted from the attempt's start as the meters count), or None: the first token of an attempt comes out
+        of the prompt's prefill, and tokens accepted from one step's drafts share that step, measured once."""
         if event.token_id >= 0:
             self._first_token_at = self._first_token_at or now
             self._last_token_at = now
             self.generated.append(event.token_id)
         self.text_parts.append(event.text)
-        decoded = event.token_id >= 0 and not self._first_of_attempt
+        step = None
+        if event.token_id >= 0 and not self._first_of_attempt and event.decode_call != self._measured_call:
+            self._measured_call = event.decode_call
+            step = replace(event, decode_call=event.decode_call - self._first_call)
         self._first_of_attempt = self._first_of_attempt and event.token_id < 0
-        return ev.TokenGenerated(self.request_id, event.index, event.token_id, event.text), decoded
+        return ev.TokenGenerated(self.request_id, event.index, event.token_id, event.text), step
 
     def other(self, event: ReplyEvent) -> ev.Event | None:
         """A non-token engine event: the reply's start (told once, not again after a recovery), its end."""
+        if isinstance(event, Started):
+            self._first_call = event.decode_call
         if isinstance(event, Started) and not self._announced:
             self._announced = True
             return ev.ReplyStarted(self.request_id, event.prompt_tokens)

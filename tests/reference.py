@@ -2,6 +2,8 @@
 
 Run as a script so the model lives in its own process:
     python tests/reference.py MODEL PROMPT MAX_TOKENS CONTEXT  ->  {"text": ..., "tokens": [...]}
+    python tests/reference.py --lookup K MODEL PROMPT MAX_TOKENS CONTEXT  ->  the same, with llama-cpp-python's
+        own speculative decoding: `draft_model=LlamaPromptLookupDecoding(num_pred_tokens=K)`
     python tests/reference.py --chat MODEL MESSAGES_JSON MAX_TOKENS CONTEXT
         ->  {"text": ..., "prompt_tokens": N, "completion_tokens": N, "finish_reason": ...}
             (llama-cpp-python's own `create_chat_completion`: its chat template handling, its sampling)
@@ -18,6 +20,15 @@ from pathlib import Path
 def reference_greedy(model: Path, prompt: str, max_tokens: int, context: int = 512) -> dict[str, object]:
     out = subprocess.run(
         [sys.executable, __file__, str(model), prompt, str(max_tokens), str(context)],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def reference_lookup(model: Path, prompt: str, max_tokens: int, draft_tokens: int,
+                     context: int = 512) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--lookup", str(draft_tokens), str(model), prompt, str(max_tokens), str(context)],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -49,8 +60,15 @@ def _main() -> None:
     if sys.argv[1] == "--chat":
         _chat_main()
         return
+    draft = None
+    if sys.argv[1] == "--lookup":
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=int(sys.argv[2]))
+        del sys.argv[1:3]
     model, prompt, max_tokens, context = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    llm = llama_cpp.Llama(model_path=model, n_ctx=context, n_threads=1, n_gpu_layers=0, verbose=False)
+    llm = llama_cpp.Llama(model_path=model, n_ctx=context, n_threads=1, n_gpu_layers=0, verbose=False,
+                          draft_model=draft)
     prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
     generated: list[int] = []
     for token in llm.generate(prompt_tokens, temp=0.0):

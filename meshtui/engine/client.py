@@ -33,7 +33,9 @@ class EngineProcess:
         self.on_log = on_log
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr_tail: deque[str] = deque(maxlen=40)
-        self._events: asyncio.Queue[wire.Event | None] = asyncio.Queue()
+        self._events: asyncio.Queue[wire.Event | None] = asyncio.Queue()  # events of no request (hello, load)
+        self._replies: dict[int, asyncio.Queue[wire.Event | None]] = {}  # request id -> its events
+        self._ended = False  # the engine's output ended: every reply, now or later, learns it died
         self._tasks: list[asyncio.Task[None]] = []
         self.pid = 0
 
@@ -56,10 +58,18 @@ class EngineProcess:
         assert self.proc and self.proc.stdout
         async for raw in self.proc.stdout:
             try:
-                self._events.put_nowait(wire.decode_event(raw))
+                event = wire.decode_event(raw)
             except ValueError as err:  # not the protocol: say so, and keep reading
                 self.on_log(f"engine: unparsable line ({err})")
+                continue
+            request_id = getattr(event, "id", None)
+            # Several replies can be under way: each reads its own events, by request id.
+            queue = self._replies.get(request_id, self._events) if isinstance(request_id, int) else self._events
+            queue.put_nowait(event)
+        self._ended = True
         self._events.put_nowait(None)
+        for queue in self._replies.values():
+            queue.put_nowait(None)
 
     async def _read_stderr(self) -> None:
         assert self.proc and self.proc.stderr
@@ -75,13 +85,15 @@ class EngineProcess:
         detail = (interesting or list(self.stderr_tail) or ["no output"])[-1]
         return f"engine exited (status {code}): {detail}"
 
-    async def _next_event(self, timeout: float | None = None) -> wire.Event:
+    async def _next_event(self, timeout: float | None = None,
+                          queue: asyncio.Queue[wire.Event | None] | None = None) -> wire.Event:
+        queue = self._events if queue is None else queue
         try:
-            event = await asyncio.wait_for(self._events.get(), timeout)
+            event = await asyncio.wait_for(queue.get(), timeout)
         except asyncio.TimeoutError as err:
             raise EngineError(f"engine did not answer within {timeout:.0f}s") from err
         if event is None:
-            self._events.put_nowait(None)  # keep reporting death to later callers
+            queue.put_nowait(None)  # keep reporting death to later callers
             if self.proc:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.proc.wait(), 5)
@@ -106,19 +118,34 @@ class EngineProcess:
         return event
 
     async def generate(self, command: wire.Generate) -> AsyncIterator[wire.ReplyEvent]:
-        """Yields the engine's events for one request: Started, Token..., then Done (or raises)."""
-        self.send(command)
-        while True:
-            event = await self._next_event()
-            if isinstance(event, wire.Failed):
-                if event.context is not None and event.prompt_tokens is not None:
-                    raise ContextOverflow(event.prompt_tokens, event.context)
-                raise EngineError(event.message)
-            if not isinstance(event, wire.ReplyEvent):
-                raise EngineError(f"unexpected engine event during a reply: {event!r}")
-            yield event
-            if isinstance(event, wire.Done):
-                return
+        """Yields the engine's events for one request: Started, Token..., then Done (or raises).
+
+        Several may run at once (the engine decodes them together): each reads only its own request's events.
+        """
+        if command.id in self._replies:
+            raise EngineError(f"request {command.id} is under way already")
+        queue: asyncio.Queue[wire.Event | None] = asyncio.Queue()
+        if self._ended:
+            queue.put_nowait(None)
+        self._replies[command.id] = queue
+        try:
+            self.send(command)
+            while True:
+                event = await self._next_event(queue=queue)
+                if isinstance(event, wire.Failed):
+                    if event.context is not None and event.prompt_tokens is not None:
+                        raise ContextOverflow(event.prompt_tokens, event.context)
+                    raise EngineError(event.message)
+                if not isinstance(event, wire.ReplyEvent):
+                    raise EngineError(f"unexpected engine event during a reply: {event!r}")
+                if isinstance(event, wire.Done):
+                    del self._replies[command.id]  # the id is free again, even if nobody reads further
+                    yield event
+                    return
+                yield event
+        finally:
+            if self._replies.get(command.id) is queue:  # a later request may reuse the id once Done came
+                del self._replies[command.id]
 
     def cancel(self, request_id: int | None = None) -> None:
         """Stop a reply: the one under way, or (with an id) that request even if it has not started yet."""

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from meshtui import __version__
 from meshtui import events as ev
+from meshtui.engine.protocol import SPECULATIVE_MODES
 from meshtui.errors import InventoryError, MeshError
 from meshtui.inventory import ModelSpec, load_inventory
 from meshtui.lab import EmbeddedLab
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"replies in flight at once, decoded together; the plan reserves KV cache for N "
                             f"sequences at the context (default {DEFAULT_PARALLEL})")
 
+    def speculative_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--speculative", choices=SPECULATIVE_MODES, default="auto",
+                       help="drafts made on the head and verified several per round trip: n-gram lookup over the "
+                            "conversation, the inventory's [model] draft model, both where each pays (auto, the "
+                            "default), or off")
+
     up = sub.add_parser("up", help="bring the mesh up and chat (TUI), or answer once (--headless)")
     common(up)
     up.add_argument("--headless", action="store_true", help="no TUI: answer --prompt once, tear down, exit")
@@ -75,11 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     api_options(up, default_port=None)
     parallel_option(up)
+    speculative_option(up)
 
     serve = sub.add_parser("serve", help="bring the mesh up and serve an OpenAI-compatible API until stopped")
     common(serve)
     api_options(serve, default_port=8000)
     parallel_option(serve)
+    speculative_option(serve)
 
     plan = sub.add_parser("plan", help="connect, probe and print the layer split; loads nothing")
     common(plan)
@@ -209,12 +218,13 @@ async def cmd_up(args: argparse.Namespace) -> int:
         async with _inventory_for(args) as inventory:
             return await run_tui(inventory, accept_new=args.accept_new, weight_by_speed=args.weight_by_speed,
                                  max_tokens=args.max_tokens or TUI_MAX_TOKENS, temperature=args.temperature,
-                                 seed=args.seed, api=api, parallel=args.parallel)
+                                 seed=args.seed, api=api, parallel=args.parallel,
+                                 speculative=args.speculative)
     if args.prompt is None:
         raise InventoryError("--headless needs --prompt TEXT")
     async with _inventory_for(args) as inventory:
         mesh = Mesh(inventory, accept_new=args.accept_new, listener=_stderr_listener(args.verbose),
-                    weight_by_speed=args.weight_by_speed, parallel=args.parallel)
+                    weight_by_speed=args.weight_by_speed, parallel=args.parallel, speculative=args.speculative)
         try:
             await mesh.up()
             mesh.enable_auto_rejoin()
@@ -256,11 +266,16 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "load_bytes_sent": mesh.load_bytes_sent,
             "recoveries": [r.to_json() for r in mesh.recoveries],
             "prediction": prediction.to_json() if prediction else None,
+            "speculative": finished.speculative.to_json() if finished.speculative else None,
         }))
     else:
         print()
         predicted = f" (predicted {prediction.tokens_per_second:.1f})" if prediction else ""
-        print(f"{len(finished.token_ids)} tokens, {finished.tokens_per_second:.1f} tok/s{predicted}", file=sys.stderr)
+        spec = finished.speculative
+        drafts = (f", {spec.accepted}/{spec.drafted} drafts accepted, {spec.tokens_per_step:.2f} tokens per round trip"
+                  if spec and spec.drafted and spec.tokens_per_step else "")
+        print(f"{len(finished.token_ids)} tokens, {finished.tokens_per_second:.1f} tok/s{predicted}{drafts}",
+              file=sys.stderr)
     return 0
 
 
@@ -312,7 +327,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     async with _inventory_for(args) as inventory:
         listener = request_logger(_stderr_listener(args.verbose))
         mesh = Mesh(inventory, accept_new=args.accept_new, listener=listener, weight_by_speed=args.weight_by_speed,
-                    parallel=args.parallel)
+                    parallel=args.parallel, speculative=args.speculative)
         try:
             await mesh.up()
             mesh.enable_auto_rejoin()

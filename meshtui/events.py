@@ -106,6 +106,36 @@ class StageLatencyMeasured(Event):
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """A reply's speculative decoding: tokens drafted on the head, the ones the mesh kept, the steps it took."""
+
+    mode: str  # "auto" | "ngram" | "draft" | "off"
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0  # steps that verified drafts
+    decode_steps: int = 0  # steps that produced the reply's tokens: one round trip per stage each
+    tokens: int = 0
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """Tokens per round trip: 1.0 without drafts, more when drafts held."""
+        return self.tokens / self.decode_steps if self.decode_steps else None
+
+    def to_json(self) -> dict[str, Any]:
+        per_step = self.tokens_per_step
+        return {"mode": self.mode, "drafted": self.drafted, "accepted": self.accepted,
+                "verify_steps": self.verify_steps, "tokens_per_step": round(per_step, 3) if per_step else None}
+
+
+@dataclass(frozen=True)
+class DraftsVerified(Event):
+    """A reply finished decoding; this is how many of its tokens came from verified drafts."""
+
+    request_id: int
+    speculation: Speculation
+
+
+@dataclass(frozen=True)
 class ReplyFinished(Event):
     request_id: int
     text: str
@@ -116,6 +146,7 @@ class ReplyFinished(Event):
     source: str = ""
     prompt_tokens: int = 0
     first_token_seconds: float | None = None  # from asking the mesh to the reply's first token; None: no token
+    speculative: Speculation | None = None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class ModelSpec:
     path: Path | None  # expanded, absolute; None when `name` is used
     name: str | None  # a model that installs with meshtui, e.g. "smollm2"; exactly one of path/name
     context: int = 2048
+    draft: str | None = None  # a draft model for speculative decoding: a builtin name, or a path (absolute)
 
 
 @dataclass(frozen=True)
@@ -176,10 +177,18 @@ def _path(value: Any, where: str, base_dir: Path | None) -> Path:
     return path.absolute()
 
 
+def _draft(value: Any, where: str, base_dir: Path | None) -> str:
+    """A builtin model's name as it is; anything that looks like a file (a '/' or '.gguf') as an absolute path."""
+    text = _text(_ONE_LINE, "a model name or a GGUF path")(value, where, base_dir)
+    if "/" in text or text.endswith(".gguf") or text.startswith("~"):
+        return str(_path(text, where, base_dir))
+    return text
+
+
 _ONE_LINE = r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]+"
 _ONE_WORD = r"[^\s\x00-\x1f\x7f-\x9f-][^\s\x00-\x1f\x7f-\x9f]*"  # and no leading "-": never an ssh option
 _FIELDS: dict[str, dict[str, Convert]] = {
-    "model": {"path": _path, "name": _text(_ONE_LINE, "a model name"), "context": _integer(1)},
+    "model": {"path": _path, "name": _text(_ONE_LINE, "a model name"), "context": _integer(1), "draft": _draft},
     "head": {"compute": _boolean, "max_memory": _size, "threads": _integer(1)},
     "ssh": {"known_hosts": _path, "connect_timeout": _seconds, "keepalive_interval": _seconds},
     "hosts": {

@@ -38,6 +38,7 @@ class LoadRequest:
     threads: int | None
     plan: Plan
     parallel: int = 1  # sequences the engine decodes together
+    draft_model: Path | None = None  # drafts for speculative decoding, run by the engine on the head's CPU
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ async def load_split(engine: EngineProcess, request: LoadRequest, devices: Seque
         n_gpu_layers=split.n_gpu_layers,
         threads=request.threads,
         parallel=request.parallel,
+        draft_model=str(request.draft_model) if request.draft_model else None,
     ))
     placement = placement_by_node(loaded.placement, loaded.device_endpoints, dict(devices))
     check_placement(placement, request.plan)

@@ -19,14 +19,14 @@ from meshtui import capacity
 from meshtui import events as ev
 from meshtui.capacity import HEAD_NAME, ProbedHost
 from meshtui.engine.client import EngineDied, EngineProcess
-from meshtui.engine.protocol import Generate, Token
+from meshtui.engine.protocol import SPECULATIVE_MODES, Generate, Token
 from meshtui.errors import EngineError, InventoryError, MeshError, PlanError, raise_first
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.hosts import HostFacts
 from meshtui.inventory import Inventory
 from meshtui.loading import LoadRequest, check_protocols, ensure_local_stage, load_engine, stage_tunnels
 from meshtui.localstage import LocalStage
-from meshtui.models import resolve_model_path
+from meshtui.models import resolve_draft_path, resolve_model_path
 from meshtui.node import Node, NodeSink, Recovery
 from meshtui.planner import NodeCapacity, Plan, plan_layer_split
 from meshtui.predict import Prediction
@@ -49,9 +49,12 @@ class Mesh:
     def __init__(self, inventory: Inventory, *, accept_new: bool = False,
                  listener: ev.Listener = lambda event: None, output_on_head: bool = True,
                  weight_by_speed: bool = False, stall_policy: StallPolicy | None = None,
-                 parallel: int = DEFAULT_PARALLEL) -> None:
+                 parallel: int = DEFAULT_PARALLEL, speculative: str = "auto") -> None:
         if parallel < 1:
             raise InventoryError(f"--parallel: expected at least 1, not {parallel}")
+        if speculative not in SPECULATIVE_MODES:
+            raise InventoryError(f"--speculative: expected one of {', '.join(SPECULATIVE_MODES)}, not {speculative!r}")
+        self.speculative = speculative  # each reply's drafts, unless the reply asks otherwise
         self.inventory = inventory
         self.parallel = parallel  # replies in flight at once, each a sequence the engine decodes with the others
         self.accept_new = accept_new
@@ -64,6 +67,7 @@ class Mesh:
         self.hosts = [Node(name=h.name, address=h.address) for h in inventory.hosts]
         self.stages = {h.name: Stage(h, inventory.ssh, self._stage_report(h.name)) for h in inventory.hosts}
         self.model_path: Path | None = None
+        self.draft_path: Path | None = None  # the inventory's draft model, when it names one
         self.model: ModelFacts | None = None
         self.plan: Plan | None = None
         self.engine: EngineProcess | None = None
@@ -118,6 +122,7 @@ class Mesh:
     # -- step 1: model and hosts -----------------------------------------------------------------
     def read_model(self) -> ModelFacts:
         self.model_path = resolve_model_path(self.inventory.model)
+        self.draft_path = resolve_draft_path(self.inventory.model)
         self.model = read_model_facts(self.model_path)
         self.sink.log("model", f"{self.model.name}: {self.model.n_layer} layers, {self.model.file_size} bytes")
         return self.model
@@ -197,7 +202,7 @@ class Mesh:
         self.engine = EngineProcess(on_log=lambda line: self.sink.log("engine", line, "debug"))
         await self.engine.start()
         request = LoadRequest(self.model_path, self.inventory.model.context, self.inventory.head.threads, self.plan,
-                              self.parallel)
+                              self.parallel, self.draft_path)
         self._loading = True
         try:
             loaded = await load_engine(self.engine, request, head=self.head, remote=remote, stages=self.stages,
@@ -237,8 +242,10 @@ class Mesh:
         max_tokens: int = 256,
         temperature: float = 0.7,
         seed: int = 0,
+        speculative: str | None = None,
     ) -> AsyncIterator[ev.Event]:
-        """Yields ReplyStarted, TokenGenerated and StageLatencyMeasured events, then ReplyFinished.
+        """Yields ReplyStarted, TokenGenerated and StageLatencyMeasured events, then DraftsVerified and
+        ReplyFinished. `speculative` overrides the mesh's mode for this reply.
 
         If a stage is lost mid-reply, the mesh is re-planned on the survivors, the engine restarts, the
         conversation and the reply so far are replayed to rebuild the KV cache, and the reply continues.
@@ -252,8 +259,12 @@ class Mesh:
         self._streaming_request = request_id
         command = Generate(id=request_id, prompt=None if messages is not None else prompt or "",
                            messages=tuple(messages) if messages is not None else None, raw=raw,
-                           max_tokens=max_tokens, temperature=temperature, seed=seed)
-        fold = ReplyFold(request_id, time.perf_counter())
+                           max_tokens=max_tokens, temperature=temperature, seed=seed,
+                           speculative=speculative or self.speculative)
+        if command.speculative not in SPECULATIVE_MODES:
+            raise EngineError(f"speculative: expected one of {', '.join(SPECULATIVE_MODES)}, not "
+                              f"{command.speculative!r}")
+        fold = ReplyFold(request_id, time.perf_counter(), command.speculative)
         while True:
             remote = [n for n in self.hosts if self.stages[n.name].tunnel is not None and n.layers is not None]
             tunnels = stage_tunnels(self.stages, remote)
@@ -281,7 +292,10 @@ class Mesh:
                 if failed is None:
                     raise
                 await self._recover(failed, token_index=len(fold.generated), cause=err)
-        yield self._emitted(fold.finished(time.perf_counter()))
+        finished = fold.finished(time.perf_counter())
+        if finished.speculative is not None:
+            yield self._emitted(ev.DraftsVerified(request_id, finished.speculative))
+        yield self._emitted(finished)
 
     async def generate(self, **kwargs: Any) -> Reply:
         prompt_tokens = 0
@@ -290,7 +304,7 @@ class Mesh:
                 prompt_tokens = event.prompt_tokens
             if isinstance(event, ev.ReplyFinished):
                 return Reply(event.text, event.token_ids, prompt_tokens, event.seconds,
-                             event.tokens_per_second, event.stop_reason)
+                             event.tokens_per_second, event.stop_reason, event.speculative)
         raise EngineError("the engine ended the reply without finishing it")
 
     def cancel(self, request_id: int | None = None) -> None:

@@ -29,3 +29,16 @@ def resolve_model_path(model: ModelSpec) -> Path:
     if model.path is not None:
         return model.path
     return builtin_model_path(model.name or "smollm2")
+
+
+def resolve_draft_path(model: ModelSpec) -> Path | None:
+    """The inventory's draft model (`[model] draft`): a builtin name, or a GGUF file that must exist."""
+    if model.draft is None:
+        return None
+    if model.draft in BUILTIN_MODELS:
+        return builtin_model_path(model.draft)
+    path = Path(model.draft)
+    if not path.is_file():
+        raise ModelError(f"draft model {path}: no such file (set [model] draft to a GGUF file or to one of: "
+                         f"{', '.join(sorted(BUILTIN_MODELS))})")
+    return path

@@ -21,6 +21,7 @@ class Reply:
     seconds: float
     tokens_per_second: float
     stop_reason: str
+    speculative: ev.Speculation | None = None
 
 
 class ReplyFold:
@@ -29,8 +30,10 @@ class ReplyFold:
     Pure: the caller passes the clock. `resume_tokens` is what a new attempt replays after a recovery.
     """
 
-    def __init__(self, request_id: int, started: float) -> None:
+    def __init__(self, request_id: int, started: float, speculative: str = "off") -> None:
         self.request_id = request_id
+        self.speculation = ev.Speculation(speculative)
+        self._steps: set[int] = set()  # this attempt's steps that produced tokens
         self.started = started
         self.generated: list[int] = []
         self.text_parts: list[str] = []
@@ -48,6 +51,11 @@ class ReplyFold:
 
     def new_attempt(self) -> None:
         self._first_of_attempt = True
+        self._count_steps()
+
+    def _count_steps(self) -> None:
+        self.speculation = replace(self.speculation, decode_steps=self.speculation.decode_steps + len(self._steps))
+        self._steps = set()
 
     def token(self, event: Token, now: float) -> tuple[ev.TokenGenerated, Token | None]:
         """The event to tell, and the decode step to attribute to the stages (the token, its `decode_call`
@@ -57,6 +65,7 @@ class ReplyFold:
             self._first_token_at = self._first_token_at or now
             self._last_token_at = now
             self.generated.append(event.token_id)
+            self._steps.add(event.decode_call)
         self.text_parts.append(event.text)
         step = None
         if event.token_id >= 0 and not self._first_of_attempt and event.decode_call != self._measured_call:
@@ -74,14 +83,20 @@ class ReplyFold:
             return ev.ReplyStarted(self.request_id, event.prompt_tokens)
         if isinstance(event, Done):
             self.stop_reason = event.stop_reason
+            spec = self.speculation
+            self.speculation = replace(spec, drafted=spec.drafted + event.drafted,
+                                       accepted=spec.accepted + event.accepted,
+                                       verify_steps=spec.verify_steps + event.verify_steps)
         return None
 
     def finished(self, now: float) -> ev.ReplyFinished:
         span = self._last_token_at - (self._first_token_at or self._last_token_at)
         count = len(self.generated)
         tps = (count - 1) / span if count > 1 and span > 0 else 0.0
+        self._count_steps()
+        self.speculation = replace(self.speculation, tokens=count)
         return ev.ReplyFinished(self.request_id, "".join(self.text_parts), tuple(self.generated),
-                                now - self.started, tps, self.stop_reason)
+                                now - self.started, tps, self.stop_reason, speculative=self.speculation)
 
 
 def head_holds_layers(plan: Plan | None) -> bool:

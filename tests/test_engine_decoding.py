@@ -72,9 +72,13 @@ async def test_fixed_length_lookup_drafts_equal_llama_cpp_pythons_speculative_de
             assert len(set(steps)) < len(tokens) and steps == sorted(steps)
 
 
-async def test_speculation_off_is_plain_greedy_decoding() -> None:
+async def test_speculation_off_is_plain_greedy_decoding_even_after_a_speculative_reply() -> None:
     async with engine() as process:
-        tokens, done = await reply(process, 1, PLAIN_PROMPT, 48, speculative="off")
+        # A speculative reply first, with drafts rejected along the way: nothing of it stays in the cache, so the
+        # next reply is computed exactly as on a fresh engine.
+        _, first = await reply(process, 1, COPY_PROMPT, 48, speculative="ngram", draft_length=10)
+        assert first.accepted < first.drafted
+        tokens, done = await reply(process, 2, PLAIN_PROMPT, 48, speculative="off")
     expected = reference_greedy(SMOLLM2, PLAIN_PROMPT, 48, context=CONTEXT)
     assert ids(tokens) == expected["tokens"]
     assert (done.drafted, done.accepted, done.verify_steps) == (0, 0, 0)

@@ -112,6 +112,20 @@ def test_model_table_without_path_or_name_uses_the_default_model() -> None:
     assert parse('[model]\nname = "other"').model == ModelSpec(path=None, name="other")
 
 
+def test_a_draft_model_is_a_builtin_name_or_a_path_resolved_like_the_others() -> None:
+    assert parse('[model]\ndraft = "smollm2"').model.draft == "smollm2"
+    assert parse('[model]\ndraft = "drafts/small.gguf"').model.draft == "/base/drafts/small.gguf"
+    assert parse("[model]").model.draft is None
+
+
+def test_a_draft_file_that_is_missing_is_named_when_the_model_is_read() -> None:
+    from meshtui.errors import ModelError
+    from meshtui.models import resolve_draft_path
+
+    with pytest.raises(ModelError, match=r"^draft model /base/none.gguf: no such file \(set \[model\] draft"):
+        resolve_draft_path(parse('[model]\ndraft = "none.gguf"').model)
+
+
 def test_host_defaults() -> None:
     (host,) = parse('[[hosts]]\nname = "a"\naddress = "a.lan"').hosts
     assert host == HostSpec(name="a", address="a.lan")

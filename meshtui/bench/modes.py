@@ -199,9 +199,11 @@ class TcpMode:
         """One reply straight from the engine, folded into the core's events as `Mesh.stream` folds it."""
         assert self.engine is not None
         timing = ReplyTiming(prompt, time.perf_counter())
+        # llama.cpp's manual setup decodes one token per step: no drafts (Generate's default is "auto").
         command = (Generate(id=request_id, messages=({"role": "user", "content": prompt},), max_tokens=max_tokens,
-                            temperature=0.0, seed=0) if chat else
-                   Generate(id=request_id, prompt=prompt, raw=True, max_tokens=max_tokens, temperature=0.0, seed=0))
+                            temperature=0.0, seed=0, speculative="off") if chat else
+                   Generate(id=request_id, prompt=prompt, raw=True, max_tokens=max_tokens, temperature=0.0, seed=0,
+                            speculative="off"))
         fold = ReplyFold(request_id, timing.requested_at)
         async for event in self.engine.generate(command):
             now = time.perf_counter()

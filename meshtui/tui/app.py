@@ -33,9 +33,10 @@ INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: a bug, not an expected failure
 
 
 def _real_mesh(inventory: Inventory, *, accept_new: bool, listener: ev.Listener,
-               weight_by_speed: bool = False, parallel: int = DEFAULT_PARALLEL) -> MeshLike:
+               weight_by_speed: bool = False, parallel: int = DEFAULT_PARALLEL,
+               speculative: str = "auto") -> MeshLike:
     return Mesh(inventory, accept_new=accept_new, listener=listener, weight_by_speed=weight_by_speed,
-                parallel=parallel)
+                parallel=parallel, speculative=speculative)
 
 
 @dataclass(frozen=True)
@@ -322,10 +323,11 @@ class MeshApp(App[None]):
 
 def make_app(inventory: Inventory, *, accept_new: bool = False, mesh_factory: MeshFactory | None = None,
              max_tokens: int = 256, temperature: float = 0.7, seed: int = 0, weight_by_speed: bool = False,
-             api: ApiOptions | None = None, parallel: int = DEFAULT_PARALLEL) -> MeshApp:
+             api: ApiOptions | None = None, parallel: int = DEFAULT_PARALLEL,
+             speculative: str = "auto") -> MeshApp:
     """The one way to build the app: the CLI passes its options, tests pass a fake mesh factory."""
     factory = mesh_factory or cast(MeshFactory, functools.partial(_real_mesh, weight_by_speed=weight_by_speed,
-                                                                  parallel=parallel))
+                                                                  parallel=parallel, speculative=speculative))
     return MeshApp(inventory, mesh_factory=factory, accept_new=accept_new, max_tokens=max_tokens,
                    temperature=temperature, seed=seed, api=api)
 
@@ -333,7 +335,8 @@ def make_app(inventory: Inventory, *, accept_new: bool = False, mesh_factory: Me
 async def run_tui(inventory: Inventory, **options: Any) -> int:
     """Run the app until the user quits; the mesh is torn down however it ends. Returns the exit code.
 
-    `options` are make_app's: accept_new, max_tokens, temperature, seed, weight_by_speed, api, parallel.
+    `options` are make_app's: accept_new, max_tokens, temperature, seed, weight_by_speed, api, parallel,
+    speculative.
     """
     app = make_app(inventory, **options)
     try:

@@ -313,6 +313,10 @@ def describe_reply(finished: ev.ReplyFinished) -> str:
     count = len(finished.token_ids)
     tokens = f"{count} token{'s' if count != 1 else ''}"
     text = f"{finished.tokens_per_second:.1f} tok/s · {tokens} · {finished.seconds:.2f} s"
+    spec = finished.speculative
+    if spec is not None and spec.drafted and spec.tokens_per_step:
+        # Drafts verified on the mesh: how many tokens each round trip brought, and how many drafts held.
+        text += f" · {spec.tokens_per_step:.1f} tokens/round trip ({spec.accepted}/{spec.drafted} drafts kept)"
     if finished.stop_reason == "cancelled":
         text += " · stopped"
     elif finished.stop_reason == "length":

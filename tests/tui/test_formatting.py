@@ -62,3 +62,14 @@ def test_replies_in_flight_count_by_source() -> None:
     assert replies_in_flight(()) == ""
     assert replies_in_flight(("chat",)) == "1 in flight: chat"
     assert replies_in_flight(("chat", "api", "api", "")) == "4 in flight: api 2, chat, other"
+
+
+def test_a_reply_with_verified_drafts_says_how_many_tokens_each_round_trip_brought() -> None:
+    from meshtui.tui.chat import describe_reply
+
+    spec = ev.Speculation("auto", drafted=18, accepted=13, verify_steps=4, decode_steps=5, tokens=17)
+    finished = ev.ReplyFinished(1, "x", tuple(range(17)), 0.5, 30.0, "stop", speculative=spec)
+    assert describe_reply(finished) == "30.0 tok/s · 17 tokens · 0.50 s · 3.4 tokens/round trip (13/18 drafts kept)"
+    plain = ev.ReplyFinished(1, "x", (1, 2), 0.5, 30.0, "stop", speculative=ev.Speculation("off", decode_steps=2,
+                                                                                           tokens=2))
+    assert describe_reply(plain) == "30.0 tok/s · 2 tokens · 0.50 s"

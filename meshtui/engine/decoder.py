@@ -219,9 +219,7 @@ class Decoder:
         step = self.steps
         self.steps += 1
         if status != 0:
-            for slot in list(self.slots):
-                self.send(Failed(f"llama_decode failed (status {status})", slot.request.id))
-                self._release(slot)
+            self.fail_all(f"llama_decode failed (status {status})")
             return
         for slot, index in sampling:
             token = self._llama.llama_sampler_sample(slot.sampler, self.ctx.ctx, index)
@@ -268,6 +266,12 @@ class Decoder:
             if self.cancel_all or request.id in self.cancelled:
                 self._finish(slot, "cancelled")
                 return
+
+    def fail_all(self, message: str) -> None:
+        """Every request in flight ends with `message`; their sequences are freed."""
+        for slot in list(self.slots):
+            self.send(Failed(message, slot.request.id))
+            self._release(slot)
 
     def _drop_cancelled(self) -> None:
         for slot in list(self.slots):

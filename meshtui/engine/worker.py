@@ -219,7 +219,11 @@ def main() -> int:
         if cmd is not None:
             _handle(engine, proto, cmd)
         elif engine.decoder is not None:
-            engine.decoder.step()
+            try:
+                engine.decoder.step()
+            except (ValueError, RuntimeError, OSError, UnicodeError) as err:
+                # A step that cannot go on fails the replies in it, not the engine: the next request is served.
+                engine.decoder.fail_all(_one_line(str(err)))
     proto.send(Bye())
     os._exit(0)  # skip ggml's finalizers: remote buffers may already be gone
 

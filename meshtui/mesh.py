@@ -54,6 +54,9 @@ class Mesh:
             raise InventoryError(f"--parallel: expected at least 1, not {parallel}")
         if speculative not in SPECULATIVE_MODES:
             raise InventoryError(f"--speculative: expected one of {', '.join(SPECULATIVE_MODES)}, not {speculative!r}")
+        if speculative == "draft" and inventory.model.draft is None:
+            raise InventoryError(f"{inventory.source}: --speculative draft needs a draft model: set [model] draft "
+                                 "to a builtin name or a GGUF path")
         self.speculative = speculative  # each reply's drafts, unless the reply asks otherwise
         self.inventory = inventory
         self.parallel = parallel  # replies in flight at once, each a sequence the engine decodes with the others

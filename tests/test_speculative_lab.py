@@ -8,7 +8,7 @@ builds"), so the kernels are identical. The draft model path and the per-reply r
 from __future__ import annotations
 
 import pytest
-from helpers import SMOLLM2
+from helpers import SMOLLM2, meshtui, meshtui_json
 from reference import reference_lookup
 
 from meshtui.engine import protocol as p
@@ -69,3 +69,20 @@ async def test_speculative_replies_over_the_mesh(monkeypatch: pytest.MonkeyPatch
         agreement = sum(a == b for a, b in zip(reply.token_ids, plain.token_ids, strict=False))
         print(f"{reply.speculative.mode}: {agreement}/{len(plain.token_ids)} tokens as plain, ended by "
               f"{reply.stop_reason} (plain by {plain.stop_reason}); {reply.speculative.to_json()}")
+
+
+def test_headless_json_reports_the_replys_speculation() -> None:
+    result = meshtui_json("up", "--lab-hosts", "1", "--context", "512", "--headless", "--prompt", COPY_PROMPT,
+                          "--raw", "--temperature", "0", "--max-tokens", "16", "--speculative", "ngram")
+    spec = result["speculative"]
+    assert spec["mode"] == "ngram" and spec["verify_steps"] > 0 and 0 < spec["accepted"] <= spec["drafted"]
+    assert spec["tokens_per_step"] > 1.0
+    assert result["tokens"][:8] == reference_lookup(SMOLLM2, COPY_PROMPT, 16, draft_tokens=10)["tokens"][:8]
+
+
+def test_draft_mode_without_a_draft_model_is_one_line_naming_the_key() -> None:
+    result = meshtui("up", "--lab-hosts", "1", "--headless", "--prompt", "hi", "--speculative", "draft")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "meshtui: error: <embedded lab>: --speculative draft needs a draft model: set [model] draft to a builtin "
+        "name or a GGUF path"]

@@ -79,15 +79,15 @@ def portable_cache_root() -> Path:
 
 
 def portable_pointer_name(version: str) -> str:
-    """Same rule as native/build_runtime.py's pointer_name(): only builds with the Unix-socket patch write it."""
-    return f"llama-cpp-python-{version}-unix-socket.json"
+    """Same rule as native/build_runtime.py's pointer_name(): only builds with meshtui's patches write it."""
+    return f"llama-cpp-python-{version}-weights-cache.json"
 
 
 def portable_runtime_dir() -> Path | None:
     """The lib folder of the portable build for the installed llama-cpp-python, or None if there is none.
 
-    A build for another version, whose RPC protocol is not the head's, or without meshtui's Unix-socket patch
-    (native/patches/), is never used.
+    A build for another version, whose RPC protocol is not the head's, or without meshtui's patches
+    (native/patches/: Unix sockets, the verified weights cache), is never used.
     """
     version = installed_llama_cpp_python()
     if version is None:
@@ -101,6 +101,8 @@ def portable_runtime_dir() -> Path | None:
         return None
     expected = expected_rpc_protocol()
     if manifest.get("llama_cpp_python") != version or manifest.get("rpc_unix_socket") is not True:
+        return None
+    if manifest.get("rpc_verified_cache") is not True:  # built before the weights-cache patch
         return None
     if expected is not None and tuple(manifest.get("rpc_protocol") or ()) != expected:
         return None

@@ -75,6 +75,8 @@ HERE = Path(__file__).resolve().parent
 PATCHES = HERE / "patches"  # applied to vendor/llama.cpp/ggml of the sdist by every build (patch -p1)
 # The symbol the Unix-socket patch adds to libggml-rpc: how the agent and the engine tell a patched build.
 UNIX_SOCKET_SYMBOL = "ggml_backend_rpc_unix_socket_support"
+# meshtui's weights-cache patch: tensors from 64 KiB offered by hash, cache entries verified before use.
+VERIFIED_CACHE_SYMBOL = "ggml_backend_rpc_verified_cache_threshold"
 
 
 class BuildError(RuntimeError):
@@ -320,6 +322,7 @@ def inspect_library(path: Path) -> dict[str, object]:
         "glibcxx": bool(re.search(r"\b(GLIBCXX|CXXABI)_", symbols)),
         "exports_backend": "ggml_backend_init" in symbols and "ggml_backend_score" in symbols,
         "unix_socket_patch": UNIX_SOCKET_SYMBOL in symbols,
+        "verified_cache_patch": VERIFIED_CACHE_SYMBOL in symbols,
     }
 
 
@@ -336,6 +339,8 @@ def check_libraries(libdir: Path) -> dict[str, dict[str, object]]:
             problems.append(f"{name} lacks ggml_backend_init/ggml_backend_score")
         if name.startswith("libggml-rpc") and not info["unix_socket_patch"]:
             problems.append(f"{name} lacks {UNIX_SOCKET_SYMBOL} (native/patches/ was not applied)")
+        if name.startswith("libggml-rpc") and not info["verified_cache_patch"]:
+            problems.append(f"{name} lacks {VERIFIED_CACHE_SYMBOL} (native/patches/ was not applied)")
     if problems:
         raise BuildError("the runtime is not portable: " + "; ".join(problems))
     return report
@@ -394,6 +399,7 @@ def build(version: str, sdist_arg: Path | None, variants: list[str] | None, cach
                 "rpc_protocol": protocol,
                 "patches": patches,
                 "rpc_unix_socket": True,
+                "rpc_verified_cache": True,
                 "arch": platform.machine(),
                 "min_glibc": glibc[-1] if glibc else None,
                 "core_libs": ["libggml-base.so.0", "libggml.so.0"],
@@ -428,8 +434,8 @@ def build(version: str, sdist_arg: Path | None, variants: list[str] | None, cach
 
 
 def pointer_name(version: str) -> str:
-    """Same rule as meshtui/runtime.py's portable_pointer_name(): builds without the patch never share it."""
-    return f"llama-cpp-python-{version}-unix-socket.json"
+    """Same rule as meshtui/runtime.py's portable_pointer_name(): builds without the patches never share it."""
+    return f"llama-cpp-python-{version}-weights-cache.json"
 
 
 def _write_pointer(cache_root: Path, version: str, key: str) -> None:

@@ -138,7 +138,8 @@ def _fake_build(root: Path, **manifest: object) -> Path:
         (libdir / name).write_bytes(name.encode())
     (libdir / "notes.txt").write_text("not part of the runtime")
     values = {"layout": "ggml-backend-dl", "llama_cpp_python": installed_llama_cpp_python(),
-              "rpc_protocol": list(expected_rpc_protocol() or ()), "rpc_unix_socket": True}
+              "rpc_protocol": list(expected_rpc_protocol() or ()), "rpc_unix_socket": True,
+              "rpc_verified_cache": True}
     values.update(manifest)
     (libdir / PORTABLE_MANIFEST).write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
     pointer = runtime.portable_pointer_name(str(installed_llama_cpp_python()))
@@ -161,7 +162,8 @@ def test_auto_prefers_a_portable_build_of_the_same_source(monkeypatch, tmp_path:
 
 
 @pytest.mark.parametrize("manifest", [{"llama_cpp_python": "0.0.1"}, {"rpc_protocol": [6, 0, 0]},
-                                      {"rpc_unix_socket": None}], ids=["version", "protocol", "unpatched"])
+                                      {"rpc_unix_socket": None}, {"rpc_verified_cache": None}],
+                         ids=["version", "protocol", "unpatched", "unverified-cache"])
 def test_a_portable_build_of_other_source_is_never_pushed(monkeypatch, tmp_path: Path, fresh_bundles,
                                                           manifest: dict) -> None:
     monkeypatch.setenv("MESHTUI_RUNTIME_BUILD_CACHE", str(tmp_path))
@@ -176,6 +178,7 @@ def test_every_build_of_the_pinned_source_carries_the_unix_socket_patch() -> Non
 
     head_rpc = ctypes.CDLL(str(runtime.llama_cpp_lib_dir() / "libggml-rpc.so.0"))
     assert hasattr(head_rpc, "ggml_backend_rpc_unix_socket_support")
+    assert hasattr(head_rpc, "ggml_backend_rpc_verified_cache_threshold")
     native = hostbuild._native_builder()
     assert native.pointer_name("0.3.36") == runtime.portable_pointer_name("0.3.36")
     tarball, _ = hostbuild.source_tarball()
@@ -185,6 +188,7 @@ def test_every_build_of_the_pinned_source_carries_the_unix_socket_patch() -> Non
         header = tar.extractfile("ggml/include/ggml-rpc.h").read().decode()  # type: ignore[union-attr]
     assert "socket(AF_UNIX, SOCK_STREAM, 0)" in transport
     assert "int ggml_backend_rpc_unix_socket_support(void);" in header
+    assert "size_t ggml_backend_rpc_verified_cache_threshold(void);" in header
     assert not any(name.endswith((".orig", ".rej")) for name in names)
 
 

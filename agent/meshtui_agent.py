@@ -7,6 +7,8 @@ Stdlib only, Python 3.8+. Commands:
   serve --runtime DIR ...    load the ggml runtime from DIR/lib and serve layers with ggml's RPC server on a
                              Unix socket in a fresh 0700 folder (no TCP port: only this user, and through
                              SSH the head, can connect); exit as soon as stdin (the SSH channel) closes.
+                             Weight tensors are kept by content hash in a 0700 cache shared by every model,
+                             at most --cache-limit bytes (least recently used out), verified on every use
                              DIR/lib holds either the head's llama-cpp-python ggml libraries or the portable
                              build of native/build_runtime.py, whose best CPU variant for this host is loaded
   down                       stop agents of this user left over from earlier runs, print what was stopped
@@ -48,6 +50,12 @@ GGML_BACKEND_DEVICE_TYPE_IGPU = 2  # an integrated GPU (Vulkan on a laptop); ser
 # this user (and, through a direct-streamlocal SSH channel, the head) can connect. ggml learns Unix sockets
 # from meshtui's patch (native/patches/), which exports this symbol; a runtime without it is refused.
 UNIX_SOCKET_SYMBOL = "ggml_backend_rpc_unix_socket_support"
+# meshtui's weights-cache patch: weight tensors from a threshold (64 KiB) are offered by content hash, and the
+# server checks each cache entry against its hash before using it. A runtime without it serves with no cache.
+VERIFIED_CACHE_SYMBOL = "ggml_backend_rpc_verified_cache_threshold"
+CACHE_LIMIT = 16 * 1024 ** 3  # bytes of cached tensors kept per host (all models share them); LRU out beyond
+CACHE_TRIM_SECONDS = 2.0  # how often a serving agent trims its cache back under the limit
+CACHE_TEMP_AGE = 3600.0  # a ".tmp-" file older than this is a write that never finished: removed
 SOCKET_NAME = "stage.sock"
 MAX_SOCKET_PATH = 103  # bytes: sockaddr_un.sun_path is 108 on Linux, 104 on macOS, with its NUL
 # Codes of the "error" event, for the head to act on (meshtui.hosts.AGENT_ERROR_CODES; a test checks they match).
@@ -255,6 +263,10 @@ class Runtime:
             raise RuntimeError("the ggml runtime in %s lacks meshtui's Unix-socket patch (no %s): it was built "
                                "from an unpatched source; rebuild it with scripts/setup or native/build_runtime.py"
                                % (libdir, UNIX_SOCKET_SYMBOL))
+        self.cache_threshold = None  # bytes from which tensors are cached by hash; None: no verified cache
+        if hasattr(rpc, VERIFIED_CACHE_SYMBOL):
+            getattr(rpc, VERIFIED_CACHE_SYMBOL).restype = ctypes.c_size_t
+            self.cache_threshold = int(getattr(rpc, VERIFIED_CACHE_SYMBOL)())
         rpc.ggml_backend_rpc_start_server.restype = None
         rpc.ggml_backend_rpc_start_server.argtypes = [
             ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
@@ -477,8 +489,12 @@ def serve(args):
     if not wanted:
         proto.send(event="error", code=NO_DEVICE, reason="the ggml runtime reports no usable device")
         return 3
-    cache_dir = args.cache or os.path.join(state_dir(), "rpc-cache")
-    private_dir(cache_dir)  # nobody else writes what later loads trust
+    cache_dir = None
+    if runtime.cache_threshold is not None:  # an unverified cache could hand a stage altered weights: none then
+        cache_dir = args.cache or os.path.join(state_dir(), "rpc-cache")
+        private_dir(cache_dir)  # nobody else writes what later loads trust
+        trim_cache(cache_dir, args.cache_limit)
+        keep_cache_trimmed(cache_dir, args.cache_limit)
     folder = socket_dir()
     socket_path = os.path.join(folder, SOCKET_NAME)
     endpoint = ("unix:" + socket_path).encode()
@@ -486,7 +502,8 @@ def serve(args):
     threads = args.threads or os.cpu_count() or 1
 
     def run_server():
-        runtime.rpc.ggml_backend_rpc_start_server(endpoint, cache_dir.encode(), threads, len(wanted), handles)
+        cache = cache_dir.encode() if cache_dir is not None else None
+        runtime.rpc.ggml_backend_rpc_start_server(endpoint, cache, threads, len(wanted), handles)
 
     server = threading.Thread(target=run_server, name="ggml-rpc", daemon=True)
     server.start()
@@ -497,6 +514,7 @@ def serve(args):
         return 3
     pidfile = write_pidfile(socket_path)
     proto.send(event="ready", socket=socket_path, pid=os.getpid(), threads=threads, cache_dir=cache_dir,
+               cache_limit=args.cache_limit, cache_threshold=runtime.cache_threshold,
                runtime=runtime.kind, backends=runtime.backends,
                devices=[{k: v for k, v in d.items() if k != "handle"} for d in wanted])
     try:
@@ -511,8 +529,75 @@ def serve(args):
             os.unlink(pidfile)
         except OSError:
             pass
+        if cache_dir is not None:
+            trim_cache(cache_dir, args.cache_limit)  # what this load wrote since the last trim, too
     # The RPC server thread cannot be stopped cleanly; leave without running finalizers.
     os._exit(0)
+
+
+# ---------------------------------------------------------------- the weights cache
+
+
+def is_cache_entry(name):
+    """ggml names an entry by the 16 hex digits of its content hash."""
+    return len(name) == 16 and all(c in "0123456789abcdef" for c in name)
+
+
+def trim_cache(folder, limit, now=None):
+    """Remove least recently used entries until they total at most `limit` bytes; returns (kept, removed) bytes.
+
+    ggml refreshes an entry's mtime when it uses it, so mtime orders entries by last use. Only files named as
+    entries (and stale ".tmp-" writes) are touched; anything else in the folder is left alone.
+    """
+    now = time.time() if now is None else now
+    entries = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0, 0
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue  # removed meanwhile (another agent trims too)
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        if ".tmp-" in name and is_cache_entry(name.split(".tmp-")[0]):
+            if now - info.st_mtime > CACHE_TEMP_AGE:
+                remove_quietly(path)
+            continue
+        if is_cache_entry(name):
+            entries.append((info.st_mtime, name, info.st_size))
+    entries.sort(reverse=True)  # most recently used first
+    kept = removed = 0
+    for _mtime, name, size in entries:
+        if kept + size <= limit:
+            kept += size
+        elif remove_quietly(os.path.join(folder, name)):
+            removed += size
+    return kept, removed
+
+
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False  # gone already, or not ours to remove
+
+
+def keep_cache_trimmed(folder, limit, interval=CACHE_TRIM_SECONDS):
+    """A daemon thread that keeps the cache under its limit while the server writes entries."""
+
+    def loop():
+        while True:
+            time.sleep(interval)
+            trim_cache(folder, limit)
+
+    thread = threading.Thread(target=loop, name="cache-trim", daemon=True)
+    thread.start()
+    return thread
 
 
 # ---------------------------------------------------------------- down
@@ -625,6 +710,7 @@ def main(argv=None):
     p_serve.add_argument("--runtime", required=True)
     p_serve.add_argument("--threads", type=int, default=0)
     p_serve.add_argument("--cache", default=None)
+    p_serve.add_argument("--cache-limit", type=int, default=CACHE_LIMIT)
     p_serve.add_argument("--gpu", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "probe":

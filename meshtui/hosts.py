@@ -562,6 +562,8 @@ async def launch_agent(
         command += f" --threads {int(host.threads)}"
     if gpu:
         command += " --gpu"
+    if host.cache_limit is not None:
+        command += f" --cache-limit {int(host.cache_limit)}"
     try:
         process = await conn.create_process(command, encoding="utf-8", errors="replace")
     except (OSError, asyncssh.Error) as err:

@@ -69,6 +69,7 @@ class HostSpec:
     python: str = "python3"
     runtime: str = "auto"  # auto: push the prebuilt runtime, build on the host if it cannot load; push; build
     gpu: bool = True  # serve layers from the host's GPUs when a GPU runtime can be built there
+    cache_limit: int | None = None  # bytes of cached weight tensors kept on the host (None: the agent's 16 GiB)
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ _FIELDS: dict[str, dict[str, Convert]] = {
         "python": _text(_ONE_LINE, "an interpreter command on one line"),
         "runtime": _text(r"auto|push|build", "one of auto, push, build"),
         "gpu": _boolean,
+        "cache_limit": _size,
     },
 }
 _TOP_LEVEL = sorted(_FIELDS)

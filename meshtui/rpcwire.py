@@ -12,6 +12,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+CMD_SET_TENSOR = 6
+CMD_SET_TENSOR_HASH = 7
 CMD_GET_TENSOR = 8
 CMD_GRAPH_COMPUTE = 10
 CMD_HELLO = 14
@@ -20,6 +22,12 @@ CMD_GRAPH_RECOMPUTE = 16
 COMMANDS_WITH_REPLY = frozenset({0, 1, 2, 3, 7, 8, 9, 11, 13, 14, 15})
 _SIZE = struct.Struct("<Q")
 CONN_CAPS_SIZE = 24  # rpc_msg_hello_req: conn_caps[RPC_CONN_CAPS_SIZE]; all zero = no RDMA upgrade
+# struct rpc_tensor (304 bytes): ne[4] and nb[4] are uint32 at offsets 24 and 40.
+RPC_TENSOR_SIZE = 304
+_SHAPE = struct.Struct("<4I4I")
+_SHAPE_AT = 24
+_SHAPE_END = _SHAPE_AT + _SHAPE.size
+SET_TENSOR_HEADER = RPC_TENSOR_SIZE + 1 + 8  # | rpc_tensor | cache_flag | offset | data |
 
 
 async def rpc_hello(path: str, timeout: float = 10.0) -> tuple[int, int, int]:
@@ -53,12 +61,31 @@ class Round:
         return (self.end - self.start) * 1000.0
 
 
+def tensor_bytes(shape: bytes) -> int:
+    """Bytes of a contiguous tensor from its rpc_tensor ne[4], nb[4]: ne[3] * nb[3] (the whole of it)."""
+    values = _SHAPE.unpack(shape)
+    return values[3] * values[7]
+
+
 class RpcMeter:
-    """Incremental parser of both directions of one RPC connection. Never buffers payloads."""
+    """Incremental parser of both directions of one RPC connection. Never buffers payloads.
+
+    Besides bytes and rounds it counts the model's weights as they arrive: `weights_sent`, the data of every
+    SET_TENSOR (weights during a load), and `weights_cached`, the size of every tensor offered by hash
+    (SET_TENSOR_HASH) that the stage found in its cache, so it was not sent.
+    """
 
     def __init__(self, max_rounds: int = 4096) -> None:
         self.bytes_up = 0
         self.bytes_down = 0
+        self.weights_sent = 0
+        self.weights_cached = 0
+        self.hash_offers = 0
+        self.hash_hits = 0
+        self._offered: deque[int] = deque()  # sizes of tensors offered by hash, not answered yet
+        self._shape = bytearray()  # the ne/nb part of a SET_TENSOR_HASH payload being read
+        self._up_pos = 0  # bytes of the current payload read so far
+        self._down_first: bool = False  # the current reply's first payload byte says hit or miss
         self.rounds: deque[Round] = deque(maxlen=max_rounds)
         self.rounds_since_reset = 0
         self._pending: deque[int] = deque()
@@ -89,6 +116,9 @@ class RpcMeter:
         """
         self._pending.clear()
         self._awaiting.clear()
+        self._offered.clear()
+        self._shape.clear()
+        self._down_first = False
         self._up_header.clear()
         self._down_header.clear()
         self._up_skip = self._down_skip = 0
@@ -121,7 +151,10 @@ class RpcMeter:
         while pos < n:
             if self._up_skip:
                 take = min(self._up_skip, n - pos)
+                if self._up_cmd == CMD_SET_TENSOR_HASH and self._up_pos < _SHAPE_END:
+                    self._read_shape(view[pos : pos + take])
                 self._up_skip -= take
+                self._up_pos += take
                 pos += take
                 if self._up_skip == 0 and self._up_cmd in COMMANDS_WITH_REPLY:
                     answered = True
@@ -137,7 +170,13 @@ class RpcMeter:
                 self._up_header.clear()
                 self._up_skip = size
                 self._up_cmd = cmd
+                self._up_pos = 0
                 self._round_frames += 1
+                if cmd == CMD_SET_TENSOR and size >= SET_TENSOR_HEADER:
+                    self.weights_sent += size - SET_TENSOR_HEADER
+                elif cmd == CMD_SET_TENSOR_HASH:
+                    self._shape.clear()
+                    self.hash_offers += 1
                 if cmd in (CMD_GRAPH_COMPUTE, CMD_GRAPH_RECOMPUTE):
                     self._round_has_graph = True
                 if cmd in COMMANDS_WITH_REPLY:
@@ -146,6 +185,16 @@ class RpcMeter:
                         answered = True
                         self._awaiting.append(time.perf_counter() if now is None else now)
         return answered
+
+    def _read_shape(self, chunk: memoryview) -> None:
+        """Keep the bytes of ne/nb from a SET_TENSOR_HASH payload; `chunk` starts at payload offset _up_pos."""
+        start = max(_SHAPE_AT - self._up_pos, 0)
+        stop = min(_SHAPE_END - self._up_pos, len(chunk))
+        if start < stop:
+            self._shape += chunk[start:stop]
+        if len(self._shape) == _SHAPE.size:
+            self._offered.append(tensor_bytes(bytes(self._shape)))
+            self._shape.clear()
 
     def feed_down(self, data: bytes, now: float | None = None) -> None:
         n = len(data)
@@ -156,6 +205,9 @@ class RpcMeter:
         while pos < n:
             if self._down_skip:
                 take = min(self._down_skip, n - pos)
+                if self._down_first:
+                    self._down_first = False
+                    self._hash_answered(view[pos] != 0)
                 self._down_skip -= take
                 pos += take
                 if self._down_skip == 0:
@@ -169,8 +221,15 @@ class RpcMeter:
                 (size,) = _SIZE.unpack_from(self._down_header, 0)
                 self._down_header.clear()
                 self._down_skip = size
+                self._down_first = size > 0 and bool(self._pending) and self._pending[0] == CMD_SET_TENSOR_HASH
                 if size == 0:
                     self._reply_done(now)
+
+    def _hash_answered(self, hit: bool) -> None:
+        size = self._offered.popleft() if self._offered else 0
+        if hit:
+            self.hash_hits += 1
+            self.weights_cached += size
 
     def _reply_done(self, now: float | None) -> None:
         cmd = self._pending.popleft() if self._pending else -1

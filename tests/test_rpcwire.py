@@ -7,7 +7,16 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshtui.rpcwire import CMD_GET_TENSOR, CMD_GRAPH_RECOMPUTE, CMD_HELLO, RpcMeter
+from meshtui.rpcwire import (
+    CMD_GET_TENSOR,
+    CMD_GRAPH_RECOMPUTE,
+    CMD_HELLO,
+    CMD_SET_TENSOR,
+    CMD_SET_TENSOR_HASH,
+    RPC_TENSOR_SIZE,
+    RpcMeter,
+    tensor_bytes,
+)
 
 SET_TENSOR, ALLOC_BUFFER = 6, 0
 
@@ -143,3 +152,49 @@ def test_a_new_connection_forgets_what_the_old_one_waited_for() -> None:
     meter.feed_down(down, 2.5)
     assert meter.awaiting_since is None
     assert [(r.start, r.end, r.frames) for r in meter.rounds] == [(2.0, 2.5, 5)]
+
+
+def rpc_tensor(ne: tuple[int, int, int, int], nb: tuple[int, int, int, int]) -> bytes:
+    """A struct rpc_tensor (304 bytes) with only its shape filled in: ne[4] at 24, nb[4] at 40 (uint32)."""
+    data = bytearray(RPC_TENSOR_SIZE)
+    struct.pack_into("<4I4I", data, 24, *ne, *nb)
+    return bytes(data)
+
+
+def load_exchange(hits: list[bool]) -> tuple[bytes, bytes, int, int]:
+    """A load as ggml's client sends it: each tensor offered by hash, its data sent only when the stage lacks it.
+
+    Returns (upstream, downstream, bytes sent, bytes found cached). Tensor i is a quantized-like 2-D tensor:
+    ne = (64 * (i + 1), 3, 1, 1), nb = (18, 18 * 2 * (i + 1), ..) so its size is nb[3] * ne[3].
+    """
+    up = bytearray()
+    down = bytearray()
+    sent = cached = 0
+    for i, hit in enumerate(hits):
+        row = 18 * 2 * (i + 1)
+        size = row * 3
+        tensor = rpc_tensor((64 * (i + 1), 3, 1, 1), (18, row, size, size))
+        up += frame(CMD_SET_TENSOR_HASH, tensor + struct.pack("<QQ", 0, 0xABCDEF + i))
+        down += reply(bytes([1 if hit else 0]))
+        if hit:
+            cached += size
+        else:
+            up += frame(CMD_SET_TENSOR, tensor + b"\x01" + struct.pack("<Q", 0) + bytes(size))
+            sent += size
+    return bytes(up), bytes(down), sent, cached
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=8),
+       st.lists(st.integers(min_value=0, max_value=20_000), max_size=30))
+def test_weights_sent_and_found_cached_are_counted_under_any_chunking(hits: list[bool], cuts: list[int]) -> None:
+    meter = RpcMeter()
+    up, down, sent, cached = load_exchange(hits)
+    feed(meter, up, down, 0.0, 1.0, cuts)
+    assert (meter.weights_sent, meter.weights_cached) == (sent, cached)
+    assert (meter.hash_offers, meter.hash_hits) == (len(hits), sum(hits))
+    assert meter.awaiting_since is None  # every offer was answered
+
+
+def test_tensor_bytes_is_the_whole_contiguous_tensor() -> None:
+    shape = struct.pack("<4I4I", 576, 49152, 1, 1, 2, 1152, 1152 * 49152, 1152 * 49152)
+    assert tensor_bytes(shape) == 576 * 49152 * 2  # f16 embeddings of SmolLM2

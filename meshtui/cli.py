@@ -9,6 +9,7 @@ import dataclasses
 import json
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,7 +23,7 @@ from meshtui.lab import EmbeddedLab
 from meshtui.mesh import DEFAULT_PARALLEL, Mesh
 from meshtui.placement import engine_split
 from meshtui.text import printable
-from meshtui.units import format_size
+from meshtui.units import format_size, load_done, load_transfer
 
 HEADLESS_MAX_TOKENS = 128
 TUI_MAX_TOKENS = 256
@@ -147,9 +148,29 @@ async def _inventory_for(args: argparse.Namespace) -> AsyncIterator[Any]:
             await lab.close()
 
 
+LOAD_PROGRESS_EVERY = 1.0  # seconds between a host's load progress lines on stderr
+
+
 def _stderr_listener(verbose: bool) -> ev.Listener:
+    loads: dict[str, ev.TransferProgressed] = {}
+    shown: dict[str, float] = {}
+
     def listen(event: ev.Event) -> None:
-        if isinstance(event, ev.HostPhaseChanged) and verbose:
+        if isinstance(event, ev.TransferProgressed) and event.phase == "load" and event.sent_bytes is not None:
+            loads[event.host] = event
+            now = time.monotonic()
+            if now - shown.get(event.host, 0.0) >= LOAD_PROGRESS_EVERY and event.done_bytes:
+                shown[event.host] = now
+                text = load_transfer(event.done_bytes, event.total_bytes, event.sent_bytes, event.rate,
+                                     event.eta_seconds)
+                print(f"  {event.host}: loading {text}", file=sys.stderr)
+        elif isinstance(event, ev.ModelLoaded):
+            for host, last in loads.items():
+                print(f"  {host}: loaded {load_done(last.done_bytes, last.sent_bytes)} in {event.seconds:.1f}s",
+                      file=sys.stderr)
+            loads.clear()
+            shown.clear()
+        elif isinstance(event, ev.HostPhaseChanged) and verbose:
             print(f"  {event.host}: {event.phase} {event.detail}".rstrip(), file=sys.stderr)
         elif isinstance(event, ev.MeshRecovered):
             stall = f" (noticed after a {event.stalled_seconds:.1f}s stall)" if event.stalled_seconds else ""
@@ -264,6 +285,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "seconds": finished.seconds,
             "load_seconds": mesh.load_seconds,
             "load_bytes_sent": mesh.load_bytes_sent,
+            "load_by_host": {name: load.to_json() for name, load in mesh.host_loads.items()},
             "recoveries": [r.to_json() for r in mesh.recoveries],
             "prediction": prediction.to_json() if prediction else None,
             "speculative": finished.speculative.to_json() if finished.speculative else None,

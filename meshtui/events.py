@@ -32,12 +32,19 @@ class HostProbed(Event):
 
 @dataclass(frozen=True)
 class TransferProgressed(Event):
-    """Bytes moved to a host: the runtime push (phase "push") or the model weights (phase "load")."""
+    """Bytes moved to a host: the runtime push (phase "push") or the model weights (phase "load").
+
+    For a load, `done_bytes` counts weights in place on the host, sent or found in its cache by content hash,
+    and `sent_bytes` what crossed the tunnel; `rate` is bytes per second sent, `eta_seconds` the time left.
+    """
 
     host: str
     phase: str
     done_bytes: int
     total_bytes: int | None = None
+    sent_bytes: int | None = None
+    rate: float | None = None
+    eta_seconds: float | None = None
 
 
 @dataclass(frozen=True)

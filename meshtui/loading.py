@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshtui import events as ev
@@ -18,6 +18,7 @@ from meshtui.capacity import HEAD_NAME
 from meshtui.engine.client import EngineProcess
 from meshtui.engine.protocol import Load
 from meshtui.errors import EngineError, HostError
+from meshtui.gguf_facts import ModelFacts
 from meshtui.localstage import LocalStage
 from meshtui.node import Node, NodeSink
 from meshtui.placement import check_placement, engine_split, placement_by_node
@@ -25,6 +26,7 @@ from meshtui.planner import Plan
 from meshtui.runtime import expected_rpc_protocol, local_runtime_bundle
 from meshtui.stage import Stage
 from meshtui.tunnels import StageTunnel
+from meshtui.weights import HostLoad, MeterCounts, load_progressed
 
 LOAD_PROGRESS_SECONDS = 0.25
 
@@ -39,6 +41,7 @@ class LoadRequest:
     plan: Plan
     parallel: int = 1  # sequences the engine decodes together
     draft_model: Path | None = None  # drafts for speculative decoding, run by the engine on the head's CPU
+    model: ModelFacts | None = None  # the model's header (where its tensors lie, for hosts with their own copy)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Loaded:
     seconds: float
     bytes_sent: int  # weights sent up the stages' tunnels
     placement: dict[str, list[int]]  # node name -> the layers llama.cpp put there
+    hosts: dict[str, HostLoad] = field(default_factory=dict)  # per host: sent, found in its cache
 
 
 def stage_tunnels(stages: Mapping[str, Stage], nodes: Sequence[Node]) -> dict[str, StageTunnel]:
@@ -122,8 +126,10 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     devices = device_order([(t.endpoint, name) for name, t in tunnels.items()], request.plan, local_stage)
     for node in [*remote, head]:
         sink.phase(node, "load")
-    progress = asyncio.create_task(_report_load_progress(tunnels, remote, sink))
     started = time.perf_counter()
+    starts = {name: MeterCounts.of(t.meter) for name, t in tunnels.items()}
+    planned = {a.name: a.weight_bytes for a in request.plan.assignments}
+    progress = asyncio.create_task(_report_load_progress(tunnels, starts, planned, started, sink))
     try:
         placement = await load_split(engine, request, devices, device_memory(stages))
     except EngineError as err:
@@ -134,17 +140,25 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     finally:
         progress.cancel()
     seconds = time.perf_counter() - started
-    bytes_sent = sum(t.meter.bytes_up for t in tunnels.values())
-    for name, tunnel in tunnels.items():
-        sink.emit(ev.TransferProgressed(name, "load", tunnel.meter.bytes_up, None))
+    hosts = host_loads(tunnels, starts, planned, seconds)
+    bytes_sent = sum(load.sent_bytes for load in hosts.values())
+    for load in hosts.values():
+        sink.emit(load_progressed(load))
     sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement)))
-    return Loaded(seconds, bytes_sent, placement)
+    return Loaded(seconds, bytes_sent, placement, hosts)
 
 
-async def _report_load_progress(tunnels: Mapping[str, StageTunnel], remote: Sequence[Node], sink: NodeSink) -> None:
+def host_loads(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCounts], planned: Mapping[str, int],
+               seconds: float) -> dict[str, HostLoad]:
+    """Each host's load since `starts`: weights placed (sent or found in its cache), bytes on the wire."""
+    return {name: HostLoad(name, seconds, MeterCounts.of(t.meter).since(starts.get(name, MeterCounts())),
+                           planned.get(name))
+            for name, t in tunnels.items()}
+
+
+async def _report_load_progress(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCounts],
+                                planned: Mapping[str, int], started: float, sink: NodeSink) -> None:
     while True:
         await asyncio.sleep(LOAD_PROGRESS_SECONDS)
-        for node in remote:
-            tunnel = tunnels.get(node.name)
-            if tunnel is not None:
-                sink.emit(ev.TransferProgressed(node.name, "load", tunnel.meter.bytes_up, node.planned_bytes or None))
+        for load in host_loads(tunnels, starts, planned, time.perf_counter() - started).values():
+            sink.emit(load_progressed(load))

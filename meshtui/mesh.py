@@ -40,6 +40,7 @@ from meshtui.stage import Stage, StageReport
 from meshtui.stallwatch import StallWatch
 from meshtui.streaming import Reply, ReplyFold, stage_latencies
 from meshtui.watchdog import StallPolicy
+from meshtui.weights import HostLoad
 
 __all__ = ["Mesh", "Node", "Recovery", "RejoinPolicy", "Reply", "StallPolicy"]
 
@@ -76,6 +77,7 @@ class Mesh:
         self.engine: EngineProcess | None = None
         self.load_seconds = 0.0
         self.load_bytes_sent = 0
+        self.host_loads: dict[str, HostLoad] = {}  # the last load, per host: bytes sent, weights found cached
         self.placement: dict[str, list[int]] = {}
         self._request_ids = 0
         self.recoveries: list[Recovery] = []
@@ -205,7 +207,7 @@ class Mesh:
         self.engine = EngineProcess(on_log=lambda line: self.sink.log("engine", line, "debug"))
         await self.engine.start()
         request = LoadRequest(self.model_path, self.inventory.model.context, self.inventory.head.threads, self.plan,
-                              self.parallel, self.draft_path)
+                              self.parallel, self.draft_path, self.model)
         self._loading = True
         try:
             loaded = await load_engine(self.engine, request, head=self.head, remote=remote, stages=self.stages,
@@ -214,6 +216,7 @@ class Mesh:
         finally:
             self._loading = False
         self.load_seconds, self.load_bytes_sent, self.placement = loaded.seconds, loaded.bytes_sent, loaded.placement
+        self.host_loads = loaded.hosts
         self._loaded = True
         for node in [self.head, *remote]:
             self.sink.phase(node, "ready")

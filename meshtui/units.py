@@ -80,3 +80,30 @@ def format_size(n: int) -> str:
     else:
         text = f"{value:.0f}"
     return f"{sign}{text} {_BINARY_UNITS[unit_index]}"
+
+
+def transfer_text(done: int, total: int | None) -> str:
+    """"1.20 MiB / 2.60 MiB 46%", or just the bytes moved when the total is unknown."""
+    if not total:
+        return format_size(done)
+    percent = min(100, round(100 * done / total))
+    return f"{format_size(done)} / {format_size(total)} {percent}%"
+
+
+def load_transfer(done: int, total: int | None, sent: int | None, rate: float | None, eta: float | None) -> str:
+    """A load under way: "12.0 MiB / 42.0 MiB 28% · 15.0 MiB/s · 2s left" (weights in place of planned)."""
+    parts = [transfer_text(done, total)]
+    if rate is not None:
+        parts.append(f"{format_size(int(rate))}/s")
+    if eta is not None:
+        parts.append(f"{eta:.0f}s left")
+    if sent is not None and sent < done // 2:  # most of it was already on the host
+        parts.append(f"{format_size(sent)} sent")
+    return " · ".join(parts)
+
+
+def load_done(done: int, sent: int | None) -> str:
+    """A finished load: "42.0 MiB" when it all crossed, "42.0 MiB (180 KiB sent)" when the host had most of it."""
+    if sent is None or sent >= done:
+        return format_size(done)
+    return f"{format_size(done)} ({format_size(sent)} sent)"

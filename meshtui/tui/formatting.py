@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from meshtui.events import StageLatencyMeasured
 from meshtui.stats import p95_index
 from meshtui.units import format_size
+from meshtui.units import transfer_text as transfer  # noqa: F401 (the views' name for it)
 
 NOT_MEASURED = "—"
 
@@ -66,14 +67,6 @@ def memory_use(planned_bytes: int, usable_bytes: int) -> str:
 
 def bytes_or_dash(n: float | None) -> str:
     return NOT_MEASURED if n is None else format_size(round(n))
-
-
-def transfer(done: int, total: int | None) -> str:
-    """"1.20 MiB / 2.60 MiB 46%", or just the bytes moved when the total is unknown."""
-    if not total:
-        return format_size(done)
-    percent = min(100, round(100 * done / total))
-    return f"{format_size(done)} / {format_size(total)} {percent}%"
 
 
 def proportional_widths(weights: Sequence[int], width: int) -> list[int]:

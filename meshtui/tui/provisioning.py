@@ -18,7 +18,7 @@ from meshtui.tui.protocol import MeshLike
 from meshtui.tui.splitbar import SplitBar
 from meshtui.tui.tables import TableSync
 from meshtui.tui.throttle import Throttle
-from meshtui.units import format_size
+from meshtui.units import format_size, load_done, load_transfer
 
 HEAD_SKIPS = ("connect", "push", "launch")  # the head runs in this process: nothing to connect, push or launch
 TRANSFER_PHASES = ("push", "load")
@@ -47,6 +47,7 @@ class HostProgress:
     failed_phase: str | None = None
     reason: str = ""
     transfers: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    load: ev.TransferProgressed | None = None  # the last word on the model load: sent, rate, ETA
 
     def apply(self, event: ev.Event) -> None:
         match event:
@@ -61,6 +62,8 @@ class HostProgress:
             case ev.TransferProgressed(phase=phase, done_bytes=done, total_bytes=total):
                 known_total = total if total is not None else self.transfers.get(phase, (0, None))[1]
                 self.transfers[phase] = (done, known_total)
+                if phase == "load":
+                    self.load = event
             case ev.AgentLaunched(pid=pid):
                 self.launched = f"agent pid {pid}"
             case ev.HostFailed(phase=phase, reason=reason):
@@ -97,11 +100,18 @@ class HostProgress:
             return "✗ failed", state
         if state == "skipped":
             return ("local" if self.is_head else "—"), state
+        load = self.load if phase == "load" else None
         if state == "done":
+            if load is not None:
+                return f"✓ {load_done(load.done_bytes, load.sent_bytes)}", state
             if phase in TRANSFER_PHASES and moved:
                 return f"✓ {format_size(moved[0])}", state
             return "✓", state
         if state == "active":
+            if load is not None:
+                total = moved[1] if moved else None
+                text = load_transfer(load.done_bytes, total, load.sent_bytes, load.rate, load.eta_seconds)
+                return f"◐ {text}", state
             if phase in TRANSFER_PHASES and moved:
                 return f"◐ {transfer(*moved)}", state
             return "◐ …", state

@@ -1,0 +1,82 @@
+"""How a model load is going on each host: weights placed (sent, or found in the host's cache), rate, ETA.
+
+Pure: counts in, numbers out. The tunnel's RpcMeter counts the bytes; the mesh samples them.
+Weights a host already holds (its cache, keyed by content hash) are offered by hash and cost a round trip, not
+their bytes; so "placed" runs ahead of "sent" on a warm load, and a load interrupted and started again sends
+only what did not arrive the first time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshtui import events as ev
+from meshtui.rpcwire import RpcMeter
+
+
+@dataclass(frozen=True)
+class MeterCounts:
+    """A sample of one tunnel's counters."""
+
+    bytes_up: int = 0  # everything sent to the stage (frames, weights, activations)
+    weights_sent: int = 0  # tensor data sent (SET_TENSOR payloads)
+    weights_cached: int = 0  # tensors the stage found in its cache (SET_TENSOR_HASH hits)
+    hash_offers: int = 0
+    hash_hits: int = 0
+
+    @classmethod
+    def of(cls, meter: RpcMeter) -> MeterCounts:
+        return cls(meter.bytes_up, meter.weights_sent, meter.weights_cached, meter.hash_offers, meter.hash_hits)
+
+    def since(self, start: MeterCounts) -> MeterCounts:
+        return MeterCounts(self.bytes_up - start.bytes_up, self.weights_sent - start.weights_sent,
+                           self.weights_cached - start.weights_cached, self.hash_offers - start.hash_offers,
+                           self.hash_hits - start.hash_hits)
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    """One host's load so far (or in all, once it is done)."""
+
+    host: str
+    seconds: float
+    counts: MeterCounts  # since the load began
+    planned_bytes: int | None = None  # the plan's bytes for this host's layers, when known
+
+    @property
+    def placed_bytes(self) -> int:
+        return self.counts.weights_sent + self.counts.weights_cached
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.counts.bytes_up
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes per second on the wire (None before any time passed)."""
+        return self.counts.bytes_up / self.seconds if self.seconds > 0 else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the rate weights were placed so far; None while unknown (nothing placed, no total)."""
+        if self.planned_bytes is None or self.seconds <= 0 or self.placed_bytes <= 0:
+            return None
+        left = max(self.planned_bytes - self.placed_bytes, 0)
+        return left / (self.placed_bytes / self.seconds)
+
+    def to_json(self) -> dict[str, object]:
+        """The per-host numbers `--json` and the bench report."""
+        return {
+            "seconds": round(self.seconds, 3),
+            "bytes_sent": self.counts.bytes_up,
+            "weights_sent": self.counts.weights_sent,
+            "weights_cached": self.counts.weights_cached,
+            "tensors_offered": self.counts.hash_offers,
+            "tensors_cached": self.counts.hash_hits,
+        }
+
+
+def load_progressed(load: HostLoad) -> ev.TransferProgressed:
+    """The event the TUI's provisioning view and `--headless` show: placed of planned, sent, rate, ETA."""
+    return ev.TransferProgressed(load.host, "load", load.placed_bytes, load.planned_bytes,
+                                 sent_bytes=load.sent_bytes, rate=load.rate, eta_seconds=load.eta_seconds)

@@ -53,6 +53,7 @@ UNIX_SOCKET_SYMBOL = "ggml_backend_rpc_unix_socket_support"
 # meshtui's weights-cache patch: weight tensors from a threshold (64 KiB) are offered by content hash, and the
 # server checks each cache entry against its hash before using it. A runtime without it serves with no cache.
 VERIFIED_CACHE_SYMBOL = "ggml_backend_rpc_verified_cache_threshold"
+CONTENT_HASH_SYMBOL = "ggml_backend_rpc_content_hash"  # the hash entries are named by (same patch)
 CACHE_LIMIT = 16 * 1024 ** 3  # bytes of cached tensors kept per host (all models share them); LRU out beyond
 CACHE_TRIM_SECONDS = 2.0  # how often a serving agent trims its cache back under the limit
 CACHE_TEMP_AGE = 3600.0  # a ".tmp-" file older than this is a write that never finished: removed
@@ -523,6 +524,8 @@ def serve(args):
             words = line.split()
             if words and words[0] == "ping":
                 proto.send(event="pong", seq=words[1] if len(words) > 1 else "")
+            elif words and words[0] == "seed":
+                proto.send(event="seeded", **answer_seed(runtime, cache_dir, line[len("seed"):]))
     finally:
         remove_socket_dir(folder)
         try:
@@ -587,6 +590,51 @@ def remove_quietly(path):
         return False  # gone already, or not ours to remove
 
 
+def seed_cache(hash_bytes, folder, threshold, request):
+    """Put tensors of a model file on this host into the cache, each named by the hash of its own bytes.
+
+    `request`: {"seq": ..., "model": path, "regions": [[offset, size], ...]} (the head's idea of where the tensors
+    of this stage's layers lie in the file). Nothing is trusted by name: an entry is named by the hash of what
+    this file holds, so if the file is not the head's model the head's offers simply miss and it sends the bytes.
+    """
+    import mmap
+
+    seeded = present = skipped = 0
+    seeded_bytes = present_bytes = 0
+    path = os.path.expanduser(str(request.get("model") or ""))
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ValueError("%s is empty" % path)
+        view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for ctypes, never written
+    try:
+        for offset, length in request.get("regions") or []:
+            offset, length = int(offset), int(length)
+            if length < threshold or offset < 0 or offset + length > size:
+                skipped += 1
+                continue
+            pointer = ctypes.c_char.from_buffer(view, offset)
+            digest = hash_bytes(ctypes.addressof(pointer), length)
+            del pointer
+            name = "%016x" % digest
+            entry = os.path.join(folder, name)
+            if os.path.exists(entry):
+                os.utime(entry)  # used now: least recently used goes first (ggml re-checks it when used)
+                present += 1
+                present_bytes += length
+                continue
+            tmp = "%s.tmp-seed-%d" % (entry, os.getpid())
+            with open(tmp, "wb") as out:
+                out.write(memoryview(view)[offset:offset + length])
+            os.replace(tmp, entry)
+            seeded += 1
+            seeded_bytes += length
+    finally:
+        view.close()
+    return {"seeded": seeded, "seeded_bytes": seeded_bytes, "present": present, "present_bytes": present_bytes,
+            "skipped": skipped}
+
+
 def keep_cache_trimmed(folder, limit, interval=CACHE_TRIM_SECONDS):
     """A daemon thread that keeps the cache under its limit while the server writes entries."""
 
@@ -598,6 +646,28 @@ def keep_cache_trimmed(folder, limit, interval=CACHE_TRIM_SECONDS):
     thread = threading.Thread(target=loop, name="cache-trim", daemon=True)
     thread.start()
     return thread
+
+
+def answer_seed(runtime, cache_dir, text):
+    """The agent's answer to `seed {json}`: what seed_cache did, or why it could not."""
+    try:
+        request = json.loads(text)
+        seq = request.get("seq", "")
+    except (ValueError, AttributeError) as err:
+        return {"seq": "", "error": "unreadable seed request: %s" % err}
+    if cache_dir is None or runtime.cache_threshold is None:
+        return {"seq": seq, "error": "this runtime keeps no verified cache"}
+    hash_bytes = getattr(runtime.rpc, CONTENT_HASH_SYMBOL, None)
+    if hash_bytes is None:
+        return {"seq": seq, "error": "this runtime lacks %s" % CONTENT_HASH_SYMBOL}
+    hash_bytes.restype = ctypes.c_uint64
+    hash_bytes.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    try:
+        done = seed_cache(hash_bytes, cache_dir, runtime.cache_threshold, request)
+    except (OSError, ValueError, TypeError) as err:
+        return {"seq": seq, "error": str(err)}
+    done["seq"] = seq
+    return done
 
 
 # ---------------------------------------------------------------- down

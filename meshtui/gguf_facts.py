@@ -56,6 +56,7 @@ class ModelFacts:
     layer_weight_bytes: tuple[int, ...]  # every blk.{i}.* tensor; len == n_layer
     output_bytes: int  # output.weight + output_norm.*, or token_embd when the output is tied to it
     input_bytes: int  # token_embd.*: always on the head's CPU
+    tensors: tuple[tuple[str, int, int], ...] = ()  # (name, file offset, bytes) of every tensor
 
     @property
     def weight_bytes(self) -> int:
@@ -75,14 +76,17 @@ class ModelFacts:
 def read_model_facts(path: Path) -> ModelFacts:
     """Read a GGUF header; every problem with the file becomes a one-line ModelError naming it."""
     path = Path(path)
+    return _facts_from_reader(path, _reader(path))
+
+
+def _reader(path: Path) -> GGUFReader:
     _check_is_gguf(path)
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except OSError as err:
         raise ModelError(f"{path}: cannot read model file: {err.strerror or err}") from err
     except _READER_ERRORS as err:
         raise ModelError(f"{path}: not a valid GGUF file (damaged or truncated: {_one_line(err)})") from err
-    return _facts_from_reader(path, reader)
 
 
 def _check_is_gguf(path: Path) -> None:
@@ -175,7 +179,26 @@ def _facts_from_reader(path: Path, reader: GGUFReader) -> ModelFacts:
         layer_weight_bytes=tuple(layer_bytes),
         output_bytes=output_bytes,
         input_bytes=input_bytes,
+        tensors=tuple((t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors),
     )
+
+
+def tensor_regions(facts: ModelFacts, layers: list[int]) -> list[tuple[int, int]]:
+    """(file offset, bytes) of every tensor llama.cpp puts in these layers (layer n_layer: the output layer)."""
+    wanted = set(layers)
+    has_output = any(name == "output.weight" for name, _, _ in facts.tensors)
+    regions = []
+    for name, offset, size in facts.tensors:
+        block = _BLOCK_TENSOR_RE.match(name)
+        if block is not None:
+            layer = int(block.group(1))
+        elif name.startswith("output") or (name == "token_embd.weight" and not has_output):
+            layer = facts.n_layer
+        else:
+            continue
+        if layer in wanted:
+            regions.append((offset, size))
+    return regions
 
 
 def _field_contents(path: Path, reader: GGUFReader, key: str) -> tuple[Any, list[GGUFValueType]]:

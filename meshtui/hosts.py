@@ -435,6 +435,7 @@ class Agent:
         self.exited = asyncio.Event()
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pongs: dict[str, asyncio.Future[float]] = {}
+        self._seeds: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._seq = itertools.count()
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
 
@@ -460,6 +461,10 @@ class Agent:
                     future = self._pongs.pop(str(msg.get("seq")), None)
                     if future and not future.done():
                         future.set_result(time.perf_counter())
+                elif event == "seeded":
+                    seeded = self._seeds.pop(str(msg.get("seq")), None)
+                    if seeded and not seeded.done():
+                        seeded.set_result(msg)
         except (OSError, asyncssh.Error) as err:
             self.on_log(f"agent channel error: {one_line(err)}")
         finally:
@@ -469,6 +474,9 @@ class Agent:
             for future in self._pongs.values():
                 if not future.done():
                     future.cancel()
+            for seeded in self._seeds.values():
+                if not seeded.done():
+                    seeded.cancel()
 
     async def _read_stderr(self) -> None:
         with contextlib.suppress(OSError, asyncssh.Error):
@@ -515,6 +523,14 @@ class Agent:
         sent = time.perf_counter()
         self.process.stdin.write(f"ping {seq}\n")
         return await asyncio.wait_for(future, timeout) - sent
+
+    async def seed(self, model_path: str, regions: list[tuple[int, int]], timeout: float = 600.0) -> dict[str, Any]:
+        """Ask the agent to put these byte ranges of its own copy of the model into its cache, named by hash."""
+        seq = str(next(self._seq))
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._seeds[seq] = future
+        self.process.stdin.write("seed " + json.dumps({"seq": seq, "model": model_path, "regions": regions}) + "\n")
+        return await asyncio.wait_for(future, timeout)
 
     @property
     def alive(self) -> bool:

@@ -70,6 +70,7 @@ class HostSpec:
     runtime: str = "auto"  # auto: push the prebuilt runtime, build on the host if it cannot load; push; build
     gpu: bool = True  # serve layers from the host's GPUs when a GPU runtime can be built there
     cache_limit: int | None = None  # bytes of cached weight tensors kept on the host (None: the agent's 16 GiB)
+    model_path: str | None = None  # the model file on the host, if it has one: its layers are read from there
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ _FIELDS: dict[str, dict[str, Convert]] = {
         "runtime": _text(r"auto|push|build", "one of auto, push, build"),
         "gpu": _boolean,
         "cache_limit": _size,
+        "model_path": _text(_ONE_LINE, "a path on the host, on one line"),
     },
 }
 _TOP_LEVEL = sorted(_FIELDS)

@@ -26,7 +26,7 @@ from meshtui.planner import Plan
 from meshtui.runtime import expected_rpc_protocol, local_runtime_bundle
 from meshtui.stage import Stage
 from meshtui.tunnels import StageTunnel
-from meshtui.weights import HostLoad, MeterCounts, load_progressed
+from meshtui.weights import HostFile, HostLoad, MeterCounts, load_progressed, seed_from_host_files
 
 LOAD_PROGRESS_SECONDS = 0.25
 
@@ -124,6 +124,8 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     """
     tunnels = stage_tunnels(stages, remote)
     devices = device_order([(t.endpoint, name) for name, t in tunnels.items()], request.plan, local_stage)
+    if request.model is not None:
+        await seed_from_host_files(host_files(stages, remote, request.plan), request.model, sink.log)
     for node in [*remote, head]:
         sink.phase(node, "load")
     started = time.perf_counter()
@@ -146,6 +148,16 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
         sink.emit(load_progressed(load))
     sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement)))
     return Loaded(seconds, bytes_sent, placement, hosts)
+
+
+def host_files(stages: Mapping[str, Stage], remote: Sequence[Node], plan: Plan) -> list[HostFile]:
+    """The hosts that have their own copy of the model (inventory `model_path`) and a running agent."""
+    files = []
+    for node in remote:
+        stage = stages.get(node.name)
+        if stage is not None and stage.spec.model_path and stage.agent is not None:
+            files.append(HostFile(node.name, stage.agent, stage.spec.model_path, plan.layers_of(node.name)))
+    return files
 
 
 def host_loads(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCounts], planned: Mapping[str, int],

@@ -8,10 +8,17 @@ only what did not arrive the first time.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from meshtui import events as ev
+from meshtui.errors import MeshError
+from meshtui.gguf_facts import ModelFacts, tensor_regions
+from meshtui.hosts import Agent
 from meshtui.rpcwire import RpcMeter
+from meshtui.text import one_line
+from meshtui.units import format_size
 
 
 @dataclass(frozen=True)
@@ -80,3 +87,41 @@ def load_progressed(load: HostLoad) -> ev.TransferProgressed:
     """The event the TUI's provisioning view and `--headless` show: placed of planned, sent, rate, ETA."""
     return ev.TransferProgressed(load.host, "load", load.placed_bytes, load.planned_bytes,
                                  sent_bytes=load.sent_bytes, rate=load.rate, eta_seconds=load.eta_seconds)
+
+
+@dataclass(frozen=True)
+class HostFile:
+    """A host's own copy of the model (inventory `model_path`), with the stage to seed from it."""
+
+    host: str
+    agent: Agent
+    path: str
+    layers: list[int]
+
+
+async def seed_from_host_files(files: Sequence[HostFile], model: ModelFacts,
+                               log: Callable[[str, str, str], None]) -> None:
+    """Have each host put the tensors of its layers from its own copy of the model into its cache.
+
+    The agent names each entry by the hash of the bytes its file holds; the load then offers every tensor by the
+    hash of the head's bytes, so a host whose file differs (another quantization, a damaged copy) is simply sent
+    what differs. Nothing is trusted by the file's name. A host that cannot read its file is sent everything.
+    """
+
+    async def seed(item: HostFile) -> None:
+        regions = tensor_regions(model, item.layers)
+        try:
+            answer = await item.agent.seed(item.path, regions)
+        except (asyncio.TimeoutError, asyncio.CancelledError, OSError, MeshError) as err:
+            log(item.host, f"could not read its own model file {item.path}: {one_line(err) or 'no answer'}",
+                "warning")
+            return
+        if answer.get("error"):
+            log(item.host, f"cannot use its own model file {item.path}: {one_line(answer['error'])}", "warning")
+            return
+        found = int(answer.get("seeded_bytes", 0)) + int(answer.get("present_bytes", 0))
+        log(item.host, f"{format_size(found)} of its layers' tensors read from its own model file {item.path} "
+                       f"({answer.get('seeded', 0)} new in its cache, {answer.get('present', 0)} there already)",
+            "info")
+
+    await asyncio.gather(*(seed(item) for item in files))

@@ -71,3 +71,44 @@ def test_progress_before_anything_arrived_has_no_rate_or_eta() -> None:
     load = HostLoad("h1", 0.0, MeterCounts(), planned_bytes=1000)
     assert (load.rate, load.eta_seconds, load.placed_bytes) == (None, None, 0)
     assert MeterCounts(10, 5, 3, 2, 1).since(MeterCounts(4, 1, 1, 1, 0)) == MeterCounts(6, 4, 2, 1, 1)
+
+
+def fnv1a(data: bytes) -> int:
+    value = 0xCBF29CE484222325
+    for byte in data:
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
+def test_seeding_names_each_region_by_the_hash_of_its_own_bytes(tmp_path: Path) -> None:
+    import ctypes
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(bytes(range(256)) * 40)  # 10240 bytes
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def hash_bytes(address: int, length: int) -> int:
+        return fnv1a(ctypes.string_at(address, length))
+
+    regions = [[0, 2048], [2048, 1024], [100, 10], [10000, 1000]]  # too small; past the end of the file
+    answer = agent.seed_cache(hash_bytes, str(cache), 1024, {"model": str(model), "regions": regions})
+    assert answer == {"seeded": 2, "seeded_bytes": 3072, "present": 0, "present_bytes": 0, "skipped": 2}
+    data = model.read_bytes()
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == {
+        f"{fnv1a(data[:2048]):016x}": data[:2048], f"{fnv1a(data[2048:3072]):016x}": data[2048:3072]}
+    again = agent.seed_cache(hash_bytes, str(cache), 1024, {"model": str(model), "regions": regions[:2]})
+    assert again == {"seeded": 0, "seeded_bytes": 0, "present": 2, "present_bytes": 3072, "skipped": 0}
+
+
+def test_tensor_regions_are_the_layers_tensors_in_the_file() -> None:
+    from helpers import SMOLLM2
+
+    from meshtui.gguf_facts import read_model_facts, tensor_regions
+
+    facts = read_model_facts(SMOLLM2)
+    blocks = tensor_regions(facts, [3, 4])
+    assert sum(size for _, size in blocks) == facts.layer_weight_bytes[3] + facts.layer_weight_bytes[4]
+    output = tensor_regions(facts, [facts.n_layer])
+    assert sum(size for _, size in output) == facts.output_bytes  # tied: token_embd read again, and the norm
+    assert all(offset + size <= facts.file_size for offset, size in blocks + output)

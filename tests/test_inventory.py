@@ -157,6 +157,7 @@ def test_example_file_parses_with_documented_values() -> None:
         threads=4,
         python="python3",
         cache_limit=16 * GIB,
+        model_path="~/models/SmolLM2-135M-Instruct.Q4_1.gguf",
     )
     assert desktop == HostSpec(name="desktop-b", address="192.0.2.20")
 
@@ -235,7 +236,8 @@ HOST = '[[hosts]]\nname = "h0"\naddress = "192.0.2.1"\n'
         (
             HOST + "prot = 22\n",
             "inventory.toml: hosts[0]: unknown key 'prot' (did you mean 'port'? expected one of: address, "
-            "cache_limit, gpu, identity_file, max_memory, name, port, python, runtime, threads, user)",
+            "cache_limit, gpu, identity_file, max_memory, model_path, name, port, python, runtime, "
+            "threads, user)",
         ),
         (
             "[ssh]\ntimeout = 3\n",

@@ -22,10 +22,10 @@ CMD_GRAPH_RECOMPUTE = 16
 COMMANDS_WITH_REPLY = frozenset({0, 1, 2, 3, 7, 8, 9, 11, 13, 14, 15})
 _SIZE = struct.Struct("<Q")
 CONN_CAPS_SIZE = 24  # rpc_msg_hello_req: conn_caps[RPC_CONN_CAPS_SIZE]; all zero = no RDMA upgrade
-# struct rpc_tensor (304 bytes): ne[4] and nb[4] are uint32 at offsets 24 and 40.
-RPC_TENSOR_SIZE = 304
+# struct rpc_tensor (packed, 296 bytes): id u64, type u32, buffer u64, then ne[4] and nb[4] as uint32 at 20 and 36.
+RPC_TENSOR_SIZE = 296
 _SHAPE = struct.Struct("<4I4I")
-_SHAPE_AT = 24
+_SHAPE_AT = 20
 _SHAPE_END = _SHAPE_AT + _SHAPE.size
 SET_TENSOR_HEADER = RPC_TENSOR_SIZE + 1 + 8  # | rpc_tensor | cache_flag | offset | data |
 

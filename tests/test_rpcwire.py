@@ -155,9 +155,9 @@ def test_a_new_connection_forgets_what_the_old_one_waited_for() -> None:
 
 
 def rpc_tensor(ne: tuple[int, int, int, int], nb: tuple[int, int, int, int]) -> bytes:
-    """A struct rpc_tensor (304 bytes) with only its shape filled in: ne[4] at 24, nb[4] at 40 (uint32)."""
+    """A struct rpc_tensor (packed, 296 bytes) with only its shape filled in: ne[4] at 20, nb[4] at 36 (uint32)."""
     data = bytearray(RPC_TENSOR_SIZE)
-    struct.pack_into("<4I4I", data, 24, *ne, *nb)
+    struct.pack_into("<4I4I", data, 20, *ne, *nb)
     return bytes(data)
 
 
@@ -192,6 +192,7 @@ def test_weights_sent_and_found_cached_are_counted_under_any_chunking(hits: list
     feed(meter, up, down, 0.0, 1.0, cuts)
     assert (meter.weights_sent, meter.weights_cached) == (sent, cached)
     assert (meter.hash_offers, meter.hash_hits) == (len(hits), sum(hits))
+    assert RPC_TENSOR_SIZE == 296  # ggml-rpc.cpp: static_assert'ed layout, #pragma pack(1)
     assert meter.awaiting_since is None  # every offer was answered
 
 

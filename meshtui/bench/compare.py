@@ -143,14 +143,15 @@ async def run_bench(inventory: Inventory, options: BenchOptions, *, accept_new: 
 
 
 async def _reload_over_ssh(ctx: BenchContext, plan: Plan, mesh_options: dict[str, Any]) -> dict[str, Any]:
-    """A second mesh on the same hosts: the agents' RPC cache spares every tensor over ggml's 10 MB threshold."""
-    ctx.progress("ssh: second load on the same hosts (agents keep ggml's RPC cache)")
+    """A second mesh on the same hosts: their weights cache spares every tensor from 64 KiB (docs/architecture.md)."""
+    ctx.progress("ssh: second load on the same hosts (hosts keep the weights they were sent)")
     mesh = Mesh(ctx.inventory, accept_new=ctx.accept_new, listener=ctx.listener, **mesh_options)
     try:
         await mesh.up()
         same_plan = mesh.plan is not None and mesh.plan.assignments == plan.assignments
         return {"reload_bytes_sent": mesh.load_bytes_sent, "reload_seconds": mesh.load_seconds,
-                "reload_same_plan": same_plan}
+                "reload_same_plan": same_plan,
+                "reload_by_host": {name: load.to_json() for name, load in mesh.host_loads.items()}}
     finally:
         await mesh.close()
 

@@ -50,6 +50,7 @@ def render_table(report: Mapping[str, Any]) -> str:
     lines.append(f"ssh load: {format_size(first)} sent; second load on the same hosts: "
                  f"{format_size(report['reload_bytes_sent'])} in {report['reload_seconds']:.2f}s"
                  + ("" if report.get("reload_same_plan", True) else " (the plan changed)"))
+    lines += _loads_by_host(report)
     lines.append("greedy outputs identical across modes: " + ("yes" if report["outputs_identical"] else "NO"))
     for run in report["runs"]:
         if run["mode"] == "single":
@@ -72,6 +73,20 @@ def render_table(report: Mapping[str, Any]) -> str:
         lines.append("  (bytes per token: each link's bytes during the replies / tokens generated, prefill included"
                      + (f"; {run['bytes_source']})" if run.get("bytes_source") else ")"))
     return "\n".join(lines)
+
+
+def _loads_by_host(report: Mapping[str, Any]) -> list[str]:
+    """Per host: what the first (cold) load and the second (warm) one sent, and what the host's cache held."""
+    cold = next(r for r in report["runs"] if r["mode"] == "ssh").get("load_by_host") or {}
+    warm = report.get("reload_by_host") or {}
+    lines = []
+    for name, first in cold.items():
+        second = warm.get(name) or {}
+        weights = (second.get("weights_sent") or 0) + (second.get("weights_cached") or 0)
+        share = f" ({100 * second['bytes_sent'] / weights:.2f}% of its weights)" if weights and second else ""
+        lines.append(f"  {name}: first load sent {_size(first.get('bytes_sent'))}; second load sent "
+                     f"{_size(second.get('bytes_sent'))}{share}, {_size(second.get('weights_cached'))} from its cache")
+    return lines
 
 
 def _ratio(value: float | None) -> str:

@@ -1,0 +1,212 @@
+"""Weights cross once, on real OpenSSH hosts: a second load sends almost nothing, a damaged cache entry is never
+used (its tensor is sent again), and a host whose cache is full evicts the least recently used and still loads.
+Every load's greedy reply equals the single-process reference."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from pathlib import Path
+
+import pytest
+from helpers import SMOLLM2
+from reference import reference_greedy
+
+from meshtui.gguf_facts import ModelFacts, read_model_facts, tensor_regions
+from meshtui.inventory import load_inventory
+from meshtui.mesh import Mesh
+from meshtui.runtime import agent_source_path, load_file_module
+from meshtui.weights import HostLoad
+
+PROMPT = "The three primary colors are"
+MAX_TOKENS = 24
+MiB = 1024 * 1024
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+agent = load_file_module(agent_source_path(), "meshtui_agent_cache_lab")
+
+
+def cache_of(lab, name: str) -> Path:
+    return lab.host(name).home / ".cache/meshtui/rpc-cache"
+
+
+def entries(folder: Path) -> dict[str, int]:
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.stat().st_size for p in folder.iterdir() if agent.is_cache_entry(p.name)}
+
+
+def empty_caches(lab) -> None:
+    for host in lab.hosts:
+        for path in entries(cache_of(lab, host.name)):
+            (cache_of(lab, host.name) / path).unlink()
+
+
+async def up_and_reply(inventory_file: Path) -> tuple[dict[str, HostLoad], list[int], str]:
+    loads, tokens, text, _ = await up_and_reply_placed(inventory_file)
+    return loads, tokens, text
+
+
+async def up_and_reply_placed(inventory_file: Path) -> tuple[dict[str, HostLoad], list[int], str,
+                                                              dict[str, list[int]]]:
+    mesh = Mesh(load_inventory(inventory_file))
+    try:
+        await mesh.up()
+        reply = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=MAX_TOKENS, temperature=0.0)
+        return dict(mesh.host_loads), list(reply.token_ids), reply.text, dict(mesh.placement)
+    finally:
+        await mesh.close()
+
+
+@functools.cache
+def smollm2_facts() -> ModelFacts:
+    return read_model_facts(SMOLLM2)
+
+
+def small_tensor_bytes(layers: list[int]) -> int:
+    """Bytes of the tensors of these layers under ggml's hash threshold: they are always sent (norms)."""
+    return sum(size for _, size in tensor_regions(smollm2_facts(), layers) if size < 64 * 1024)
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, object]:
+    return reference_greedy(SMOLLM2, PROMPT, MAX_TOKENS, context=512)
+
+
+async def test_second_load_sends_under_one_percent_and_damaged_entries_are_sent_again(
+        lab, tmp_path: Path, expected: dict[str, object]) -> None:
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
+    empty_caches(lab)
+
+    cold, tokens, text = await up_and_reply(inventory_file)
+    assert (tokens, text) == (expected["tokens"], expected["text"])
+    assert set(cold) == {"h1", "h2"}
+    for name, load in cold.items():
+        assert load.counts.hash_offers > 10 and load.counts.hash_hits == 0, (name, load)
+        assert load.counts.weights_cached == 0
+        # Every tensor offered by hash is now an entry of exactly its size on the host.
+        assert sum(entries(cache_of(lab, name)).values()) >= load.counts.weights_sent - 64 * 1024 * 10
+
+    warm, tokens, text = await up_and_reply(inventory_file)
+    assert (tokens, text) == (expected["tokens"], expected["text"])
+    for name, load in warm.items():
+        weights = load.placed_bytes
+        assert weights == cold[name].placed_bytes
+        assert load.counts.hash_hits == load.counts.hash_offers == cold[name].counts.hash_offers
+        assert load.sent_bytes < 0.01 * weights, (name, load.sent_bytes, weights)
+        print(f"{name}: warm load sent {load.sent_bytes} of {weights} weight bytes "
+              f"({100 * load.sent_bytes / weights:.2f}%); cold sent {cold[name].sent_bytes}")
+
+    # Damage one entry on each host: h1's altered in place (same size), h2's cut short.
+    altered_name, altered_size = min(entries(cache_of(lab, "h1")).items(), key=lambda kv: kv[1])
+    altered = cache_of(lab, "h1") / altered_name
+    original = altered.read_bytes()
+    with altered.open("r+b") as f:
+        f.seek(len(original) // 2)
+        f.write(bytes([original[len(original) // 2] ^ 0xFF]))
+    cut_name, cut_size = min(entries(cache_of(lab, "h2")).items(), key=lambda kv: kv[1])
+    cut = cache_of(lab, "h2") / cut_name
+    cut_original = cut.read_bytes()
+    os.truncate(cut, cut_size // 2)
+
+    repaired, tokens, text = await up_and_reply(inventory_file)
+    assert (tokens, text) == (expected["tokens"], expected["text"])
+    # Exactly the damaged tensor was sent again (with the small tensors every load sends), and its entry holds
+    # the right bytes once more.
+    assert repaired["h1"].counts.weights_sent == warm["h1"].counts.weights_sent + altered_size
+    assert repaired["h2"].counts.weights_sent == warm["h2"].counts.weights_sent + cut_size
+    for load in repaired.values():
+        assert load.counts.hash_hits == load.counts.hash_offers - 1
+    assert altered.read_bytes() == original
+    assert cut.read_bytes() == cut_original
+
+
+async def wait_for(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.2)
+    return condition()
+
+
+async def test_a_full_cache_evicts_the_least_recently_used_and_still_loads(
+        lab, tmp_path: Path, expected: dict[str, object]) -> None:
+    h1 = lab.host("h1")
+    limit = 24 * MiB
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"', {"h1": {"cache_limit": limit}}))
+    empty_caches(lab)
+    # h1's cache is full of another model's tensors, last used long ago.
+    folder = cache_of(lab, "h1")
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = folder.stat()
+    old = [folder / f"{0xfeed0000 + i:016x}" for i in range(8)]
+    for i, path in enumerate(old):
+        path.write_bytes(os.urandom(4 * MiB))
+        os.chown(path, owner.st_uid, owner.st_gid)
+        os.utime(path, (time.time() - 86400 + i, time.time() - 86400 + i))
+
+    cold, tokens, text = await up_and_reply(inventory_file)
+    assert (tokens, text) == (expected["tokens"], expected["text"])
+    share = cold["h1"].placed_bytes
+    assert 0 < share < limit  # the model's share fits; the old tensors must make room for it
+    # The agent trims while it serves: under the limit, the oldest of the old gone first, this load's all kept.
+    assert await wait_for(lambda: sum(entries(folder).values()) <= limit)
+    left = entries(folder)
+    survivors = [p for p in old if p.name in left]
+    assert survivors == old[len(old) - len(survivors):]  # least recently used out first
+    assert len(survivors) < len(old)
+
+    warm, tokens, text = await up_and_reply(inventory_file)
+    assert (tokens, text) == (expected["tokens"], expected["text"])
+    assert warm["h1"].sent_bytes < 0.01 * warm["h1"].placed_bytes, h1.name
+
+
+def give_file(lab, host_name: str, source: Path, relative: str) -> Path:
+    """Copy `source` into a host's home as its user's own file."""
+    import pwd
+    import shutil
+
+    host = lab.host(host_name)
+    user = pwd.getpwnam(host.user)
+    target = host.home / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    for path in (target.parent, target):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return target
+
+
+async def test_hosts_with_their_own_copy_load_from_it_checked_by_content_not_name(
+        lab, tmp_path: Path, expected: dict[str, object]) -> None:
+    empty_caches(lab)
+    give_file(lab, "h1", SMOLLM2, "models/smollm2.gguf")
+    # h2's copy has the same name but one tensor of the last block differs: only that tensor may be sent.
+    damaged = give_file(lab, "h2", SMOLLM2, "models/smollm2.gguf")
+    facts = smollm2_facts()
+    n_layer = facts.n_layer
+    offset, size = min((r for r in tensor_regions(facts, [n_layer - 1]) if r[1] >= 64 * 1024),
+                       key=lambda r: r[1])
+    with damaged.open("r+b") as f:
+        f.seek(offset + size // 2)
+        byte = f.read(1)
+        f.seek(offset + size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"', {
+        "h1": {"model_path": "~/models/smollm2.gguf"}, "h2": {"model_path": "~/models/smollm2.gguf"}}))
+
+    loads, tokens, text, placement = await up_and_reply_placed(inventory_file)
+    assert (tokens, text) == (expected["tokens"], expected["text"])
+    h1, h2 = loads["h1"], loads["h2"]
+    assert n_layer - 1 in placement["h2"]
+    assert h1.counts.hash_hits == h1.counts.hash_offers > 10
+    assert h1.counts.weights_sent == small_tensor_bytes(placement["h1"])
+    assert h1.sent_bytes < 0.01 * h1.placed_bytes
+    assert h2.counts.hash_hits == h2.counts.hash_offers - 1
+    # The one tensor that differs, and nothing else (besides the small tensors every load sends).
+    assert h2.counts.weights_sent == small_tensor_bytes(placement["h2"]) + size

@@ -273,7 +273,7 @@ async def _concurrency_sweep(mode: SweepMode, links: LinkProcess, options: Sweep
     pool = [*FREE_PROMPTS, *COPY_PROMPTS]
     prompts = [pool[i % len(pool)] + ("" if i < len(pool) else f" (request {i + 1})")
                for i in range(max(options.concurrency))]
-    queue = ReplyQueue(mode.mesh.mesh)
+    queue = ReplyQueue(mode.mesh.mesh, slots=mode.mesh.mesh.parallel)  # as many in flight as the mesh decodes
     alone: dict[str, list[int]] = {}
     rows: list[dict[str, Any]] = []
     for rtt in options.rtt_ms:

@@ -136,7 +136,7 @@ def render_rtt_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         lines.append("tokens per round trip (busiest stage, prefill included): " + ", ".join(
             f"{r['prompts']} {series_label(r)} {r['tokens_per_round_trip']:.2f}"
             for r in trips if r["rtt_ms"] == trips[0]["rtt_ms"]) + f" (at {trips[0]['rtt_ms']:g} ms)")
-    spec = [r for r in rows if r.get("speculation")]
+    spec = [r for r in rows if r.get("speculation") and r.get("path", "ssh") == "ssh"]
     if spec:
         lines += ["", f"{'rtt ms':>6} {'prompts':>8} {'mode':>6} {'drafted':>8} {'accepted':>9} {'tokens/step':>12}"]
         for r in spec:

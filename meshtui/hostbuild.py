@@ -25,9 +25,10 @@ from types import ModuleType
 import asyncssh
 
 from meshtui.errors import HostError, MeshError
-from meshtui.hosts import MAX_STDERR_CHARS, inspect_runtime, read_lines, read_tail
+from meshtui.hosts import inspect_runtime
 from meshtui.integrity import built_runtime_record, make_private_dir, make_private_dir_remote, runtime_problems
 from meshtui.inventory import HostSpec
+from meshtui.remoteio import MAX_STDERR_CHARS, read_lines, read_tail
 from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, agent_source_path, load_file_module
 from meshtui.text import one_line
 

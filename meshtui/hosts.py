@@ -10,18 +10,26 @@ import secrets
 import shlex
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
 
 from meshtui.errors import HostError
+from meshtui.hostfacts import HostFacts, count_field, socket_path_field
 from meshtui.integrity import make_private_dir_remote, runtime_problems
 from meshtui.inventory import HostSpec
+from meshtui.remoteio import (
+    MAX_ANSWER_CHARS,
+    OutputTooLong,
+    kill_remote_group,
+    last_json_line,
+    read_lines,
+    run_capped,
+    stop_remote,
+)
 from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, RuntimeBundle, agent_source_path, file_digests
 from meshtui.text import one_line, printable
-from meshtui.unixsock import MAX_SOCKET_PATH
 
 # The agent's error codes (agent/meshtui_agent.py has the same names; a test checks they match).
 AGENT_CANNOT_LOAD = "cannot_load"
@@ -29,216 +37,6 @@ AGENT_ERROR_CODES = {"CANNOT_LOAD": AGENT_CANNOT_LOAD, "RUNTIME_ERROR": "runtime
                      "NOT_LISTENING": "not_listening"}
 PROBE_TIMEOUT = 30.0
 LAUNCH_TIMEOUT = 60.0
-# What the head reads from a host at most: a host cannot make it hold more than this (see docs/security.md).
-READ_CHUNK = 65536
-MAX_ANSWER_CHARS = 256 * 1024  # a probe's or a check's JSON answer
-MAX_STDERR_CHARS = 16 * 1024  # the tail of a command's stderr, for its error message
-MAX_LINE_CHARS = 4096  # one line of an agent's or a build's output
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    """What `meshtui_agent.py probe` reported."""
-
-    hostname: str
-    os: str
-    arch: str
-    python: str
-    glibc: str | None
-    cores: int
-    mem_total: int
-    mem_available: int
-    gpus: tuple[dict[str, Any], ...]
-    mem_bandwidth: int | None = None  # bytes/s one core copies (agent's probe)
-    nvcc: bool = False  # the CUDA compiler is on PATH
-    cmake: bool = False
-
-    @classmethod
-    def from_json(cls, data: object) -> HostFacts:
-        """The probe's answer, checked field by field: a host can send anything, the head accepts only this.
-
-        Raises ValueError naming the first bad key; every string is made printable (see meshtui.text).
-        """
-        if not isinstance(data, dict):
-            raise ValueError("the answer is not a JSON object")
-        unknown = sorted(set(data) - _PROBE_KEYS)
-        if unknown:
-            raise ValueError(f"unexpected key '{one_line(unknown[0], 40)}'")
-        gpus = data.get("gpus")
-        if gpus is None:
-            gpus = []
-        if not isinstance(gpus, list) or len(gpus) > MAX_GPUS:
-            raise ValueError(f"key 'gpus': expected a list of at most {MAX_GPUS} objects")
-        return cls(
-            hostname=_text(data, "hostname"),
-            os=_text(data, "os"),
-            arch=_text(data, "arch"),
-            python=_text(data, "python"),
-            glibc=_text(data, "glibc", optional=True),
-            cores=_count(data, "cores", 1, MAX_CORES),
-            mem_total=_count(data, "mem_total", 0, MAX_BYTES),
-            mem_available=_count(data, "mem_available", 0, MAX_BYTES),
-            gpus=tuple(_gpu(gpu, i) for i, gpu in enumerate(gpus)),
-            mem_bandwidth=_count(data, "mem_bandwidth", 0, MAX_BYTES, optional=True) or None,
-            nvcc=_flag(data, "nvcc"),
-            cmake=_flag(data, "cmake"),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "hostname": self.hostname, "os": self.os, "arch": self.arch, "python": self.python,
-            "glibc": self.glibc, "cores": self.cores, "mem_total": self.mem_total,
-            "mem_available": self.mem_available, "gpus": list(self.gpus), "mem_bandwidth": self.mem_bandwidth,
-            "nvcc": self.nvcc, "cmake": self.cmake,
-        }
-
-
-# What a probe may answer (agent/meshtui_agent.py's probe()), and the bounds of each number.
-_PROBE_KEYS = frozenset({"agent_version", "hostname", "python", "os", "kernel", "arch", "glibc", "cores", "mem_total",
-                         "mem_available", "gpus", "mem_bandwidth", "nvcc", "cmake"})
-_GPU_KEYS = {"name": str, "vendor": str, "memory_total": int, "memory_free": int, "unified": bool}
-MAX_GPUS = 64
-MAX_CORES = 1 << 20
-MAX_BYTES = 1 << 60  # an exbibyte: more memory (or bandwidth) than any host has
-MAX_TEXT = 256
-
-
-def _text(data: dict[str, Any], key: str, *, optional: bool = False, where: str = "") -> Any:
-    value = data.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or len(value) > MAX_TEXT:
-        raise ValueError(f"key '{where}{key}': expected a string of at most {MAX_TEXT} characters")
-    return printable(value)
-
-
-def _count(data: dict[str, Any], key: str, low: int, high: int, *, optional: bool = False, where: str = "") -> Any:
-    value = data.get(key)
-    if value is None and optional:
-        return None
-    # bool is an int to Python, and JSON's Infinity/NaN and 1e999 are floats: neither is a count.
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"key '{where}{key}': expected an integer from {low} to {high}")
-    return value
-
-
-def _socket_path(data: dict[str, Any]) -> str:
-    """The stage's Unix socket as the agent reported it: an absolute path that fits in sun_path, printable."""
-    value = data.get("socket")
-    if not isinstance(value, str) or not value.startswith("/") or len(value.encode()) > MAX_SOCKET_PATH \
-            or printable(value) != value:
-        raise ValueError(f"key 'socket': expected an absolute path of at most {MAX_SOCKET_PATH} bytes")
-    return value
-
-
-def _flag(data: dict[str, Any], key: str) -> bool:
-    value = data.get(key, False)
-    if not isinstance(value, bool):
-        raise ValueError(f"key '{key}': expected true or false")
-    return value
-
-
-def _gpu(gpu: object, index: int) -> dict[str, Any]:
-    where = f"gpus[{index}]."
-    if not isinstance(gpu, dict):
-        raise ValueError(f"key 'gpus[{index}]': expected an object")
-    unknown = sorted(set(gpu) - set(_GPU_KEYS))
-    if unknown:
-        raise ValueError(f"unexpected key '{where}{one_line(unknown[0], 40)}'")
-    checked: dict[str, Any] = {"name": _text(gpu, "name", where=where),
-                               "vendor": _text(gpu, "vendor", where=where),
-                               "memory_total": _count(gpu, "memory_total", 0, MAX_BYTES, where=where),
-                               "memory_free": _count(gpu, "memory_free", 0, MAX_BYTES, where=where)}
-    if "unified" in gpu:
-        if not isinstance(gpu["unified"], bool):
-            raise ValueError(f"key '{where}unified': expected true or false")
-        checked["unified"] = gpu["unified"]
-    return checked
-
-
-def _last_json_line(text: str) -> dict[str, Any] | None:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            # RecursionError: a host can nest brackets deeper than the parser goes.
-            with contextlib.suppress(ValueError, RecursionError):
-                value = json.loads(line)
-                if isinstance(value, dict):
-                    return value
-    return None
-
-
-class OutputTooLong(Exception):
-    """A host printed more than the head reads from it."""
-
-
-@dataclass(frozen=True)
-class Captured:
-    """What a command on a host printed, read within limits."""
-
-    exit_status: int | None
-    stdout: str
-    stderr: str  # its last MAX_STDERR_CHARS characters
-
-
-async def _read_capped(stream: asyncssh.SSHReader[str], limit: int,
-                       on_line: Callable[[str], None] | None = None) -> str:
-    """Everything `stream` sends, but at most `limit` characters (more raises OutputTooLong)."""
-    chunks: list[str] = []
-    size = 0
-    pending = on_line is not None
-    while data := await stream.read(READ_CHUNK):
-        size += len(data)
-        if size > limit:
-            raise OutputTooLong()
-        chunks.append(data)
-        if pending and on_line is not None and "\n" in data:
-            pending = False
-            on_line("".join(chunks).split("\n", 1)[0])
-    return "".join(chunks)
-
-
-async def read_tail(stream: asyncssh.SSHReader[str], limit: int) -> str:
-    """The last `limit` characters `stream` sends; the rest is read and dropped (so the writer never blocks)."""
-    tail = ""
-    while data := await stream.read(READ_CHUNK):
-        tail = (tail + data)[-limit:]
-    return tail
-
-
-async def read_lines(stream: asyncssh.SSHReader[str], limit: int = MAX_LINE_CHARS) -> AsyncIterator[str]:
-    """Lines of `stream`; a line longer than `limit` is cut there (the rest of it is dropped)."""
-    buffer = ""
-    dropping = False
-    while data := await stream.read(READ_CHUNK):
-        buffer += data
-        while "\n" in buffer:
-            line, buffer = buffer.split("\n", 1)
-            if not dropping:
-                yield line
-            dropping = False
-        if len(buffer) > limit:
-            if not dropping:
-                yield buffer[:limit]
-            buffer = ""
-            dropping = True
-    if buffer and not dropping:
-        yield buffer
-
-
-async def run_capped(process: asyncssh.SSHClientProcess[str], timeout: float,
-                     max_stdout: int = MAX_ANSWER_CHARS,
-                     on_first_line: Callable[[str], None] | None = None) -> Captured:
-    """Wait for a started command, reading at most `max_stdout` of its output and the tail of its stderr.
-
-    Raises OutputTooLong, or asyncio.TimeoutError when it does not end within `timeout`.
-    """
-    out, err = await asyncio.wait_for(asyncio.gather(
-        _read_capped(process.stdout, max_stdout, on_first_line), read_tail(process.stderr, MAX_STDERR_CHARS)),
-        timeout)
-    result = await asyncio.wait_for(process.wait(check=False), timeout)
-    return Captured(result.exit_status, out, err)
-
 
 async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
                      timeout: float = PROBE_TIMEOUT) -> HostFacts:
@@ -270,14 +68,14 @@ async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
         process.stdin.write_eof()
         result = await run_capped(process, timeout, on_first_line=first_line)
     except (asyncio.TimeoutError, asyncssh.TimeoutError) as err:
-        await _stop(process, conn, pid)
+        await stop_remote(process, conn, pid)
         raise HostError(f"probe did not answer within {timeout:.0f}s", host=host.name) from err
     except OutputTooLong as err:
-        await _stop(process, conn, pid)
+        await stop_remote(process, conn, pid)
         raise HostError(f"probe printed more than {MAX_ANSWER_CHARS // 1024} KiB; stopped reading",
                         host=host.name) from err
     except (OSError, asyncssh.Error) as err:
-        await _kill_remote_group(conn, pid)
+        await kill_remote_group(conn, pid)
         raise HostError(f"probe failed: {one_line(err)}", host=host.name) from err
     finally:
         process.close()
@@ -288,7 +86,7 @@ async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
                         host=host.name)
     if "SyntaxError" in stderr:
         raise HostError(f"'{host.python}' is too old for the agent (it needs Python 3.8+)", host=host.name)
-    data = _last_json_line(stdout)
+    data = last_json_line(stdout)
     if result.exit_status != 0 or data is None:
         detail = one_line(stderr or stdout or f"exit status {result.exit_status}")
         raise HostError(f"probe failed: {detail}", host=host.name)
@@ -297,19 +95,6 @@ async def probe_host(conn: asyncssh.SSHClientConnection, host: HostSpec,
     except ValueError as err:
         raise HostError(f"probe answered something unexpected: {err}", host=host.name) from err
 
-
-async def _stop(process: asyncssh.SSHClientProcess[str], conn: asyncssh.SSHClientConnection,
-                pid: int | None) -> None:
-    with contextlib.suppress(OSError, asyncssh.Error):
-        process.kill()  # a signal request on the channel, where sshd supports it
-    await _kill_remote_group(conn, pid)
-
-
-async def _kill_remote_group(conn: asyncssh.SSHClientConnection, pid: int | None) -> None:
-    if pid is None or pid <= 1:
-        return
-    with contextlib.suppress(OSError, asyncssh.Error, asyncio.TimeoutError):
-        await conn.run(f"kill -9 -{pid} {pid} 2>/dev/null; kill -9 -- -{pid} 2>/dev/null", check=False, timeout=20)
 
 
 async def run_agent_command(conn: asyncssh.SSHClientConnection, host: HostSpec, args: str,
@@ -334,7 +119,7 @@ async def run_agent_command(conn: asyncssh.SSHClientConnection, host: HostSpec, 
     except OutputTooLong as err:
         raise HostError(f"{doing} printed more than {MAX_ANSWER_CHARS // 1024} KiB; stopped reading",
                         host=host.name) from err
-    return result, _last_json_line(result.stdout)
+    return result, last_json_line(result.stdout)
 
 
 async def inspect_runtime(conn: asyncssh.SSHClientConnection, host: HostSpec, folder: str) -> Any:
@@ -502,8 +287,8 @@ class Agent:
             raise HostError(f"agent cannot serve: {one_line(msg.get('reason'))}", host=self.host.name,
                             code=code if isinstance(code, str) else None)
         try:
-            self.socket_path = _socket_path(msg)
-            self.pid = _count(msg, "pid", 1, 1 << 31)
+            self.socket_path = socket_path_field(msg)
+            self.pid = count_field(msg, "pid", 1, 1 << 31)
             devices, backends = msg.get("devices") or [], msg.get("backends") or []
             if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices) or len(devices) > 64:
                 raise ValueError("key 'devices': expected a list of objects")

@@ -67,8 +67,8 @@ def test_too_long_for_sun_path_falls_back_to_a_0700_temp_folder(monkeypatch, sho
 
 @pytest.mark.parametrize("value", [None, 5, "stage.sock", "/" + "s" * MAX_SOCKET_PATH, "/tmp/\x1b]0;owned\x07.sock"])
 def test_a_socket_path_a_host_reports_is_checked(value: object) -> None:
-    from meshtui.hosts import _socket_path
+    from meshtui.hostfacts import socket_path_field
 
-    assert _socket_path({"socket": "/home/u/.cache/meshtui/run/stage-ab/stage.sock"}).endswith("/stage.sock")
+    assert socket_path_field({"socket": "/home/u/.cache/meshtui/run/stage-ab/stage.sock"}).endswith("/stage.sock")
     with pytest.raises(ValueError, match=rf"^key 'socket': expected an absolute path of at most {MAX_SOCKET_PATH} "):
-        _socket_path({"socket": value})
+        socket_path_field({"socket": value})

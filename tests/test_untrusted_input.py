@@ -14,8 +14,9 @@ import pytest
 
 from meshtui.api import binds_loopback_only, resolve_api_key
 from meshtui.errors import HostError, InventoryError
-from meshtui.hosts import HostFacts, read_lines
+from meshtui.hosts import HostFacts
 from meshtui.integrity import built_runtime_record, make_private_dir, runtime_problems
+from meshtui.remoteio import read_lines
 from meshtui.runtime import agent_source_path, load_file_module
 from meshtui.text import one_line, printable
 

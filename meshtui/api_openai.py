@@ -179,7 +179,7 @@ def _sampling(body: Mapping[str, Any], served: ServedModel, max_tokens: int | No
         raise ApiError(400, "'temperature' must be a number from 0 to 2", param="temperature")
     n = _optional_int(body, "n", 1)
     if n not in (None, 1):
-        raise ApiError(400, "only n=1 is supported: the mesh generates one reply at a time", param="n")
+        raise ApiError(400, "only n=1 is supported: send the request n times (they are generated together)", param="n")
     if body.get("tools"):
         raise ApiError(400, "'tools' are not supported", param="tools")
     if body.get("logprobs"):

@@ -277,6 +277,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "text": finished.text,
             "tokens": list(finished.token_ids),
             "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(finished.token_ids),
+            "time_to_first_token_seconds": finished.first_token_seconds,
             "stop_reason": finished.stop_reason,
             "plan": mesh.plan.to_json(),
             "placement": mesh.placement,

@@ -23,6 +23,7 @@ from meshtui.engine.protocol import SPECULATIVE_MODES, Generate, Token
 from meshtui.errors import EngineError, InventoryError, MeshError, PlanError, raise_first
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.hosts import HostFacts
+from meshtui.inflight import InFlight
 from meshtui.inventory import Inventory
 from meshtui.loading import LoadRequest, check_protocols, ensure_local_stage, load_engine, stage_tunnels
 from meshtui.localstage import LocalStage
@@ -84,7 +85,7 @@ class Mesh:
         self.rejoin_policy: RejoinPolicy | None = None
         self._rejoin_task: asyncio.Task[None] | None = None
         self._rejoinable: set[str] = set()
-        self._streaming_request: int | None = None
+        self._flights = InFlight()  # the replies in flight, and the one recovery or rejoin at a time
         self._recovering = False
         self._rtt_task: asyncio.Task[None] | None = None
         self.stall_policy = stall_policy or StallPolicy()
@@ -249,20 +250,25 @@ class Mesh:
         temperature: float = 0.7,
         seed: int = 0,
         speculative: str | None = None,
+        source: str = "",
     ) -> AsyncIterator[ev.Event]:
         """Yields ReplyStarted, TokenGenerated and StageLatencyMeasured events, then DraftsVerified and
-        ReplyFinished. `speculative` overrides the mesh's mode for this reply.
+        ReplyFinished (or, when it cannot finish, raises after telling ReplyFailed). `speculative` overrides the
+        mesh's mode for this reply; `source` says whose reply it is ("chat", "api").
 
-        If a stage is lost mid-reply, the mesh is re-planned on the survivors, the engine restarts, the
-        conversation and the reply so far are replayed to rebuild the KV cache, and the reply continues.
+        Several replies may stream at once (up to `parallel`: the `ReplyQueue` admits them), each a sequence the
+        engine decodes with the others. If a stage is lost mid-reply, the mesh is re-planned on the survivors
+        (once, however many replies saw it), the engine restarts, and every reply in flight replays its
+        conversation and what it generated so far to rebuild its KV cache, and continues where it stopped.
         """
-        if self._rejoinable:
-            await self._rejoin_ready_hosts()
+        await self._flights.settled()
+        if self._rejoinable and not self._flights.replies:  # a rejoin reloads the engine: only between replies
+            self._flights.change(self._rejoin_ready_hosts())
+            await self._flights.settled()
         if self.engine is None:
             raise EngineError("the mesh is not up")
         self._request_ids += 1
         request_id = self._request_ids
-        self._streaming_request = request_id
         command = Generate(id=request_id, prompt=None if messages is not None else prompt or "",
                            messages=tuple(messages) if messages is not None else None, raw=raw,
                            max_tokens=max_tokens, temperature=temperature, seed=seed,
@@ -270,12 +276,33 @@ class Mesh:
         if command.speculative not in SPECULATIVE_MODES:
             raise EngineError(f"speculative: expected one of {', '.join(SPECULATIVE_MODES)}, not "
                               f"{command.speculative!r}")
-        fold = ReplyFold(request_id, time.perf_counter(), command.speculative)
+        self._flights.begin(request_id, source)
+        ended = False
+        try:
+            async for event in self._reply(command, source):
+                if isinstance(event, ev.ReplyFinished):  # no longer in flight, even if its consumer stops here
+                    ended = True
+                    self._flights.end(request_id)
+                yield event
+        except MeshError as err:
+            ended = True
+            self._emit(ev.ReplyFailed(request_id, str(err), source))
+            raise
+        finally:
+            self._flights.end(request_id)
+            if not ended:  # its consumer left before the end (a cancelled task): it is no longer in flight
+                self._emit(ev.ReplyFailed(request_id, "interrupted", source))
+
+    async def _reply(self, command: Generate, source: str) -> AsyncIterator[ev.Event]:
+        """One reply's attempts: the first, and one more after each recovery, until the engine says Done."""
+        fold = ReplyFold(command.id, time.perf_counter(), command.speculative, source)
         while True:
             remote = [n for n in self.hosts if self.stages[n.name].tunnel is not None and n.layers is not None]
             tunnels = stage_tunnels(self.stages, remote)
-            for tunnel in tunnels.values():
-                tunnel.meter.reset_rounds()
+            started = self._flights.started
+            if self._flights.alone(started):  # the stages' meters count this reply's decode steps from here
+                for tunnel in tunnels.values():
+                    tunnel.meter.reset_rounds()
             fold.new_attempt()
             engine = self.engine
             if engine is None:
@@ -289,18 +316,20 @@ class Mesh:
                         continue
                     told, step = fold.token(event, time.perf_counter())
                     yield self._emitted(told)
+                    if not self._flights.alone(started):  # decoded with others: the step is not its own
+                        step = None
                     for measured in stage_latencies(remote, tunnels, self.plan, step) if step else ():
                         self.node(measured.host).latencies.append(measured)
                         yield self._emitted(measured)
                 break
             except EngineDied as err:
-                failed = await wait_for_failed_stage(self.hosts, self.stages, self.sink)
-                if failed is None:
-                    raise
-                await self._recover(failed, token_index=len(fold.generated), cause=err)
+                # The first reply to see this engine die recovers the mesh; the others wait for that recovery.
+                if self.engine is engine:
+                    self._flights.change(self._recover_from(err, token_index=len(fold.generated)))
+                await self._flights.settled()
         finished = fold.finished(time.perf_counter())
         if finished.speculative is not None:
-            yield self._emitted(ev.DraftsVerified(request_id, finished.speculative))
+            yield self._emitted(ev.DraftsVerified(command.id, finished.speculative))
         yield self._emitted(finished)
 
     async def generate(self, **kwargs: Any) -> Reply:
@@ -314,9 +343,10 @@ class Mesh:
         raise EngineError("the engine ended the reply without finishing it")
 
     def cancel(self, request_id: int | None = None) -> None:
-        """Stop a reply (its stream then ends with stop_reason "cancelled"): that request's, or the one under way."""
+        """Stop a reply (its stream then ends with stop_reason "cancelled"): that request's, or every one in flight."""
         if self.engine is not None:
-            self.engine.cancel(request_id if request_id is not None else self._streaming_request)
+            for rid in [request_id] if request_id is not None else list(self._flights.replies):
+                self.engine.cancel(rid)
 
     @property
     def ready(self) -> bool:
@@ -326,6 +356,13 @@ class Mesh:
     # -- recovery --------------------------------------------------------------------------------
     async def _find_failed_stage(self) -> Node | None:
         return await find_failed_stage(self.hosts, self.stages, self.sink)
+
+    async def _recover_from(self, cause: EngineDied, *, token_index: int) -> None:
+        """The engine died under the replies in flight: find the stage that took it down, then recover."""
+        failed = await wait_for_failed_stage(self.hosts, self.stages, self.sink)
+        if failed is None:
+            raise cause
+        await self._recover(failed, token_index=token_index, cause=cause)
 
     async def _recover(self, failed: Node, *, token_index: int, cause: BaseException) -> None:
         """Drop the failed node, re-plan on the survivors, restart the engine on the new split."""
@@ -409,6 +446,7 @@ class Mesh:
         for task in (self._rtt_task, self._rejoin_task, self._stall_task):
             if task is not None:
                 task.cancel()
+        await self._flights.close()
         if self.engine is not None:
             with contextlib.suppress(MeshError, OSError):
                 await self.engine.close()

@@ -41,6 +41,9 @@ class ReplySource(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def parallel(self) -> int: ...
+
 
 class ReplyQueue:
     """The queue in front of the engine, shared by the API and the chat pane: up to `slots` replies at once.
@@ -49,7 +52,9 @@ class ReplyQueue:
     and, once admitted, keeps every later reply waiting until it ends.
     """
 
-    def __init__(self, mesh: ReplySource, slots: int = 1) -> None:
+    def __init__(self, mesh: ReplySource, slots: int | None = None) -> None:
+        """`slots`: replies in flight at once; by default the mesh's `parallel` (the sequences its plan holds)."""
+        slots = mesh.parallel if slots is None else slots
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         self.mesh = mesh
@@ -113,7 +118,7 @@ class ReplyQueue:
             try:
                 if turn.abandoned:
                     return
-                async for event in self.mesh.stream(**params):
+                async for event in self.mesh.stream(source=turn.source, **params):
                     if isinstance(event, ev.ReplyStarted) and turn.request_id is None:
                         turn.request_id = event.request_id
                     if turn.abandoned or turn.stopping:

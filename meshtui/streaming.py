@@ -30,11 +30,13 @@ class ReplyFold:
     Pure: the caller passes the clock. `resume_tokens` is what a new attempt replays after a recovery.
     """
 
-    def __init__(self, request_id: int, started: float, speculative: str = "off") -> None:
+    def __init__(self, request_id: int, started: float, speculative: str = "off", source: str = "") -> None:
         self.request_id = request_id
         self.speculation = ev.Speculation(speculative)
         self._steps: set[int] = set()  # this attempt's steps that produced tokens
         self.started = started
+        self.source = source  # whose reply it is ("chat", "api", ...)
+        self.prompt_tokens = 0
         self.generated: list[int] = []
         self.text_parts: list[str] = []
         self.stop_reason = "length"
@@ -80,7 +82,8 @@ class ReplyFold:
             self._first_call = event.decode_call
         if isinstance(event, Started) and not self._announced:
             self._announced = True
-            return ev.ReplyStarted(self.request_id, event.prompt_tokens)
+            self.prompt_tokens = event.prompt_tokens
+            return ev.ReplyStarted(self.request_id, event.prompt_tokens, self.source)
         if isinstance(event, Done):
             self.stop_reason = event.stop_reason
             spec = self.speculation
@@ -95,8 +98,10 @@ class ReplyFold:
         tps = (count - 1) / span if count > 1 and span > 0 else 0.0
         self._count_steps()
         self.speculation = replace(self.speculation, tokens=count)
+        first = self._first_token_at - self.started if self._first_token_at is not None else None
         return ev.ReplyFinished(self.request_id, "".join(self.text_parts), tuple(self.generated),
-                                now - self.started, tps, self.stop_reason, speculative=self.speculation)
+                                now - self.started, tps, self.stop_reason, speculative=self.speculation,
+                                source=self.source, prompt_tokens=self.prompt_tokens, first_token_seconds=first)
 
 
 def head_holds_layers(plan: Plan | None) -> bool:

@@ -213,15 +213,82 @@ async def test_completions_are_raw_streamed_or_not_and_stop(served: Served) -> N
     assert stopped.choices[0].finish_reason == "stop"
 
 
-async def test_two_requests_at_once_take_turns(served: Served) -> None:
+# Eight requests, each its own sampling: greedy ones are compared with the same request decoded alone.
+CONCURRENT = [
+    {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0},
+    {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 10, "temperature": 0},
+    {"messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 16, "temperature": 0.8, "seed": 7},
+    {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0,
+     "stop": ["!"]},
+    {"messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 14, "temperature": 1.3, "seed": 3},
+    {"messages": [{"role": "user", "content": "Name a city."}], "max_tokens": 6, "temperature": 0},
+    {"messages": [{"role": "user", "content": "Write a word."}], "max_tokens": 9, "temperature": 0.5, "seed": 11},
+    {"messages": [{"role": "user", "content": "Name an animal."}], "max_tokens": 12, "temperature": 0},
+]
+
+
+async def _streamed(client: openai.AsyncOpenAI, request: dict[str, Any]) -> tuple[str, str | None, Any]:
+    """A streamed chat reply: its text, its finish reason and its usage."""
+    stream = await client.chat.completions.create(model="meshtui", stream=True,
+                                                  stream_options={"include_usage": True}, **request)
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, reasons[-1] if reasons else None, chunks[-1].usage
+
+
+async def _alone(served: Served, request: dict[str, Any]) -> str:
     async with served.client() as client:
-        replies = await asyncio.gather(*(
-            client.chat.completions.create(model="meshtui", messages=[{"role": "user", "content": text}],
-                                           max_tokens=8, temperature=0)
-            for text in ("Name a colour.", "Name a fruit.")))
-    for reply in replies:
-        assert reply.choices[0].message.content
-        assert reply.usage is not None and reply.usage.completion_tokens > 0
+        return (await _streamed(client, request))[0]
+
+
+async def test_eight_streaming_requests_at_once_all_complete_as_if_alone(served: Served) -> None:
+    assert served.server.requests.slots == served.mesh.parallel == 4
+    alone = [await _alone(served, r) if r["temperature"] == 0 else None for r in CONCURRENT]
+    started = len([e for e in served.events if isinstance(e, ev.ReplyStarted)])
+    async with served.client() as client:
+        replies = await asyncio.gather(*(_streamed(client, r) for r in CONCURRENT))
+    for request, solo, (text, reason, usage) in zip(CONCURRENT, alone, replies, strict=True):
+        assert text and reason in ("stop", "length")
+        assert usage.completion_tokens <= request["max_tokens"] and usage.prompt_tokens > 0
+        assert (usage.model_extra or {})["time_to_first_token_seconds"] > 0
+        if solo is not None:
+            assert text == solo, request
+    mesh_replies = [e for e in served.events if isinstance(e, ev.ReplyStarted)][started:]
+    assert len(mesh_replies) == 8 and {e.source for e in mesh_replies} == {"api"}
+    assert served.server.requests.in_flight == () and served.server.requests.waiting == 0
+
+
+async def test_a_request_cancelled_mid_way_leaves_the_others_unchanged(served: Served) -> None:
+    greedy = [r for r in CONCURRENT if r["temperature"] == 0][:3]
+    alone = [await _alone(served, r) for r in greedy]
+    long = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300,
+            "temperature": 0}
+    cancelled_at = 0
+
+    async def hang_up_after_three_pieces() -> None:
+        nonlocal cancelled_at
+        async with served.client() as client:
+            stream = await client.chat.completions.create(model="meshtui", stream=True, **long)
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    cancelled_at += 1
+                    if cancelled_at == 3:
+                        await stream.close()  # the client hangs up mid-reply
+                        return
+
+    async with served.client() as client:
+        quitter = asyncio.create_task(hang_up_after_three_pieces())
+        replies = await asyncio.gather(*(_streamed(client, r) for r in greedy))
+        await quitter
+    assert [text for text, _, _ in replies] == alone
+    deadline = time.monotonic() + 20
+    while served.server.requests.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert served.server.requests.in_flight == ()  # its sequence was freed: nothing is left in flight
+    cancelled = [e for e in served.events if isinstance(e, ev.ReplyFinished) and e.stop_reason == "cancelled"]
+    assert cancelled and len(cancelled[-1].token_ids) < 300
+    assert await _alone(served, greedy[0]) == alone[0]  # and the mesh serves the next one as before
 
 
 async def test_auth_model_and_context_errors(served: Served) -> None:

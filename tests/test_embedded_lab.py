@@ -23,6 +23,8 @@ def test_embedded_lab_answers_like_a_single_process_and_leaves_nothing() -> None
                           "--max-tokens", "20", "--context", "512", "--lab-hosts", "3")
     expected = reference_greedy(SMOLLM2, prompt, 20, context=512)
     assert result["tokens"] == expected["tokens"]
+    assert result["completion_tokens"] == len(expected["tokens"]) == 20
+    assert 0 < result["time_to_first_token_seconds"] < result["seconds"]
     assert result["text"] == expected["text"]
     names = [row["name"] for row in result["plan"]]
     assert names == ["head", "lab1", "lab2", "lab3"]

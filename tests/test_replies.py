@@ -17,6 +17,7 @@ class ScriptedSource:
 
     def __init__(self) -> None:
         self.ready = False
+        self.parallel = 1
         self.started: list[str] = []
 
     async def stream(self, **params: Any) -> AsyncIterator[ev.Event]:

@@ -104,7 +104,7 @@ class MeshApp(App[None]):
         super().__init__()
         self.inventory = inventory
         self.mesh: MeshLike = mesh_factory(inventory, accept_new=accept_new, listener=self._on_core_event)
-        self.requests = ReplyQueue(self.mesh)  # one reply at a time: the chat's and the API's take turns
+        self.requests = ReplyQueue(self.mesh)  # the chat's and the API's replies, up to mesh.parallel at once
         self.api_options = api
         self.api_server: ApiServer | None = None
         self.chat = ChatPane(self.requests, max_tokens=max_tokens, temperature=temperature, seed=seed, id="chat")

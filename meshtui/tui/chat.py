@@ -78,7 +78,7 @@ class ChatPane(Vertical):
     def __init__(self, requests: ReplyQueue, *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0,
                  id: str | None = None) -> None:
         super().__init__(id=id)
-        self.requests = requests  # the queue in front of the engine: the chat's replies take turns with the API's
+        self.requests = requests  # the queue in front of the engine, shared with the API
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.seed = seed

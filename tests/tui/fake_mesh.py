@@ -80,6 +80,7 @@ class FakeMesh:
         self.head = Node(name="head", address="127.0.0.1", is_head=True)
         self.hosts = [Node(name=h.name, address=h.address) for h in inventory.hosts]
         self.plan: Plan | None = None
+        self.parallel = 1  # one reply at a time: the chat's scripted replies never overlap
         self.until = until
         self.fail_up = fail_up
         self.reply = list(reply)
@@ -148,13 +149,13 @@ class FakeMesh:
             await asyncio.Event().wait()  # provisioning that never ends, for the snapshot
 
     async def stream(self, *, messages: Sequence[dict[str, str]] | None = None, max_tokens: int = 256,
-                     temperature: float = 0.7, seed: int = 0) -> AsyncIterator[ev.Event]:
+                     temperature: float = 0.7, seed: int = 0, source: str = "") -> AsyncIterator[ev.Event]:
         self.stream_calls.append([dict(m) for m in messages or ()])
         self.cancelled = False
         self._cancel.clear()
         self._request_ids += 1
         rid = self._request_ids
-        yield self.emit(ev.ReplyStarted(rid, 12))
+        yield self.emit(ev.ReplyStarted(rid, 12, source))
         text, ids = "", []
         for i, piece in enumerate(self.reply):
             if self.cancelled:
@@ -170,7 +171,7 @@ class FakeMesh:
             if self.hold_after is not None and i + 1 == self.hold_after:
                 await self._cancel.wait()
         stop = "cancelled" if self.cancelled else "stop"
-        yield self.emit(ev.ReplyFinished(rid, text, tuple(ids), 0.5, self.tokens_per_second, stop))
+        yield self.emit(ev.ReplyFinished(rid, text, tuple(ids), 0.5, self.tokens_per_second, stop, source=source))
 
     def cancel(self, request_id: int | None = None) -> None:
         self.cancelled = True

@@ -44,6 +44,7 @@ async def test_escape_stops_a_reply_mid_way_and_a_second_prompt_is_refused(build
         reply = lambda: app.chat.query(ChatMessage).last().text  # noqa: E731
         await wait_until(pilot, lambda: reply() == "one two", what="the first two tokens")
         assert app.chat.streaming
+        assert app.chat.border_subtitle == "1 in flight: chat"  # from the core's ReplyStarted(source="chat")
 
         await pilot.press(*"next", "enter")  # refused while streaming: the text stays in the input
         await pilot.pause()
@@ -57,6 +58,7 @@ async def test_escape_stops_a_reply_mid_way_and_a_second_prompt_is_refused(build
         assert reply() == "one two"
         assert app.chat.query(ChatMessage).last().border_subtitle.endswith("stopped")
         assert app.chat.messages[-1] == {"role": "assistant", "content": "one two"}
+        await wait_until(pilot, lambda: app.chat.border_subtitle == "", what="nothing in flight")
 
 
 async def test_ctrl_l_clears_the_conversation(build_app):

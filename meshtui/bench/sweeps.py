@@ -25,6 +25,7 @@ from meshtui import events as ev
 from meshtui.bench.compare import bench_header, can_hold, check_counts, check_tcp_stages
 from meshtui.bench.links import slow_links
 from meshtui.bench.modes import WARMUP_TOKENS, BenchContext, MeshMode, TcpMode
+from meshtui.bench.prompts import COPY_PROMPTS, FREE_PROMPTS, PROMPT_SETS
 from meshtui.bench.tcpstats import check_reachable
 from meshtui.bench.timing import ReplyTiming, timed_reply, token_agreement, warm_page_cache
 from meshtui.errors import InventoryError
@@ -36,26 +37,6 @@ from meshtui.placement import engine_split
 from meshtui.replies import ReplyQueue
 from meshtui.slowlink import LinkProcess, parse_target
 
-# Chat prompts the model does copy (the kind speculation over the conversation so far is for) ...
-COPY_PROMPTS: tuple[str, ...] = (
-    "Repeat the following list exactly, one item per line:\nMercury\nVenus\nEarth\nMars\nJupiter\nSaturn\n"
-    "Uranus\nNeptune\nCeres\nPluto\nHaumea\nMakemake\nEris\nSedna\nQuaoar\nOrcus\nGonggong\nVaruna",
-    "Repeat the following text exactly: The lighthouse keeper climbed the stairs every evening at dusk, "
-    "lit the great lamp, and watched the ships pass safely along the rocky coast until the sun rose again. "
-    "In winter the storms came from the north, and the waves broke over the harbour wall, but the light never "
-    "failed, and the sailors of the village said that the keeper did not sleep until every boat was home.",
-    "Repeat this code exactly:\ndef area(width, height):\n    return width * height\n\n\n"
-    "def perimeter(width, height):\n    return 2 * (width + height)\n\n\n"
-    "def diagonal(width, height):\n    return (width ** 2 + height ** 2) ** 0.5\n\n\n"
-    "def is_square(width, height):\n    return width == height\n",
-)
-# ... and prompts with nothing to copy (where speculation must cost nothing).
-FREE_PROMPTS: tuple[str, ...] = (
-    "Write a short poem about the sea.",
-    "Give three tips for someone learning to cook.",
-    "Why is the sky blue? Answer in two sentences.",
-)
-PROMPT_SETS = {"copy": COPY_PROMPTS, "free": FREE_PROMPTS}
 PING_ROUNDS = 5
 FORGET_PROMPT = "Hi"
 

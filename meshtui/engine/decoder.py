@@ -79,6 +79,9 @@ class Decoder:
     def submit(self, request: Generate, prompt: list[int]) -> None:
         """Queue a request whose prompt is tokenized; it joins at the next step a sequence is free."""
         tokens = len(prompt) + len(request.resume_tokens)
+        if not prompt:  # a model without a BOS token, and nothing to read: no logits to sample from
+            self.send(Failed("the prompt is empty", request.id))
+            return
         if tokens >= self.context:
             self.send(Failed(f"prompt is {tokens} tokens; the context holds {self.context}", request.id,
                              prompt_tokens=tokens, context=self.context))

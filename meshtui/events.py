@@ -211,6 +211,34 @@ class HostRejoined(Event):
 
 
 @dataclass(frozen=True)
+class RoundTripMeasured(Event):
+    """A host's SSH round trip (the minimum of its recent pings) changed."""
+
+    host: str
+    rtt_ms: float
+
+
+@dataclass(frozen=True)
+class RecoveryFailed(Event):
+    """A stage was lost and the mesh could not be rebuilt without it (see the error the reply raised)."""
+
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineStopped(Event):
+    """The engine process holding the model is gone (closed for a reload, or died): no reply can start."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class MeshClosed(Event):
+    """The mesh was torn down: engine, tunnels, agents and connections stopped."""
+
+
+@dataclass(frozen=True)
 class LogRecorded(Event):
     source: str
     message: str

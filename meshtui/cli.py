@@ -22,6 +22,7 @@ from meshtui.inventory import ModelSpec, load_inventory
 from meshtui.lab import EmbeddedLab
 from meshtui.mesh import DEFAULT_PARALLEL, Mesh
 from meshtui.placement import engine_split
+from meshtui.report import summary as node_summary
 from meshtui.text import printable
 from meshtui.units import format_size, load_done, load_transfer
 
@@ -267,12 +268,12 @@ async def cmd_up(args: argparse.Namespace) -> int:
                 elif isinstance(event, ev.ReplyFinished):
                     finished = event
             assert finished is not None
-            summary = mesh.summary()
+            state = mesh.state  # what the events told, as it stood before the teardown
             prediction = mesh.predict()
         finally:
             await mesh.close()
     if args.json:
-        assert mesh.plan is not None
+        assert state.plan is not None
         print(json.dumps({
             "text": finished.text,
             "tokens": list(finished.token_ids),
@@ -280,15 +281,15 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "completion_tokens": len(finished.token_ids),
             "time_to_first_token_seconds": finished.first_token_seconds,
             "stop_reason": finished.stop_reason,
-            "plan": mesh.plan.to_json(),
-            "placement": mesh.placement,
-            "nodes": summary,
+            "plan": state.plan.to_json(),
+            "placement": {name: list(layers) for name, layers in state.placement.items()},
+            "nodes": node_summary(state),
             "tokens_per_second": finished.tokens_per_second,
             "seconds": finished.seconds,
-            "load_seconds": mesh.load_seconds,
-            "load_bytes_sent": mesh.load_bytes_sent,
+            "load_seconds": state.load_seconds,
+            "load_bytes_sent": state.load_bytes_sent,
             "load_by_host": {name: load.to_json() for name, load in mesh.host_loads.items()},
-            "recoveries": [r.to_json() for r in mesh.recoveries],
+            "recoveries": [r.to_json() for r in state.recoveries],
             "prediction": prediction.to_json() if prediction else None,
             "speculative": finished.speculative.to_json() if finished.speculative else None,
         }))

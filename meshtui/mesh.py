@@ -39,6 +39,7 @@ from meshtui.report import predict, probe_head, summary
 from meshtui.runtime import RuntimeBundle, local_runtime_bundle
 from meshtui.stage import Stage, StageReport
 from meshtui.stallwatch import StallWatch
+from meshtui.state import MeshState, apply, initial_state, is_ready
 from meshtui.streaming import Reply, ReplyFold, stage_latencies
 from meshtui.watchdog import StallPolicy
 from meshtui.weights import HostLoad
@@ -86,14 +87,15 @@ class Mesh:
         self._rejoin_task: asyncio.Task[None] | None = None
         self._rejoinable: set[str] = set()
         self._flights = InFlight()  # the replies in flight, and the one recovery or rejoin at a time
-        self._recovering = False
         self._rtt_task: asyncio.Task[None] | None = None
         self.stall_policy = stall_policy or StallPolicy()
         self._stall_task: asyncio.Task[None] | None = None
+        self._engine_watch: asyncio.Task[None] | None = None
         self._loading = False
-        self._loaded = False  # the engine holds the model as planned (set once a load checked out)
         self._losses: dict[str, list[float]] = {}  # monotonic times each host was lost, for the flap hold-out
         self._closed = False
+        # What the events told so far: what the views, `--json` and readiness read (see meshtui/state.py).
+        self.state: MeshState = initial_state((h.name, h.address) for h in inventory.hosts)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -112,6 +114,7 @@ class Mesh:
         return frozenset(self._rejoinable)
 
     def _emit(self, event: ev.Event) -> None:
+        self.state = apply(self.state, event)
         self.listener(event)
 
     def _emitted(self, event: ev.Event) -> ev.Event:
@@ -190,10 +193,11 @@ class Mesh:
         bundle = local_runtime_bundle()
         raise_first(await asyncio.gather(*(self._start_stage(n, bundle) for n in remote), return_exceptions=True))
         watch = StallWatch(self.hosts, self.stages, self.stall_policy, self.sink,
-                           loading=lambda: self._loading, on_lost=self._kill_engine)
+                           loading=lambda: self._loading, on_lost=self._kill_engine,
+                           step_times=lambda name: [x.total_ms for x in self.state.node(name).latencies])
         self._stall_task = asyncio.create_task(watch.run())
         await self._load_engine(remote)
-        self._rtt_task = asyncio.create_task(measure_rtt_forever(self.hosts, self.stages))
+        self._rtt_task = asyncio.create_task(measure_rtt_forever(self.hosts, self.stages, self.sink))
 
     async def _start_stage(self, node: Node, bundle: RuntimeBundle) -> None:
         await start_stage(node, self.stages[node.name], bundle, self.sink)
@@ -204,9 +208,9 @@ class Mesh:
         await check_protocols(self.stages, remote)
         self.local_stage = await ensure_local_stage(self.plan, self.local_stage, self.inventory.head.threads,
                                                     self.sink)
-        self._loaded = False
         self.engine = EngineProcess(on_log=lambda line: self.sink.log("engine", line, "debug"))
         await self.engine.start()
+        self._engine_watch = asyncio.create_task(self._watch_engine(self.engine))
         request = LoadRequest(self.model_path, self.inventory.model.context, self.inventory.head.threads, self.plan,
                               self.parallel, self.draft_path, self.model)
         self._loading = True
@@ -218,10 +222,26 @@ class Mesh:
             self._loading = False
         self.load_seconds, self.load_bytes_sent, self.placement = loaded.seconds, loaded.bytes_sent, loaded.placement
         self.host_loads = loaded.hosts
-        self._loaded = True
         for node in [self.head, *remote]:
             self.sink.phase(node, "ready")
         self._emit(ev.MeshReady())
+
+    async def _watch_engine(self, engine: EngineProcess) -> None:
+        """Tell when the engine process exits by itself (ggml aborts when a stage goes away), even between
+        replies: readiness is read from the events."""
+        if engine.proc is None:
+            return
+        code = await engine.proc.wait()
+        if engine is self.engine:
+            self._emit(ev.EngineStopped(f"engine exited (status {code})"))
+
+    async def _stop_engine(self, reason: str) -> None:
+        engine, self.engine = self.engine, None
+        if engine is None:
+            return
+        self._emit(ev.EngineStopped(reason))
+        with contextlib.suppress(MeshError, OSError):
+            await engine.close()
 
     def _kill_engine(self) -> None:
         if self.engine is not None:
@@ -319,7 +339,6 @@ class Mesh:
                     if not self._flights.alone(started):  # decoded with others: the step is not its own
                         step = None
                     for measured in stage_latencies(remote, tunnels, self.plan, step) if step else ():
-                        self.node(measured.host).latencies.append(measured)
                         yield self._emitted(measured)
                 break
             except EngineDied as err:
@@ -350,8 +369,8 @@ class Mesh:
 
     @property
     def ready(self) -> bool:
-        """Whether a reply can start now: the model is loaded and no recovery is under way."""
-        return self.engine is not None and self.engine.alive and self._loaded and not self._recovering
+        """Whether a reply can start now: the model is loaded and no recovery is under way (`state.is_ready`)."""
+        return is_ready(self.state)
 
     # -- recovery --------------------------------------------------------------------------------
     async def _find_failed_stage(self) -> Node | None:
@@ -369,9 +388,8 @@ class Mesh:
         started = time.perf_counter()
         stalled_seconds = failed.stalled_seconds
         self._losses.setdefault(failed.name, []).append(time.monotonic())
-        self._recovering = True
+        self._emit(ev.MeshRecovering(failed.name, failed.reason))
         try:
-            self._emit(ev.MeshRecovering(failed.name, failed.reason))
             self.sink.log("mesh", f"{failed.name} lost ({failed.reason}); re-planning on the survivors", "warning")
             await drop_node(failed, self.stages[failed.name])
             try:
@@ -379,18 +397,16 @@ class Mesh:
             except PlanError as err:
                 raise MeshError(f"{failed.name} was lost ({failed.reason}) and the remaining nodes cannot hold the "
                                 f"model: {err}") from cause
-        finally:
-            self._recovering = False
+        except BaseException as err:  # told, then raised as it is: the reply (or the caller) reports it
+            self._emit(ev.RecoveryFailed(failed.name, str(err) or type(err).__name__))
+            raise
         recovery = Recovery(failed.name, token_index, time.perf_counter() - started, stalled_seconds)
         self.recoveries.append(recovery)
         self._emit(ev.MeshRecovered(failed.name, token_index, recovery.seconds, stalled_seconds))
 
     async def _replan_and_reload(self) -> None:
         """Plan over the nodes that are not failed, start agents where needed, load a fresh engine."""
-        if self.engine is not None:
-            with contextlib.suppress(MeshError, OSError):
-                await self.engine.close()
-            self.engine = None
+        await self._stop_engine("reloading on a new plan")
         self.make_plan()
         remote = self._remote()
         newcomers = [n for n in remote if not self.stages[n.name].serving]
@@ -435,7 +451,7 @@ class Mesh:
         return predict(self.plan, self.model, self.nodes)
 
     def summary(self) -> list[dict[str, Any]]:
-        return summary(self.nodes)
+        return summary(self.state)
 
     # -- teardown --------------------------------------------------------------------------------
     async def close(self) -> None:
@@ -447,12 +463,13 @@ class Mesh:
             if task is not None:
                 task.cancel()
         await self._flights.close()
-        if self.engine is not None:
-            with contextlib.suppress(MeshError, OSError):
-                await self.engine.close()
+        if self._engine_watch is not None:
+            self._engine_watch.cancel()
+        await self._stop_engine("the mesh is closing")
         if self.local_stage is not None:
             await self.local_stage.close()
         await asyncio.gather(*(stage.close() for stage in self.stages.values()), return_exceptions=True)
         for node in self.nodes:
             if node.status not in ("failed",):
                 node.status = "stopped"
+        self._emit(ev.MeshClosed())

@@ -1,22 +1,18 @@
 """What the orchestrator knows of each node, as plain data, and the one place that changes a node and tells.
 
-A host's live objects (connection, agent, tunnel) are its `Stage`; a `Node` holds only facts: its status, its
-layers, its measured latencies. `NodeSink` is how every part of the orchestrator (the load, the step watchdog,
+A host's live objects (connection, agent, tunnel) are its `Stage`; a `Node` holds only the facts the
+orchestrator works with: its status, its layers, its round trip. What the views read (latencies included) is
+`meshtui.state`, folded from the events. `NodeSink` is how every part of the orchestrator (the load, the step watchdog,
 the rejoin watch) changes a node's status or writes a log line: the change and its event always go together.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from meshtui import events as ev
 from meshtui.hosts import HostFacts
-from meshtui.stats import p95
-
-LATENCY_HISTORY = 256
 
 
 @dataclass
@@ -34,20 +30,8 @@ class Node:
     planned_bytes: int = 0
     device: str = "cpu"  # what holds its layers, as planned: "cpu" or the GPU's name
     rtt_ms: float | None = None  # its stage's round trip (the minimum of recent pings)
-    latencies: deque[ev.StageLatencyMeasured] = field(default_factory=lambda: deque(maxlen=LATENCY_HISTORY))
     lost_reason: str = ""  # the step watchdog declared it lost; the failure path takes it from here
     stalled_seconds: float | None = None  # how long its stall lasted before it was declared lost
-
-    def latency_summary(self) -> dict[str, float | None]:
-        values = [x.total_ms for x in self.latencies]
-        if not values:
-            return {"last": None, "mean": None, "p95": None, "network": self.rtt_ms}
-        return {
-            "last": self.latencies[-1].total_ms,
-            "mean": statistics.fmean(values),
-            "p95": p95(values),
-            "network": self.rtt_ms,
-        }
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,21 @@ async def start_stage(node: Node, stage: Stage, bundle: RuntimeBundle, sink: Nod
     devices = tuple(d.get("description") or d.get("name", "") for d in agent.devices)
     sink.emit(ev.AgentLaunched(node.name, agent.socket_path, agent.pid, devices))
     await stage.open_tunnel()
-    node.rtt_ms = stage.rtt_ms
+    _take_rtt(node, stage, sink)
 
 
-async def measure_rtt_forever(hosts: Sequence[Node], stages: Mapping[str, Stage],
+def _take_rtt(node: Node, stage: Stage, sink: NodeSink) -> None:
+    rtt = stage.rtt_ms
+    if rtt is not None and rtt != node.rtt_ms:
+        sink.emit(ev.RoundTripMeasured(node.name, rtt))
+    node.rtt_ms = rtt
+
+
+async def measure_rtt_forever(hosts: Sequence[Node], stages: Mapping[str, Stage], sink: NodeSink,
                               interval: float = RTT_INTERVAL) -> None:
     while True:
         for node in hosts:
             stage = stages[node.name]
             await stage.ping()
-            node.rtt_ms = stage.rtt_ms
+            _take_rtt(node, stage, sink)
         await asyncio.sleep(interval)

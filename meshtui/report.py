@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ from meshtui.node import Node
 from meshtui.planner import Plan
 from meshtui.predict import Prediction, predict_decode
 from meshtui.runtime import agent_source_path, load_file_module
+from meshtui.state import MeshState
 
 
 def predict(plan: Plan | None, model: ModelFacts | None, nodes: Sequence[Node]) -> Prediction | None:
@@ -21,9 +21,10 @@ def predict(plan: Plan | None, model: ModelFacts | None, nodes: Sequence[Node]) 
     return predict_decode(plan, model, bandwidth, {n.name: n.rtt_ms for n in nodes})
 
 
-def summary(nodes: Sequence[Node]) -> list[dict[str, Any]]:
+def summary(state: MeshState) -> list[dict[str, Any]]:
+    """Each node as `up --json` reports it (`nodes[]`), read from the state the events built."""
     rows = []
-    for node in nodes:
+    for node in state.nodes:
         lat = node.latency_summary()
         rows.append({
             "name": node.name,
@@ -36,8 +37,7 @@ def summary(nodes: Sequence[Node]) -> list[dict[str, Any]]:
             "device": node.device,
             "latency_ms": {"last": lat["last"], "mean": lat["mean"], "p95": lat["p95"]},
             "network_rtt_ms": lat["network"],
-            "bytes_per_token": (statistics.fmean(x.bytes_up + x.bytes_down for x in node.latencies)
-                                if node.latencies else None),
+            "bytes_per_token": node.bytes_per_token(),
         })
     return rows
 

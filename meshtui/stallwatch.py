@@ -24,13 +24,15 @@ STEP_HISTORY = 64  # the recent steps a stage's deadline is derived from
 
 class StallWatch:
     def __init__(self, hosts: Sequence[Node], stages: Mapping[str, Stage], policy: StallPolicy, sink: NodeSink, *,
-                 loading: Callable[[], bool], on_lost: Callable[[], None]) -> None:
+                 loading: Callable[[], bool], on_lost: Callable[[], None],
+                 step_times: Callable[[str], Sequence[float]]) -> None:
         self.hosts = hosts
         self.stages = stages
         self.policy = policy
         self.sink = sink
         self.loading = loading  # a model load is under way: its deadline is the load's, not a step's
         self.on_lost = on_lost
+        self.step_times = step_times  # a stage's recent per-token times (ms), newest last
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._last_pong: dict[str, float] = {}
 
@@ -52,7 +54,7 @@ class StallWatch:
                         self._stall_ended(node)
                     continue
                 deadline = (policy.load_deadline if self.loading()
-                            else policy.step_deadline([x.total_ms for x in list(node.latencies)[-STEP_HISTORY:]]))
+                            else policy.step_deadline(list(self.step_times(node.name))[-STEP_HISTORY:]))
                 probe = self._probes.get(node.name)
                 clock = StageClock(waiting_since, deadline, probing=probe is not None and not probe.done(),
                                    last_pong=self._last_pong.get(node.name))

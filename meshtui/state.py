@@ -82,6 +82,10 @@ class RecoveryState:
     seconds: float
     stalled_seconds: float | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.host, "token_index": self.token_index, "seconds": self.seconds,
+                "stalled_seconds": self.stalled_seconds}
+
 
 @dataclass(frozen=True)
 class MeshState:

@@ -46,6 +46,7 @@ class NodeState:
     agent_pid: int | None = None
     devices: tuple[str, ...] = ()
     transfers: Mapping[str, tuple[int, int | None]] = field(default_factory=lambda: _frozen({}))  # phase -> done, total
+    load: ev.TransferProgressed | None = None  # the last word on the model load: in place, sent, rate, ETA
     layers: tuple[int, int] | None = None
     usable_bytes: int = 0
     planned_bytes: int = 0
@@ -185,7 +186,8 @@ def apply_to_node(node: NodeState, event: ev.Event) -> NodeState:
             return replace(node, facts=_frozen(facts))
         case ev.TransferProgressed(phase=phase, done_bytes=done, total_bytes=total):
             known_total = total if total is not None else node.transfers.get(phase, (0, None))[1]
-            return replace(node, transfers=_frozen({**node.transfers, phase: (done, known_total)}))
+            return replace(node, transfers=_frozen({**node.transfers, phase: (done, known_total)}),
+                           load=event if phase == "load" else node.load)
         case ev.AgentLaunched(pid=pid, devices=devices):
             return replace(node, agent_pid=pid, devices=tuple(devices))
         case ev.HostFailed(phase=phase, reason=reason):

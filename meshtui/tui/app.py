@@ -22,6 +22,7 @@ from meshtui.errors import MeshError
 from meshtui.inventory import Inventory
 from meshtui.mesh import DEFAULT_PARALLEL, Mesh
 from meshtui.replies import ReplyQueue
+from meshtui.state import MeshState, apply, initial_state
 from meshtui.tui.chat import ChatPane
 from meshtui.tui.help import HelpScreen
 from meshtui.tui.log import LogPanel
@@ -30,6 +31,7 @@ from meshtui.tui.protocol import MeshFactory, MeshLike
 from meshtui.tui.provisioning import ProvisioningView
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: a bug, not an expected failure
+SHORT_BELOW = 32  # terminal rows under which the mesh panel is laid out compactly
 
 
 def _real_mesh(inventory: Inventory, *, accept_new: bool, listener: ev.Listener,
@@ -61,6 +63,7 @@ class MeshApp(App[None]):
         Binding("question_mark", "help", "Help", show=False),
         Binding("f2", "toggle_log", "Log"),
         Binding("f3", "toggle_view", "Setup/Mesh"),
+        Binding("f4", "fold_mesh", "Fold mesh"),
         Binding("i", "focus_prompt", "Prompt", show=False),
         Binding("r", "rejoin", "Rejoin failed"),
     ]
@@ -103,13 +106,15 @@ class MeshApp(App[None]):
                  api: ApiOptions | None = None) -> None:
         super().__init__()
         self.inventory = inventory
+        # The views read this state, folded here from the core's events (meshtui/state.py), never the mesh's objects.
+        self.state: MeshState = initial_state((h.name, h.address) for h in inventory.hosts)
         self.mesh: MeshLike = mesh_factory(inventory, accept_new=accept_new, listener=self._on_core_event)
         self.requests = ReplyQueue(self.mesh)  # the chat's and the API's replies, up to mesh.parallel at once
         self.api_options = api
         self.api_server: ApiServer | None = None
         self.chat = ChatPane(self.requests, max_tokens=max_tokens, temperature=temperature, seed=seed, id="chat")
-        self.nodes_view = NodesView(self.mesh, id="nodes")
-        self.provisioning = ProvisioningView(self.mesh, id="provisioning")
+        self.nodes_view = NodesView(self._read_state, id="nodes")
+        self.provisioning = ProvisioningView(self._read_state, id="provisioning")
         self.log_panel = LogPanel(id="log-panel")
         self.is_up = False
         self.lost: set[str] = set()  # stages lost after the mesh was up
@@ -133,8 +138,13 @@ class MeshApp(App[None]):
         self.bring_up()
 
     # -- the core talks to us here ---------------------------------------------------------------
+    def _read_state(self) -> MeshState:
+        return self.state
+
     def _on_core_event(self, event: ev.Event) -> None:
-        """The core's listener: runs in the core's call stack, so it only posts messages, never draws."""
+        """The core's listener: runs in the core's call stack, so it folds the event and posts messages; it
+        never draws."""
+        self.state = apply(self.state, event)
         match event:
             case ev.LogRecorded():
                 self.log_panel.post_message(LogPanel.Recorded(event))
@@ -248,7 +258,7 @@ class MeshApp(App[None]):
 
     # -- actions ---------------------------------------------------------------------------------
     def action_rejoin(self) -> None:
-        failed = [n.name for n in self.mesh.nodes if n.status == "failed" and not n.is_head]
+        failed = self.state.failed_hosts()
         if not self.is_up or not failed:
             self.notify("No failed host to rejoin.", severity="warning")
         elif self.chat.streaming or self.requests.active_source is not None:
@@ -316,6 +326,15 @@ class MeshApp(App[None]):
     def action_toggle_view(self) -> None:
         switcher = self.query_one("#views", ContentSwitcher)
         switcher.current = "nodes" if switcher.current == "provisioning" else "provisioning"
+
+    def action_fold_mesh(self) -> None:
+        """Fold the mesh panel to its table (no split bar, no sparklines), or unfold it."""
+        self.nodes_view.toggle_class("-folded")
+        self.provisioning.toggle_class("-folded")
+
+    def on_resize(self) -> None:
+        # A short terminal (24 rows) keeps most of its height for the chat: see app.tcss's `.-short` rules.
+        self.set_class(self.size.height < SHORT_BELOW, "-short")
 
     def action_focus_prompt(self) -> None:
         self.chat.focus_prompt()

@@ -59,6 +59,15 @@ def latency_columns(samples: Sequence[StageLatencyMeasured]) -> list[str]:
     ]
 
 
+def latency_totals(samples: Sequence[StageLatencyMeasured]) -> list[str]:
+    """Last, mean and p95 per-token totals of one stage, for a narrow table (p95 picked as the core does)."""
+    if not samples:
+        return [NOT_MEASURED] * 3
+    totals = [s.total_ms for s in samples]
+    ordered = sorted(totals)
+    return [f"{totals[-1]:.1f}", f"{statistics.fmean(totals):.1f}", f"{ordered[p95_index(len(ordered))]:.1f}"]
+
+
 def memory_use(planned_bytes: int, usable_bytes: int) -> str:
     if not usable_bytes:
         return NOT_MEASURED

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from meshtui import events as ev
 from meshtui.inventory import Inventory
-from meshtui.mesh import Node, RejoinPolicy
+from meshtui.mesh import RejoinPolicy
 
 
 class MeshLike(Protocol):
-    @property
-    def nodes(self) -> list[Node]: ...
+    """What the app drives. What it shows is read from the events (`meshtui.state`), not from here."""
 
-    plan: Any  # meshtui.planner.Plan | None
     parallel: int  # replies in flight at once
 
     async def up(self) -> None: ...
@@ -32,8 +30,6 @@ class MeshLike(Protocol):
     def enable_auto_rejoin(self, policy: RejoinPolicy | None = None) -> None: ...
 
     async def close(self) -> None: ...
-
-    def summary(self) -> list[dict[str, Any]]: ...
 
 
 class MeshFactory(Protocol):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich.text import Text
@@ -13,8 +13,8 @@ from textual.message import Message
 from textual.widgets import DataTable, Static
 
 from meshtui import events as ev
+from meshtui.state import MeshState, NodeState
 from meshtui.tui.formatting import transfer
-from meshtui.tui.protocol import MeshLike
 from meshtui.tui.splitbar import SplitBar
 from meshtui.tui.tables import TableSync
 from meshtui.tui.throttle import Throttle
@@ -31,105 +31,64 @@ STAGE_STATUS = {
 }
 
 
-@dataclass
-class HostProgress:
-    """What one node's provisioning line says; updated from events, rendered per phase."""
-
-    name: str
-    address: str
-    is_head: bool = False
-    phase: str | None = None  # the last phase entered
-    probed: bool = False
-    facts: str = ""
-    launched: str = ""
-    building: str = ""  # the runtime build on the host, e.g. "build: compiling 42%", while it runs
-    idle: bool = False
-    failed_phase: str | None = None
-    reason: str = ""
-    transfers: dict[str, tuple[int, int | None]] = field(default_factory=dict)
-    load: ev.TransferProgressed | None = None  # the last word on the model load: sent, rate, ETA
-
-    def apply(self, event: ev.Event) -> None:
-        match event:
-            case ev.HostPhaseChanged(phase="idle"):
-                self.idle = True
-            case ev.HostPhaseChanged(phase=phase, detail=detail):
-                self.phase = phase
-                self.building = detail if phase == "push" and detail.startswith("build") else ""
-            case ev.HostProbed(facts=facts):
-                self.probed = True
-                self.facts = describe_facts(facts)
-            case ev.TransferProgressed(phase=phase, done_bytes=done, total_bytes=total):
-                known_total = total if total is not None else self.transfers.get(phase, (0, None))[1]
-                self.transfers[phase] = (done, known_total)
-                if phase == "load":
-                    self.load = event
-            case ev.AgentLaunched(pid=pid):
-                self.launched = f"agent pid {pid}"
-            case ev.HostFailed(phase=phase, reason=reason):
-                # a phase outside PHASES ("serve") means it was lost after it was up
-                self.failed_phase = phase if phase in ev.PHASES else "ready"
-                self.reason = reason
-            case ev.StageFailed(reason=reason):
-                self.failed_phase = self.failed_phase or "ready"
-                self.reason = reason
-
-    def state(self, phase: str) -> str:
-        """done | active | pending | failed | skipped."""
-        if self.failed_phase == phase:
-            return "failed"
-        if (self.is_head and phase in HEAD_SKIPS) or (self.idle and phase in ("push", "launch", "load", "ready")):
-            return "skipped"
-        order = ev.PHASES.index(phase)
-        reached = ev.PHASES.index(self.phase) if self.phase in ev.PHASES else -1
-        if phase == "probe" and self.probed:
-            return "done"
-        if self.failed_phase is not None and order > ev.PHASES.index(self.failed_phase):
-            return "pending"
-        if order < reached or self.phase == "ready":
-            return "done"
-        if order == reached:
-            return "active"
+def phase_state(node: NodeState, phase: str) -> str:
+    """done | active | pending | failed | skipped: where a node stands in one provisioning phase."""
+    if node.failed_phase == phase:
+        return "failed"
+    if (node.is_head and phase in HEAD_SKIPS) or (node.idle and phase in ("push", "launch", "load", "ready")):
+        return "skipped"
+    order = ev.PHASES.index(phase)
+    reached = ev.PHASES.index(node.phase) if node.phase in ev.PHASES else -1
+    if phase == "probe" and node.facts is not None:
+        return "done"
+    if node.failed_phase is not None and order > ev.PHASES.index(node.failed_phase):
         return "pending"
-
-    def cell(self, phase: str) -> tuple[str, str]:
-        """(text, state) for the phase's column."""
-        state = self.state(phase)
-        moved = self.transfers.get(phase)
-        if state == "failed":
-            return "✗ failed", state
-        if state == "skipped":
-            return ("local" if self.is_head else "—"), state
-        load = self.load if phase == "load" else None
-        if state == "done":
-            if load is not None:
-                return f"✓ {load_done(load.done_bytes, load.sent_bytes)}", state
-            if phase in TRANSFER_PHASES and moved:
-                return f"✓ {format_size(moved[0])}", state
-            return "✓", state
-        if state == "active":
-            if load is not None:
-                total = moved[1] if moved else None
-                text = load_transfer(load.done_bytes, total, load.sent_bytes, load.rate, load.eta_seconds)
-                return f"◐ {text}", state
-            if phase in TRANSFER_PHASES and moved:
-                return f"◐ {transfer(*moved)}", state
-            return "◐ …", state
-        return "·", state
-
-    def detail(self) -> tuple[str, str]:
-        if self.reason:
-            return self.reason, "failed"
-        if self.idle:
-            return "holds no layers", "skipped"
-        if self.building:
-            return self.building, "pending"
-        if self.phase in ("launch", "load", "ready") and self.launched:
-            return self.launched, "pending"
-        return self.facts, "pending"
+    if order < reached or node.phase == "ready":
+        return "done"
+    if order == reached:
+        return "active"
+    return "pending"
 
 
-def describe_facts(facts: dict[str, Any]) -> str:
+def phase_cell(node: NodeState, phase: str) -> tuple[str, str]:
+    """(text, state) for the phase's column."""
+    state = phase_state(node, phase)
+    moved = node.transfers.get(phase)
+    if state == "failed":
+        return "✗ failed", state
+    if state == "skipped":
+        return ("local" if node.is_head else "—"), state
+    load = node.load if phase == "load" else None
+    if state == "done":
+        if load is not None:
+            return f"✓ {load_done(load.done_bytes, load.sent_bytes)}", state
+        if phase in TRANSFER_PHASES and moved:
+            return f"✓ {format_size(moved[0])}", state
+        return "✓", state
+    if state == "active":
+        if load is not None:
+            total = moved[1] if moved else None
+            text = load_transfer(load.done_bytes, total, load.sent_bytes, load.rate, load.eta_seconds)
+            return f"◐ {text}", state
+        if phase in TRANSFER_PHASES and moved:
+            return f"◐ {transfer(*moved)}", state
+        return "◐ …", state
+    return "·", state
+
+
+def detail(node: NodeState) -> tuple[str, str]:
+    if node.reason:
+        return node.reason, "failed"
+    if node.idle:
+        return "holds no layers", "skipped"
+    if node.building:
+        return node.building, "pending"
+    if node.phase in ("launch", "load", "ready") and node.agent_pid is not None:
+        return f"agent pid {node.agent_pid}", "pending"
+    return describe_facts(node.facts or {}), "pending"
+
+
+def describe_facts(facts: Mapping[str, Any]) -> str:
     parts = [str(facts.get("hostname", "")), f"{facts.get('cores', '?')} cores"]
     if facts.get("mem_available"):
         parts.append(f"{format_size(int(facts['mem_available']))} free")
@@ -158,16 +117,15 @@ class ProvisioningView(Vertical):
             return (isinstance(mine, ev.TransferProgressed) and isinstance(other, ev.TransferProgressed)
                     and (mine.host, mine.phase) == (other.host, other.phase))
 
-    def __init__(self, mesh: MeshLike, *, id: str | None = None) -> None:
+    def __init__(self, state: Callable[[], MeshState], *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.mesh = mesh
-        self.progress = {n.name: HostProgress(n.name, n.address, n.is_head) for n in mesh.nodes}
+        self.state = state
         self._throttle = Throttle(self, 0.1, self._redraw)
         self._stage = -1  # the furthest phase any node reached, for the status line
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="provisioning-table", cursor_type="none", zebra_stripes=False)
-        yield SplitBar(self.mesh, id="provisioning-split")
+        yield SplitBar(self.state, id="provisioning-split")
         yield Static("", id="provisioning-status")
 
     def on_mount(self) -> None:
@@ -192,12 +150,9 @@ class ProvisioningView(Vertical):
             if stage > self._stage:
                 self._stage = stage
                 self.set_status(STAGE_STATUS[event.phase])
-        host = getattr(event, "host", None)
-        if host in self.progress:
-            self.progress[host].apply(event)
-            if isinstance(event, ev.HostFailed | ev.StageFailed):
-                self.query_one(SplitBar).refresh()
-            self._throttle.poke()
+        if isinstance(event, ev.HostFailed | ev.StageFailed):
+            self.query_one(SplitBar).refresh()
+        self._throttle.poke()
 
     def set_status(self, text: str, *, failed: bool = False) -> None:
         status = self.query_one("#provisioning-status", Static)
@@ -205,15 +160,14 @@ class ProvisioningView(Vertical):
         status.set_class(failed, "-failed")
 
     def _redraw(self) -> None:
-        for name in self.progress:
-            self._rows.show(name, self._cells(name))
+        for node in self.state().nodes:
+            self._rows.show(node.name, self._cells(node))
 
-    def _cells(self, name: str) -> list[Text]:
-        progress = self.progress[name]
-        cells = [Text(name, style=self.get_component_rich_style("provisioning--node"))]
+    def _cells(self, node: NodeState) -> list[Text]:
+        cells = [Text(node.name, style=self.get_component_rich_style("provisioning--node"))]
         for phase in ev.PHASES:
-            text, state = progress.cell(phase)
+            text, state = phase_cell(node, phase)
             cells.append(Text(text, style=self.get_component_rich_style(f"provisioning--{state}")))
-        text, state = progress.detail()
+        text, state = detail(node)
         cells.append(Text(text, style=self.get_component_rich_style(f"provisioning--{state}")))
         return cells

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.text import Text
 from textual.widget import Widget
 
+from meshtui.state import MeshState
 from meshtui.tui.formatting import layer_range, proportional_widths
-from meshtui.tui.protocol import MeshLike
 
 NODE_COLOURS = 6  # tcss defines .splitbar--node-0 .. -5; node i uses colour i % NODE_COLOURS
 
@@ -18,17 +20,18 @@ class SplitBar(Widget):
         "splitbar--empty",
     }
 
-    def __init__(self, mesh: MeshLike, *, id: str | None = None, classes: str | None = None) -> None:
+    def __init__(self, state: Callable[[], MeshState], *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
-        self.mesh = mesh
+        self.state = state
 
     def render(self) -> Text:
-        plan = self.mesh.plan
+        state = self.state()
+        plan = state.plan
         width = self.size.width
         if plan is None:
             return Text("layer split: waiting for the plan", style=self.get_component_rich_style("splitbar--empty"))
-        index = {node.name: i for i, node in enumerate(self.mesh.nodes)}
-        status = {node.name: node.status for node in self.mesh.nodes}
+        index = {node.name: i for i, node in enumerate(state.nodes)}
+        status = {node.name: node.status for node in state.nodes}
         held = [a for a in plan.assignments if a.n_layers > 0]
         widths = proportional_widths([a.n_layers for a in held], width)
         bar = Text(no_wrap=True, overflow="crop")

@@ -1,7 +1,7 @@
 """A scripted stand-in for meshtui.mesh.Mesh with the surface the TUI uses (see meshtui/tui/protocol.py).
 
-It keeps real `Node` and `Plan` objects and mutates them the way the orchestrator does, then calls the
-listener, so the views read exactly what they would read from a real mesh.
+It tells the listener the events a real mesh tells, in the core's order, so the app's state (meshtui/state.py)
+folds from them exactly as it would from a real mesh; it keeps `Node`s too, for the tests that poke it.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def provisioning_script(plan: Plan, *, until: str = "ready") -> list[ev.Event]:
     events += [ev.TransferProgressed("lab2", "push", 2600 * 1024, 2600 * 1024)]
     for i, host in enumerate(HOSTS):
         socket = f"/home/{host}/.cache/meshtui/run/stage-x/stage.sock"
-        events += [ev.HostPhaseChanged(host, "launch"), ev.AgentLaunched(host, socket, 4242 + i)]
+        events += [ev.HostPhaseChanged(host, "launch"), ev.AgentLaunched(host, socket, 4242 + i),
+                   ev.RoundTripMeasured(host, RTT_MS[host])]
     for node in ("lab1", "lab2", "head"):
         events.append(ev.HostPhaseChanged(node, "load"))
     for host in HOSTS:
@@ -124,10 +125,8 @@ class FakeMesh:
                     node = self.node(a.name)
                     node.layers = (a.start, a.end) if a.n_layers else None
                     node.usable_bytes, node.planned_bytes = a.usable_bytes, a.used_bytes
-            case ev.AgentLaunched(host=host):
-                self.node(host).rtt_ms = RTT_MS.get(host)
-            case ev.StageLatencyMeasured(host=host):
-                self.node(host).latencies.append(event)
+            case ev.RoundTripMeasured(host=host, rtt_ms=rtt):
+                self.node(host).rtt_ms = rtt
         if isinstance(event, (ev.MeshReady, ev.MeshRecovered, ev.HostRejoined)):
             self.engine_alive = True
         elif isinstance(event, (ev.StageFailed, ev.MeshRecovering)):
@@ -206,18 +205,4 @@ class FakeMesh:
         for node in self.nodes:
             if node.status != "failed":
                 node.status = "stopped"
-
-    def summary(self) -> list[dict[str, Any]]:
-        rows = []
-        for node in self.nodes:
-            lat = node.latency_summary()
-            per_token = [x.bytes_up + x.bytes_down for x in node.latencies]
-            rows.append({
-                "name": node.name, "address": node.address, "status": node.status,
-                "reason": node.reason or None, "layers": list(node.layers) if node.layers else None,
-                "usable_bytes": node.usable_bytes, "planned_bytes": node.planned_bytes, "device": node.device,
-                "latency_ms": {"last": lat["last"], "mean": lat["mean"], "p95": lat["p95"]},
-                "network_rtt_ms": lat["network"],
-                "bytes_per_token": sum(per_token) / len(per_token) if per_token else None,
-            })
-        return rows
+        self.emit(ev.MeshClosed())

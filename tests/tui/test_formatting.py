@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from meshtui import events as ev
+from meshtui.state import NodeState, apply_to_node
 from meshtui.tui.formatting import latency_columns, layer_range, proportional_widths, replies_in_flight
-from meshtui.tui.provisioning import HostProgress
+from meshtui.tui.provisioning import detail, phase_cell, phase_state
 
 
 def test_layer_ranges_name_the_output_layer():
@@ -30,32 +31,36 @@ def test_proportional_widths_fill_the_bar_exactly():
     assert proportional_widths([0, 5], 7) == [0, 7]
 
 
+def fold_node(node: NodeState, *events: ev.Event) -> NodeState:
+    for event in events:
+        node = apply_to_node(node, event)
+    return node
+
+
 def test_host_progress_marks_phases_done_active_failed():
-    host = HostProgress("lab1", "10.0.0.2")
-    for event in (ev.HostPhaseChanged("lab1", "connect"), ev.HostPhaseChanged("lab1", "probe"),
-                  ev.HostProbed("lab1", {"hostname": "h", "cores": 4, "mem_available": 2**30}),
-                  ev.HostPhaseChanged("lab1", "push"), ev.TransferProgressed("lab1", "push", 512, 1024)):
-        host.apply(event)
-    assert [host.state(p) for p in ev.PHASES] == ["done", "done", "active", "pending", "pending", "pending"]
-    assert host.cell("push") == ("◐ 512 B / 1.00 KiB 50%", "active")
-    host.apply(ev.HostFailed("lab1", "push", "disk full"))
-    assert host.cell("push") == ("✗ failed", "failed")
-    assert host.detail() == ("disk full", "failed")
-    head = HostProgress("head", "127.0.0.1", is_head=True)
-    head.apply(ev.HostProbed("head", {"cores": 2}))
-    assert [head.cell(p)[0] for p in ev.PHASES] == ["local", "✓", "local", "local", "·", "·"]
+    host = fold_node(NodeState("lab1", "10.0.0.2"), ev.HostPhaseChanged("lab1", "connect"),
+                     ev.HostPhaseChanged("lab1", "probe"),
+                     ev.HostProbed("lab1", {"hostname": "h", "cores": 4, "mem_available": 2**30}),
+                     ev.HostPhaseChanged("lab1", "push"), ev.TransferProgressed("lab1", "push", 512, 1024))
+    assert [phase_state(host, p) for p in ev.PHASES] == ["done", "done", "active", "pending", "pending", "pending"]
+    assert phase_cell(host, "push") == ("◐ 512 B / 1.00 KiB 50%", "active")
+    host = fold_node(host, ev.HostFailed("lab1", "push", "disk full"))
+    assert phase_cell(host, "push") == ("✗ failed", "failed")
+    assert detail(host) == ("disk full", "failed")
+    head = fold_node(NodeState("head", "127.0.0.1", is_head=True), ev.HostProbed("head", {"cores": 2}))
+    assert [phase_cell(head, p)[0] for p in ev.PHASES] == ["local", "✓", "local", "local", "·", "·"]
 
 
 def test_a_build_on_the_host_shows_its_progress_until_the_launch() -> None:
-    host = HostProgress("gpu1", "192.0.2.7")
-    host.apply(ev.HostProbed("gpu1", {"hostname": "gpu1", "cores": 16, "gpus": [{"name": "H200"}]}))
-    assert host.detail() == ("gpu1 · 16 cores · 1 GPU", "pending")
-    host.apply(ev.HostPhaseChanged("gpu1", "push", "build: compiling (cuda)"))
-    host.apply(ev.HostPhaseChanged("gpu1", "push", "build: compiling 42%"))
-    assert host.detail() == ("build: compiling 42%", "pending")
-    assert host.cell("push") == ("◐ …", "active")
-    host.apply(ev.HostPhaseChanged("gpu1", "launch"))
-    assert host.detail() == ("gpu1 · 16 cores · 1 GPU", "pending")
+    host = fold_node(NodeState("gpu1", "192.0.2.7"),
+                     ev.HostProbed("gpu1", {"hostname": "gpu1", "cores": 16, "gpus": [{"name": "H200"}]}))
+    assert detail(host) == ("gpu1 · 16 cores · 1 GPU", "pending")
+    host = fold_node(host, ev.HostPhaseChanged("gpu1", "push", "build: compiling (cuda)"),
+                     ev.HostPhaseChanged("gpu1", "push", "build: compiling 42%"))
+    assert detail(host) == ("build: compiling 42%", "pending")
+    assert phase_cell(host, "push") == ("◐ …", "active")
+    host = fold_node(host, ev.HostPhaseChanged("gpu1", "launch"))
+    assert detail(host) == ("gpu1 · 16 cores · 1 GPU", "pending")
 
 
 def test_replies_in_flight_count_by_source() -> None:

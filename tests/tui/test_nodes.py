@@ -112,3 +112,33 @@ async def test_a_failed_bring_up_is_shown_in_place_and_q_quits_with_its_exit_cod
         await wait_until(pilot, lambda: not app.is_running, what="quit")
     assert app.mesh.closed and app.mesh.auto_rejoin is None  # nothing to rejoin: the mesh never came up
     assert app.return_code == HostError.exit_code
+
+
+def visible(app, selector: str) -> bool:
+    """The widget is displayed and lies entirely on the screen."""
+    widget = app.query_one(selector)
+    region = widget.region
+    screen = app.screen.region
+    return widget.display and region.area > 0 and screen.contains_region(region)
+
+
+async def test_a_default_size_terminal_shows_the_nodes_the_chat_and_the_prompt(build_app):
+    app = build_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.chat.ready, what="the mesh")
+        await pilot.press(*"hi", "enter")
+        await wait_until(pilot, lambda: len(app.chat.messages) == 2, what="reply")
+        await wait_until(pilot, lambda: node_row(app, "lab2")[3] == "12.6", what="the compact latencies")
+        # compact columns: status, layers and per-token totals; nothing cut at the right edge
+        assert [str(c.label) for c in app.nodes_view.query_one("#nodes-table").columns.values()] == [
+            "node", "status", "layers", "last ms", "mean", "p95"]
+        assert node_row(app, "lab2") == ["lab2", "ready", "25–29+out", "12.6", "11.2", "12.6"]  # 9.8 then 12.6
+        assert node_row(app, "head")[3:] == ["—", "—", "—"]
+        for selector in ("#nodes-table", "#spark-0", "#spark-2", "#transcript", "#prompt"):
+            assert visible(app, selector), selector
+        assert app.query_one("#transcript").region.height >= 6  # the chat keeps most of the height
+        assert not app.query_one("#nodes-split").display  # the layers column says the same
+        await pilot.press("escape", "f4")  # fold the mesh panel to its table
+        await pilot.pause()
+        assert not app.query_one("#sparks").display and visible(app, "#nodes-table")
+        assert app.query_one("#transcript").region.height >= 9

@@ -114,6 +114,7 @@ class Mesh:
         return frozenset(self._rejoinable)
 
     def _emit(self, event: ev.Event) -> None:
+        """Fold the event into `state`, then tell the listener."""
         self.state = apply(self.state, event)
         self.listener(event)
 
@@ -169,12 +170,8 @@ class Mesh:
         self.plan = plan_layer_split(self.model, capacities, self.inventory.model.context,
                                      output_on_head=self.output_on_head, speeds=self._speeds(capacities),
                                      parallel=self.parallel)
-        for assignment in self.plan.assignments:
-            node = self.node(assignment.name)
-            node.usable_bytes = assignment.usable_bytes
-            node.planned_bytes = assignment.used_bytes
-            node.device = assignment.device
-            node.layers = (assignment.start, assignment.end) if assignment.n_layers else None
+        for a in self.plan.assignments:
+            self.node(a.name).layers = (a.start, a.end) if a.n_layers else None
         self._emit(ev.PlanComputed(self.plan))
         return self.plan
 

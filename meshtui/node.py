@@ -26,9 +26,6 @@ class Node:
     reason: str = ""
     facts: HostFacts | None = None  # None until the node is probed
     layers: tuple[int, int] | None = None
-    usable_bytes: int = 0
-    planned_bytes: int = 0
-    device: str = "cpu"  # what holds its layers, as planned: "cpu" or the GPU's name
     rtt_ms: float | None = None  # its stage's round trip (the minimum of recent pings)
     lost_reason: str = ""  # the step watchdog declared it lost; the failure path takes it from here
     stalled_seconds: float | None = None  # how long its stall lasted before it was declared lost

@@ -124,7 +124,6 @@ class FakeMesh:
                 for a in plan.assignments:
                     node = self.node(a.name)
                     node.layers = (a.start, a.end) if a.n_layers else None
-                    node.usable_bytes, node.planned_bytes = a.usable_bytes, a.used_bytes
             case ev.RoundTripMeasured(host=host, rtt_ms=rtt):
                 self.node(host).rtt_ms = rtt
         if isinstance(event, (ev.MeshReady, ev.MeshRecovered, ev.HostRejoined)):

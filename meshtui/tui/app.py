@@ -121,7 +121,6 @@ class MeshApp(App[None]):
         self.up_error = ""  # the one-line reason bringing the mesh up failed
         self.exit_code = 0
         self._teardown: asyncio.Future[None] | None = None
-        self._in_flight: dict[int, str] = {}  # request id -> source, from the core's reply events
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="◆")
@@ -151,12 +150,8 @@ class MeshApp(App[None]):
             case ev.StageLatencyMeasured():
                 self.nodes_view.post_message(NodesView.Changed())
             case ev.ReplyStarted() | ev.ReplyFinished() | ev.ReplyFailed():
-                # The chat pane consumes its own stream; it shows whose replies are in flight.
-                if isinstance(event, ev.ReplyStarted):
-                    self._in_flight[event.request_id] = event.source
-                else:
-                    self._in_flight.pop(event.request_id, None)
-                self.post_message(self.RepliesChanged(tuple(self._in_flight.values())))
+                # The chat pane consumes its own stream; it shows whose replies are in flight (the state's).
+                self.post_message(self.RepliesChanged(tuple(r.source for r in self.state.replies.values())))
                 return
             case ev.TokenGenerated():
                 return

@@ -48,6 +48,7 @@ __all__ = ["Mesh", "Node", "Recovery", "RejoinPolicy", "Reply", "StallPolicy"]
 
 DEFAULT_PARALLEL = 4  # replies decoded together unless --parallel says otherwise
 
+
 class Mesh:
     def __init__(self, inventory: Inventory, *, accept_new: bool = False,
                  listener: ev.Listener = lambda event: None, output_on_head: bool = True,

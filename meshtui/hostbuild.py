@@ -191,10 +191,14 @@ def recorded_digests(conn: asyncssh.SSHClientConnection, host: HostSpec, folder:
     return {str(k): v for k, v in files.items()}
 
 
-def _save_record(path: Path, host: HostSpec, folder: str, files: dict[str, str]) -> None:
+def _save_record(conn: asyncssh.SSHClientConnection, path: Path, host: HostSpec, folder: str,
+                 files: dict[str, str]) -> None:
     make_private_dir(path.parent)
     staging = path.with_suffix(".partial")
-    staging.write_text(json.dumps({"host": host.name, "folder": folder, "files": files}, indent=1) + "\n")
+    server_key = conn.get_server_host_key()
+    record = {"host": host.name, "host_key": server_key.get_fingerprint("sha256") if server_key else None,
+              "folder": folder, "files": files}
+    staging.write_text(json.dumps(record, indent=1) + "\n")
     os.chmod(staging, 0o600)
     staging.replace(path)
 
@@ -278,7 +282,7 @@ async def build_on_host(
         problems = runtime_problems(report, recorded, source_agent_sha256(), AGENT_FILE)
         if not problems:
             if recorded is None:
-                _save_record(record, host, folder, built_runtime_record(report))
+                _save_record(conn, record, host, folder, built_runtime_record(report))
                 on_log(f"runtime ~/{folder} {'found there, not built by this head' if cached else 'built'}: "
                        f"its digests are recorded in {record}", "warning" if cached else "info")
             return folder

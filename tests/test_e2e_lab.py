@@ -400,11 +400,11 @@ async def test_failed_host_rejoins_automatically_before_the_next_reply(lab, tmp_
     assert wait_nothing_left(lab) == {}
 
 
-def _build_record(since: float) -> tuple[Path, dict]:
-    """The head's record of h2's build written since `since` (the head keeps them by host key, not by name)."""
+def _build_record(lab) -> tuple[Path, dict]:
+    """The head's record of this lab's h2's build (the head keeps them by host key, not by name)."""
     records = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshtui/host-builds"
-    found = [p for p in records.glob("*.json") if p.stat().st_mtime >= since
-             and json.loads(p.read_text())["host"] == "h2"]
+    key = asyncssh.import_public_key(lab._state("h2").host_public_key).get_fingerprint("sha256")
+    found = [p for p in records.glob("*.json") if json.loads(p.read_text()).get("host_key") == key]
     assert len(found) == 1, found
     return found[0], json.loads(found[0].read_text())
 
@@ -421,7 +421,6 @@ def test_host_that_builds_its_own_runtime_joins_with_identical_output(lab, tmp_p
     inventory_file.write_text(lab.inventory_toml('name = "smollm2"', {"h2": {"runtime": "build"}}))
     args = ("up", str(inventory_file), "--headless", "--prompt", PROMPT, "--raw", "--temperature", "0",
             "--max-tokens", str(MAX_TOKENS), "--json")
-    started = time.time() - 1
     result = meshtui_json(*args[:-1], timeout=1800)
     expected = reference_greedy(SMOLLM2, PROMPT, MAX_TOKENS, context=512)
     assert result["tokens"] == expected["tokens"] and result["text"] == expected["text"]
@@ -433,7 +432,7 @@ def test_host_that_builds_its_own_runtime_joins_with_identical_output(lab, tmp_p
     assert wait_nothing_left(lab) == {}
 
     # The head recorded the digest of every file it built there, and checks them before each launch.
-    record_file, record = _build_record(started)
+    record_file, record = _build_record(lab)
     assert record["files"] == _digests(folder) and "lib/libggml-rpc.so.0" in record["files"]
 
     # A library changed on the host after the build: never run; the build is made again and recorded anew.

@@ -49,6 +49,11 @@ __all__ = ["Mesh", "Node", "Recovery", "RejoinPolicy", "Reply", "StallPolicy"]
 DEFAULT_PARALLEL = 4  # replies decoded together unless --parallel says otherwise
 
 
+def _check_speculative(mode: str, name: str, error: type[MeshError]) -> None:
+    if mode not in SPECULATIVE_MODES:
+        raise error(f"{name}: expected one of {', '.join(SPECULATIVE_MODES)}, not {mode!r}")
+
+
 class Mesh:
     def __init__(self, inventory: Inventory, *, accept_new: bool = False,
                  listener: ev.Listener = lambda event: None, output_on_head: bool = True,
@@ -56,8 +61,7 @@ class Mesh:
                  parallel: int = DEFAULT_PARALLEL, speculative: str = "auto") -> None:
         if parallel < 1:
             raise InventoryError(f"--parallel: expected at least 1, not {parallel}")
-        if speculative not in SPECULATIVE_MODES:
-            raise InventoryError(f"--speculative: expected one of {', '.join(SPECULATIVE_MODES)}, not {speculative!r}")
+        _check_speculative(speculative, "--speculative", InventoryError)
         if speculative == "draft" and inventory.model.draft is None:
             raise InventoryError(f"{inventory.source}: --speculative draft needs a draft model: set [model] draft "
                                  "to a builtin name or a GGUF path")
@@ -291,9 +295,7 @@ class Mesh:
                            messages=tuple(messages) if messages is not None else None, raw=raw,
                            max_tokens=max_tokens, temperature=temperature, seed=seed,
                            speculative=speculative or self.speculative)
-        if command.speculative not in SPECULATIVE_MODES:
-            raise EngineError(f"speculative: expected one of {', '.join(SPECULATIVE_MODES)}, not "
-                              f"{command.speculative!r}")
+        _check_speculative(command.speculative, "speculative", EngineError)
         self._flights.begin(request_id, source)
         ended = False
         try:

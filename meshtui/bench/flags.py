@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from meshtui.engine.protocol import SPECULATIVE_MODES
 from meshtui.errors import InventoryError
-
-SPECULATIVE_MODES = ("off", "auto", "ngram", "draft")
 
 
 def parse_list(flag: str, text: str, parse: Callable[[str], Any]) -> tuple[Any, ...]:

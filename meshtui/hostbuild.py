@@ -29,7 +29,7 @@ from meshtui.hosts import inspect_runtime
 from meshtui.integrity import built_runtime_record, make_private_dir, make_private_dir_remote, runtime_problems
 from meshtui.inventory import HostSpec
 from meshtui.remoteio import MAX_STDERR_CHARS, read_lines, read_tail
-from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, agent_source_path, load_file_module
+from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, agent_source_path, head_cache_dir, load_file_module
 from meshtui.text import one_line
 
 NATIVE = Path(__file__).resolve().parent.parent / "native"
@@ -161,18 +161,13 @@ def remote_build_script(key: str, jobs: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _records_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "meshtui" / "host-builds"
-
-
 def record_path(conn: asyncssh.SSHClientConnection, host: HostSpec, folder: str) -> Path:
     """Where the head keeps the digests of ~/`folder` on this host: by its host key and user, not its name."""
     server_key = conn.get_server_host_key()
     who = server_key.get_fingerprint("sha256") if server_key is not None else f"name:{host.name}"
     user = conn.get_extra_info("username") or ""
     ident = hashlib.sha256(f"{who}\0{user}\0{folder}".encode()).hexdigest()[:24]
-    return _records_root() / f"{ident}.json"
+    return head_cache_dir() / "host-builds" / f"{ident}.json"
 
 
 def recorded_digests(conn: asyncssh.SSHClientConnection, host: HostSpec, folder: str) -> dict[str, str] | None:

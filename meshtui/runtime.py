@@ -70,12 +70,16 @@ def llama_cpp_lib_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "lib"
 
 
+def head_cache_dir() -> Path:
+    """meshtui's cache folder on the head: $XDG_CACHE_HOME/meshtui, else ~/.cache/meshtui."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "meshtui"
+
+
 def portable_cache_root() -> Path:
     """Where native/build_runtime.py keeps its builds (the same rule as its default_cache_root)."""
     if os.environ.get("MESHTUI_RUNTIME_BUILD_CACHE"):
         return Path(os.environ["MESHTUI_RUNTIME_BUILD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "meshtui" / "runtime-build"
+    return head_cache_dir() / "runtime-build"
 
 
 def portable_pointer_name(version: str) -> str:

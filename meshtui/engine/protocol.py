@@ -45,6 +45,12 @@ class Generate:
     repeat_penalty: float = 1.0
     speculative: str = "auto"  # "auto" | "ngram" | "draft" | "off": which drafts the mesh verifies in one step
     draft_length: int = 0  # 0: the draft length adapts; N: always draft up to N tokens (references, benches)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    grammar: str | None = None  # GBNF text, root rule `root`: the reply must match it
+    logprobs: int | None = None  # None: none; N: the sampled token's logprob and the N most likely alternatives
+    stop: tuple[str, ...] = ()  # stop strings: the reply ends before the first one it contains
 
 
 SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
@@ -93,6 +99,8 @@ class Token:
     text: str
     decode_call: int  # the engine-wide decode step whose logits produced it (shared by accepted drafts)
     decode_ms: float = 0.0  # how long that call took: the head's layers plus every stage's round trip
+    logprob: float | None = None  # log-softmax of the raw logits at the sampled token (when Generate.logprobs)
+    top_logprobs: tuple[tuple[str, float], ...] = ()  # (token text, logprob): the N most likely, best first
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,8 @@ _EVENTS: dict[str, type[Event]] = {"hello": Hello, "loaded": Loaded, "started": 
 EVENT_TYPES = frozenset(_EVENTS.values())
 _COMMAND_TAGS = {cls: tag for tag, cls in _COMMANDS.items()}
 _EVENT_TAGS = {cls: tag for tag, cls in _EVENTS.items()}
-_TUPLES = {"endpoints", "tensor_split", "messages", "resume_tokens", "tokens"}
+_TUPLES = {"endpoints", "tensor_split", "messages", "resume_tokens", "tokens", "stop"}
+_PAIRS = {"logit_bias", "top_logprobs"}  # tuples of 2-tuples: JSON writes them as lists of lists
 
 
 def encode(message: Command | Event) -> str:
@@ -159,11 +168,19 @@ def _build(registry: Mapping[str, type[Any]], tag_key: str, line: str | bytes) -
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{tag}: unknown field {unknown[0]!r}")
-    values = {k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in data.items()}
+    values = {k: _tupled(k, v) for k, v in data.items()}
     try:
         return cls(**values)
     except TypeError as err:  # a required field is missing
         raise ValueError(f"{tag}: {err}") from err
+
+
+def _tupled(key: str, value: Any) -> Any:
+    if key in _TUPLES and isinstance(value, list):
+        return tuple(value)
+    if key in _PAIRS and isinstance(value, list):
+        return tuple(tuple(pair) if isinstance(pair, list) else pair for pair in value)
+    return value
 
 
 def decode_command(line: str | bytes) -> Command:

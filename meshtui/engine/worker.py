@@ -148,8 +148,9 @@ class Engine:
         ctx_params.n_ctx = int(cmd.context) * parallel  # `context` is each sequence's
         ctx_params.n_batch = ctx_params.n_ubatch = int(cmd.batch)
         ctx_params.n_seq_max = parallel
-        ctx_params.n_threads = threads
-        ctx_params.n_threads_batch = max(1, os.cpu_count() or 1)
+        # One thread count for every step: llama.cpp takes n_threads_batch for any batch of more than one token
+        # (a verify step, replies decoded together), and os.cpu_count() there oversubscribed a shared machine.
+        ctx_params.n_threads = ctx_params.n_threads_batch = threads
         # Off on purpose: CUDA stages built on hosts leave out the flash-attention kernels (a quarter of the
         # build time), and a stage asked for an op it lacks aborts. The same setting everywhere keeps the
         # single-process reference comparable.

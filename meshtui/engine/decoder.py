@@ -226,7 +226,9 @@ class Decoder:
             return
         for slot, index in sampling:
             token = self._llama.llama_sampler_sample(slot.sampler, self.ctx.ctx, index)
-            self._produce(slot, [token], step, ms)
+            _, end = self._produce(slot, [token], step, ms)
+            if end:
+                self._finish(slot, end)
         for slot, index in verifying:
             self._verify(slot, index, step, ms)
 
@@ -238,25 +240,30 @@ class Decoder:
             produced.append(token)
             if i == len(drafts) or token != drafts[i]:
                 break
-        accepted = len(produced) - 1
-        slot.n_past += 1 + accepted
-        if accepted < len(drafts):  # the rejected drafts' positions leave the cache
+        matched = len(produced) - 1
+        slot.n_past += 1 + matched
+        if matched < len(drafts):  # the rejected drafts' positions leave the cache
             self._llama.llama_memory_seq_rm(self.ctx.memory, slot.seq_id, slot.n_past, -1)
+        slot.drafts = []
+        kept, end = self._produce(slot, produced, step, ms)
+        # Accepted: the drafts the reply holds. Drafts that matched at or past where it stopped (end of
+        # generation, a stop string) are not, though the model agreed with them.
+        accepted = min(matched, kept)
         if drafts:
             slot.drafted += len(drafts)
             slot.accepted += accepted
             slot.verify_steps += 1
         slot.policy = slot.policy.verified(len(drafts), accepted, ms, slot.draft_ms)
-        slot.drafts = []
-        self._produce(slot, produced, step, ms)
+        if end:
+            self._finish(slot, end)
 
-    def _produce(self, slot: Slot, tokens: Sequence[int], step: int, ms: float) -> None:
-        """Emit what a step produced for `slot`, stopping at end of generation, the length, or a cancel."""
+    def _produce(self, slot: Slot, tokens: Sequence[int], step: int, ms: float) -> tuple[int, str | None]:
+        """Emit what a step produced for `slot`, up to end of generation, the length, or a cancel: how many of
+        `tokens` joined the reply, and why the reply ends (None: it goes on). The caller finishes it."""
         request = slot.request
-        for token in tokens:
+        for kept, token in enumerate(tokens):
             if self._llama.llama_vocab_is_eog(self.model.vocab, token):
-                self._finish(slot, "stop")
-                return
+                return kept, "stop"
             slot.generated.append(token)
             slot.last = token
             slot.last_step = step
@@ -264,11 +271,10 @@ class Decoder:
             slot.text_parts.append(text)
             self.send(Token(request.id, len(slot.generated) - 1, token, text, step, ms))
             if len(slot.generated) >= slot.max_tokens:
-                self._finish(slot, "length")
-                return
+                return kept + 1, "length"
             if self.cancel_all or request.id in self.cancelled:
-                self._finish(slot, "cancelled")
-                return
+                return kept + 1, "cancelled"
+        return len(tokens), None
 
     def fail_all(self, message: str) -> None:
         """Every request in flight ends with `message`; their sequences are freed."""

@@ -78,7 +78,8 @@ def _main() -> None:
         if len(generated) >= max_tokens:
             break
     text = llm.detokenize(generated, prev_tokens=prompt_tokens).decode("utf-8", errors="replace")
-    print(json.dumps({"text": text, "tokens": generated}))
+    print(json.dumps({"text": text, "tokens": generated, "prompt_tokens": prompt_tokens,
+                      "stopped": len(generated) < max_tokens}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from synth import write_synthetic_llama
 
 from meshtui.engine import protocol as p
 from meshtui.engine.client import EngineProcess
+from meshtui.engine.drafts import lookup_draft
 from meshtui.errors import EngineError
 
 pytestmark = [pytest.mark.slow]
@@ -83,6 +84,44 @@ async def test_speculation_off_is_plain_greedy_decoding_even_after_a_speculative
     assert ids(tokens) == expected["tokens"]
     assert (done.drafted, done.accepted, done.verify_steps) == (0, 0, 0)
     assert len({t.decode_call for t in tokens}) == len(tokens)  # one token per step
+
+
+# A conversation that already holds the answer: the reply copies it, and the drafts run on past its end
+# (<|im_end|>, then the next turn's tokens), which the model would also have produced there.
+REPEAT_TURN = ("<|im_start|>user\nRepeat exactly: the cat sat on the mat.<|im_end|>\n<|im_start|>assistant\n"
+               "the cat sat on the mat.<|im_end|>\n<|im_start|>user\nRepeat exactly: the cat sat on the mat."
+               "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def expected_accepted(prompt: list[int], reply: list[int], stopped: bool, max_tokens: int, draft_length: int) -> int:
+    """Drafts that became tokens of the reply, replaying the step loop's lookup drafts (fixed length) against the
+    reply the model produced: a draft counts only if the reply holds it, never one at or past the stop."""
+    produced = reply + ([-1] if stopped else [])  # -1: the end of generation, where the reply stops
+    accepted, i = 0, 1  # the first token comes out of the prompt's step, with no drafts
+    while i < len(produced) and i < max_tokens:
+        remaining = max_tokens - i - 1
+        drafts = lookup_draft(prompt + reply[:i], min(draft_length, remaining), 2)
+        matched = 0
+        while matched < len(drafts) and i + matched < len(produced) and drafts[matched] == produced[i + matched]:
+            matched += 1
+        joined = min(matched + 1, len(reply) - i)  # the tokens of the reply this step added
+        accepted += min(matched, joined)
+        i += matched + 1
+    return accepted
+
+
+async def test_accepted_counts_only_drafts_the_reply_kept_never_past_its_end() -> None:
+    async with engine() as process:
+        tokens, done = await reply(process, 1, REPEAT_TURN, 32, speculative="ngram", draft_length=10)
+    expected = reference_lookup(SMOLLM2, REPEAT_TURN, 32, draft_tokens=10, context=CONTEXT)
+    assert ids(tokens) == expected["tokens"] and done.stop_reason == "stop" and expected["stopped"]
+    kept = expected_accepted(expected["prompt_tokens"], expected["tokens"], True, 32, 10)  # type: ignore[arg-type]
+    assert kept > 0
+    assert done.accepted == kept
+    # Tokens per round trip as the TUI shows them: every token beyond the first came from a step, and a step
+    # yields its accepted drafts plus at most one token of its own.
+    steps = len({t.decode_call for t in tokens})
+    assert len(tokens) - steps <= done.accepted <= len(tokens) - 1
 
 
 async def test_adaptive_drafting_copies_a_list_in_fewer_steps_and_stops_where_it_should() -> None:

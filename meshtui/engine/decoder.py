@@ -20,6 +20,7 @@ from typing import Any
 
 from meshtui.engine.drafts import DraftModel, DraftPolicy, lookup_draft
 from meshtui.engine.protocol import Done, Event, Failed, Generate, Started, Token
+from meshtui.engine.stops import StopText
 
 PENALTY_LAST_N = 64  # llama-cpp-python's default window for the repeat penalty
 ADAPTIVE_MAX_NGRAM = 3
@@ -45,6 +46,7 @@ class Slot:
     draft_ms: float = 0.0
     text_parts: list[str] = field(default_factory=list)
     utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    stops: StopText = field(default_factory=lambda: StopText(()))
     drafted: int = 0
     accepted: int = 0
     verify_steps: int = 0
@@ -120,9 +122,12 @@ class Decoder:
             # After a stage was lost the reply resumes: the prompt in one run, then each token generated
             # so far on its own, rebuilding the KV cache the way plain decoding built it.
             feeds: deque[list[int]] = deque([prompt, *([t] for t in resume)])
-            self.slots.append(Slot(request=request, seq_id=seq_id, prompt=prompt, max_tokens=max_tokens,
-                                   sampler=sampler, mode=request.speculative, feeds=feeds, generated=resume,
-                                   started=time.perf_counter()))
+            slot = Slot(request=request, seq_id=seq_id, prompt=prompt, max_tokens=max_tokens, sampler=sampler,
+                        mode=request.speculative, feeds=feeds, generated=resume, started=time.perf_counter(),
+                        stops=StopText(request.stop))
+            if resume:  # shown by the attempt before, but for a tail that could begin a stop string: held here
+                slot.stops.resume(slot.utf8.decode(b"".join(self.model.detokenize([t]) for t in resume)))
+            self.slots.append(slot)
 
     def _sampler(self, request: Generate) -> Any:
         """llama.cpp's sampler chain, as llama-cpp-python's `Llama.generate` builds it."""
@@ -258,8 +263,8 @@ class Decoder:
             self._finish(slot, end)
 
     def _produce(self, slot: Slot, tokens: Sequence[int], step: int, ms: float) -> tuple[int, str | None]:
-        """Emit what a step produced for `slot`, up to end of generation, the length, or a cancel: how many of
-        `tokens` joined the reply, and why the reply ends (None: it goes on). The caller finishes it."""
+        """Emit what a step produced for `slot`, up to end of generation, a stop string, the length, or a cancel:
+        how many of `tokens` joined the reply, and why the reply ends (None: it goes on). The caller finishes it."""
         request = slot.request
         for kept, token in enumerate(tokens):
             if self._llama.llama_vocab_is_eog(self.model.vocab, token):
@@ -267,9 +272,11 @@ class Decoder:
             slot.generated.append(token)
             slot.last = token
             slot.last_step = step
-            text = slot.utf8.decode(self.model.detokenize([token]))
+            text = slot.stops.feed(slot.utf8.decode(self.model.detokenize([token])))
             slot.text_parts.append(text)
             self.send(Token(request.id, len(slot.generated) - 1, token, text, step, ms))
+            if slot.stops.stopped:  # the text ends before the stop string, and the reply with it
+                return kept + 1, "stop"
             if len(slot.generated) >= slot.max_tokens:
                 return kept + 1, "length"
             if self.cancel_all or request.id in self.cancelled:
@@ -289,7 +296,7 @@ class Decoder:
         self.cancel_all = False
 
     def _finish(self, slot: Slot, reason: str) -> None:
-        tail = slot.utf8.decode(b"", final=True)
+        tail = slot.stops.feed(slot.utf8.decode(b"", final=True)) + slot.stops.flush()
         if tail:
             slot.text_parts.append(tail)
             self.send(Token(slot.request.id, len(slot.generated) - 1, -1, tail, max(0, slot.last_step)))

@@ -124,6 +124,42 @@ async def test_accepted_counts_only_drafts_the_reply_kept_never_past_its_end() -
     assert len(tokens) - steps <= done.accepted <= len(tokens) - 1
 
 
+def text_of(tokens: list[p.Token]) -> str:
+    return "".join(t.text for t in tokens)
+
+
+async def test_a_stop_string_ends_the_reply_before_it_and_frees_the_sequence() -> None:
+    async with engine() as process:
+        plain, plain_done = await reply(process, 1, PLAIN_PROMPT, 48, speculative="off")
+        words = plain_done.text.split()
+        stop = " ".join(words[3:5])  # two words in the middle of the reply: the stop spans tokens
+        cut = plain_done.text.find(stop)
+        assert cut > 0
+        stopped, done = await reply(process, 2, PLAIN_PROMPT, 48, speculative="off", stop=(stop, "never seen"))
+        # The sequence was freed at once: the next reply is the plain one again, from an empty cache.
+        again, _ = await reply(process, 3, PLAIN_PROMPT, 48, speculative="off")
+    assert (done.stop_reason, done.text) == ("stop", plain_done.text[:cut])
+    assert text_of(stopped) == plain_done.text[:cut]
+    assert ids(stopped) == ids(plain)[:len(stopped)] and len(stopped) < len(plain)
+    # It ended at the token that completed the stop string, not later.
+    assert stop not in text_of(plain[:len(stopped) - 1]) and stop in text_of(plain[:len(stopped)])
+    assert ids(again) == ids(plain)
+
+
+async def test_drafts_never_run_past_a_stop_string() -> None:
+    async with engine() as process:
+        plain, plain_done = await reply(process, 1, COPY_PROMPT, 40, speculative="off")
+        stop = " figs"
+        cut = plain_done.text.find(stop)
+        assert cut > 0
+        spec, done = await reply(process, 2, COPY_PROMPT, 40, speculative="ngram", draft_length=10, stop=(stop,))
+    assert (done.stop_reason, done.text, text_of(spec)) == ("stop", plain_done.text[:cut], plain_done.text[:cut])
+    assert ids(spec) == ids(plain)[:len(spec)]
+    assert done.verify_steps > 0 and done.accepted <= len(spec) - 1
+    # Every accepted draft is a token of the reply: at most one token per step is the model's own.
+    assert done.accepted >= len(spec) - len({t.decode_call for t in spec})
+
+
 async def test_adaptive_drafting_copies_a_list_in_fewer_steps_and_stops_where_it_should() -> None:
     async with engine() as process:
         plain, plain_done = await reply(process, 1, COPY_PROMPT, 40, speculative="off")

@@ -23,6 +23,10 @@ def test_lookup_copies_what_followed_the_earliest_match() -> None:
     assert lookup_draft([1, 2, 3, 4, 5, 1, 2, 9, 1, 2], 3) == [3, 4, 5]
     assert lookup_draft([1, 2, 3], 3) == []  # nothing to copy
     assert lookup_draft([7, 7, 7], 0) == []
+    # `auto` asks for a repeated run of 3 tokens: a recurring pair is not enough to draft from.
+    assert lookup_draft([1, 2, 3, 4, 5, 1, 2, 9, 1, 2], 3, max_ngram=3, min_ngram=3) == []
+    assert lookup_draft([1, 2, 3, 4, 5, 1, 2, 9, 1, 2], 3, max_ngram=3, min_ngram=2) == [3, 4, 5]
+    assert lookup_draft([1, 2, 3, 4, 1, 2, 3], 2, max_ngram=3, min_ngram=3) == [4, 1]
 
 
 def _run(policy: DraftPolicy, steps: int, accept_all: bool, step_ms: float, per_token_ms: float) -> DraftPolicy:
@@ -49,8 +53,10 @@ def test_when_drafts_are_rejected_drafting_turns_off_and_probes_ever_more_rarely
         lengths.append(k)
         policy = policy.plain_step(10.0) if k == 0 else policy.verified(k, 0, 10.0 + 1.0 * k)
     assert lengths[0] == 2  # the prior: half the drafts accepted, a cheap extra position
+    assert set(lengths[1:]) == {0, 1}  # then each try is the cheapest one: a single draft
     off_runs = [len(run) for run in "".join("0" if k == 0 else "1" for k in lengths).split("1") if run]
     assert off_runs[:-1] == sorted(off_runs[:-1]) and off_runs[-2] > off_runs[0]  # off ever longer between probes
+    assert off_runs[0] == 16
     assert sum(1 for k in lengths if k) <= 12  # 200 steps, nearly all plain
 
 

@@ -17,17 +17,18 @@ from typing import Any
 # -- n-gram lookup (pure) -----------------------------------------------------------------------------
 
 
-def lookup_draft(history: Sequence[int], n: int, max_ngram: int = 2) -> list[int]:
+def lookup_draft(history: Sequence[int], n: int, max_ngram: int = 2, min_ngram: int = 1) -> list[int]:
     """Up to `n` tokens that followed the earliest earlier occurrence of the longest suffix of `history`.
 
     The same drafts as llama-cpp-python's `LlamaPromptLookupDecoding(max_ngram_size, num_pred_tokens)`, so a
     mesh run with a fixed draft length can be compared token for token with that single-process reference.
-    Copying prompts (repeat, rewrite, extract, edit given text) draft whole runs this way.
+    Copying prompts (repeat, rewrite, extract, edit given text) draft whole runs this way. `min_ngram`: no draft
+    from a suffix shorter than that (a single common token recurring says little about copying).
     """
     length = len(history)
     if n <= 0:
         return []
-    for size in range(min(max_ngram, length - 1), 0, -1):
+    for size in range(min(max_ngram, length - 1), max(1, min_ngram) - 1, -1):
         suffix = list(history[length - size:])
         first = suffix[0]
         for start in range(0, length - size + 1):
@@ -50,8 +51,8 @@ class DraftPolicy:
     Model: a step verifying k drafts costs `step_ms + per_token_ms * k` (a round trip per stage and the head's
     work, then the compute of each extra position) plus `draft_ms * k` to make the drafts; it yields
     (1 - a^(k+1)) / (1 - a) tokens when each draft is accepted with probability a (given the ones before it
-    were). When no k > 0 beats a plain step, drafting is off; it probes again after `probe_after` steps,
-    waiting twice as long each time a probe does not pay (up to `max_probe_after`).
+    were). When no k > 0 beats a plain step, drafting is off; it probes again (one draft) after `probe_after`
+    steps, waiting twice as long each time a probe does not pay (up to `max_probe_after`).
     """
 
     max_length: int = 16
@@ -61,7 +62,7 @@ class DraftPolicy:
     per_token_ms: float | None = None  # each extra position verified in the same step
     draft_ms: float = 0.0  # making one drafted token
     off_for: int = 0  # plain steps left before the next probe
-    probe_after: int = 8
+    probe_after: int = 16
     max_probe_after: int = 256
     decay: float = 0.9
     prior_per_token_share: float = 0.15  # before any verify step: extra position = this share of a plain step
@@ -85,10 +86,12 @@ class DraftPolicy:
 
     def length(self, minimum: int = 0) -> int:
         """How many tokens to draft for the next step (0: a plain step). Off, it waits; back on, it probes with
-        at least 2 drafts, so that an accepted one can show drafting pays again. `minimum`: never fewer."""
+        one draft (the cheapest probe: where an extra position costs nearly a step, as on CPU stages, a probe
+        of two cost a rejected reply 2-3 steps' worth), which shows drafting pays again if it is kept.
+        `minimum`: never fewer."""
         if self.off_for > 0:
             return minimum
-        return max(minimum, self.best_length() or 2)
+        return max(minimum, self.best_length() or 1)
 
     def plain_step(self, ms: float) -> DraftPolicy:
         """A step that verified no draft took `ms`."""

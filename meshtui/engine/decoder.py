@@ -24,6 +24,7 @@ from meshtui.engine.stops import StopText
 
 PENALTY_LAST_N = 64  # llama-cpp-python's default window for the repeat penalty
 ADAPTIVE_MAX_NGRAM = 3
+AUTO_MIN_NGRAM = 3  # `auto` drafts only from a repeated run of 3+ tokens: cheap to leave off where nothing is copied
 
 
 @dataclass
@@ -172,7 +173,8 @@ class Decoder:
         drafts: list[int] = []
         started = time.perf_counter()
         if slot.mode in ("auto", "ngram"):
-            drafts = lookup_draft(history, limit, 2 if request.draft_length > 0 else ADAPTIVE_MAX_NGRAM)
+            drafts = lookup_draft(history, limit, 2 if request.draft_length > 0 else ADAPTIVE_MAX_NGRAM,
+                                  AUTO_MIN_NGRAM if slot.mode == "auto" and request.draft_length <= 0 else 1)
         if not drafts and self.draft_model is not None and slot.mode in ("auto", "draft"):
             drafts = self.draft_model.draft(slot.seq_id, history, limit,
                                             min_probability=0.0 if request.draft_length > 0 else 0.5)

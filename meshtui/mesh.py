@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ from meshtui import capacity
 from meshtui import events as ev
 from meshtui.capacity import HEAD_NAME, ProbedHost
 from meshtui.engine.client import EngineDied, EngineProcess
-from meshtui.engine.protocol import SPECULATIVE_MODES, Generate, Token
+from meshtui.engine.protocol import SPECULATIVE_MODES, Generate
+from meshtui.engineslot import EngineSlot
 from meshtui.errors import EngineError, InventoryError, MeshError, PlanError, raise_first
 from meshtui.gguf_facts import ModelFacts, read_model_facts
 from meshtui.hosts import HostFacts
@@ -35,12 +35,13 @@ from meshtui.provision import connect_node, measure_rtt_forever, start_stage
 from meshtui.recovery import drop_node, find_failed_stage, wait_for_failed_stage
 from meshtui.rejoin import RejoinPolicy
 from meshtui.rejoinwatch import RejoinWatch
-from meshtui.report import predict, probe_head, summary
+from meshtui.replyloop import ReplyLoop, Route, collect_reply
+from meshtui.report import predict, probe_head
 from meshtui.runtime import RuntimeBundle, local_runtime_bundle
 from meshtui.stage import Stage, StageReport
 from meshtui.stallwatch import StallWatch
 from meshtui.state import MeshState, apply, initial_state, is_ready
-from meshtui.streaming import Reply, ReplyFold, stage_latencies
+from meshtui.streaming import Reply
 from meshtui.watchdog import StallPolicy
 from meshtui.weights import HostLoad
 
@@ -81,7 +82,7 @@ class Mesh:
         self.draft_path: Path | None = None  # the inventory's draft model, when it names one
         self.model: ModelFacts | None = None
         self.plan: Plan | None = None
-        self.engine: EngineProcess | None = None
+        self._engine = EngineSlot(self._emit, on_log=lambda line: self.sink.log("engine", line, "debug"))
         self.load_seconds = 0.0
         self.load_bytes_sent = 0
         self.host_loads: dict[str, HostLoad] = {}  # the last load, per host: bytes sent, weights found cached
@@ -92,10 +93,10 @@ class Mesh:
         self._rejoin_task: asyncio.Task[None] | None = None
         self._rejoinable: set[str] = set()
         self._flights = InFlight()  # the replies in flight, and the one recovery or rejoin at a time
+        self._replies = ReplyLoop(self._flights, self._route, self._engine_died, self._emit)
         self._rtt_task: asyncio.Task[None] | None = None
         self.stall_policy = stall_policy or StallPolicy()
         self._stall_task: asyncio.Task[None] | None = None
-        self._engine_watch: asyncio.Task[None] | None = None
         self._loading = False
         self._losses: dict[str, list[float]] = {}  # monotonic times each host was lost, for the flap hold-out
         self._closed = False
@@ -103,6 +104,11 @@ class Mesh:
         self.state: MeshState = initial_state((h.name, h.address) for h in inventory.hosts)
 
     # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def engine(self) -> EngineProcess | None:
+        """The engine process now (None between a stop and the next load)."""
+        return self._engine.engine
+
     @property
     def nodes(self) -> list[Node]:
         return [self.head, *self.hosts]
@@ -122,10 +128,6 @@ class Mesh:
         """Fold the event into `state`, then tell the listener."""
         self.state = apply(self.state, event)
         self.listener(event)
-
-    def _emitted(self, event: ev.Event) -> ev.Event:
-        self._emit(event)
-        return event
 
     def _stage_report(self, name: str) -> StageReport:
         return StageReport(
@@ -195,7 +197,7 @@ class Mesh:
         bundle = local_runtime_bundle()
         raise_first(await asyncio.gather(*(self._start_stage(n, bundle) for n in remote), return_exceptions=True))
         watch = StallWatch(self.hosts, self.stages, self.stall_policy, self.sink,
-                           loading=lambda: self._loading, on_lost=self._kill_engine,
+                           loading=lambda: self._loading, on_lost=self._engine.kill,
                            step_times=lambda name: [x.total_ms for x in self.state.node(name).latencies])
         self._stall_task = asyncio.create_task(watch.run())
         await self._load_engine(remote)
@@ -210,14 +212,12 @@ class Mesh:
         await check_protocols(self.stages, remote)
         self.local_stage = await ensure_local_stage(self.plan, self.local_stage, self.inventory.head.threads,
                                                     self.sink)
-        self.engine = EngineProcess(on_log=lambda line: self.sink.log("engine", line, "debug"))
-        await self.engine.start()
-        self._engine_watch = asyncio.create_task(self._watch_engine(self.engine))
+        engine = await self._engine.start()
         request = LoadRequest(self.model_path, self.inventory.model.context, self.inventory.head.threads, self.plan,
                               self.parallel, self.draft_path, self.model)
         self._loading = True
         try:
-            loaded = await load_engine(self.engine, request, head=self.head, remote=remote, stages=self.stages,
+            loaded = await load_engine(engine, request, head=self.head, remote=remote, stages=self.stages,
                                        local_stage=self.local_stage, sink=self.sink,
                                        failed_stage=self._find_failed_stage)
         finally:
@@ -227,27 +227,6 @@ class Mesh:
         for node in [self.head, *remote]:
             self.sink.phase(node, "ready")
         self._emit(ev.MeshReady())
-
-    async def _watch_engine(self, engine: EngineProcess) -> None:
-        """Tell when the engine process exits by itself (ggml aborts when a stage goes away), even between
-        replies: readiness is read from the events."""
-        if engine.proc is None:
-            return
-        code = await engine.proc.wait()
-        if engine is self.engine:
-            self._emit(ev.EngineStopped(f"engine exited (status {code})"))
-
-    async def _stop_engine(self, reason: str) -> None:
-        engine, self.engine = self.engine, None
-        if engine is None:
-            return
-        self._emit(ev.EngineStopped(reason))
-        with contextlib.suppress(MeshError, OSError):
-            await engine.close()
-
-    def _kill_engine(self) -> None:
-        if self.engine is not None:
-            self.engine.kill()
 
     # -- all of it -------------------------------------------------------------------------------
     async def up(self) -> None:
@@ -273,7 +252,7 @@ class Mesh:
         seed: int = 0,
         speculative: str | None = None,
         source: str = "",
-    ) -> AsyncIterator[ev.Event]:
+    ) -> AsyncGenerator[ev.Event, None]:
         """Yields ReplyStarted, TokenGenerated and StageLatencyMeasured events, then DraftsVerified and
         ReplyFinished (or, when it cannot finish, raises after telling ReplyFailed). `speculative` overrides the
         mesh's mode for this reply; `source` says whose reply it is ("chat", "api").
@@ -290,76 +269,28 @@ class Mesh:
         if self.engine is None:
             raise EngineError("the mesh is not up")
         self._request_ids += 1
-        request_id = self._request_ids
-        command = Generate(id=request_id, prompt=None if messages is not None else prompt or "",
+        command = Generate(id=self._request_ids, prompt=None if messages is not None else prompt or "",
                            messages=tuple(messages) if messages is not None else None, raw=raw,
                            max_tokens=max_tokens, temperature=temperature, seed=seed,
                            speculative=speculative or self.speculative)
         _check_speculative(command.speculative, "speculative", EngineError)
-        self._flights.begin(request_id, source)
-        ended = False
-        try:
-            async for event in self._reply(command, source):
-                if isinstance(event, ev.ReplyFinished):  # no longer in flight, even if its consumer stops here
-                    ended = True
-                    self._flights.end(request_id)
+        async with contextlib.aclosing(self._replies.stream(command, source)) as events:
+            async for event in events:
                 yield event
-        except MeshError as err:
-            ended = True
-            self._emit(ev.ReplyFailed(request_id, str(err), source))
-            raise
-        finally:
-            self._flights.end(request_id)
-            if not ended:  # its consumer left before the end (a cancelled task): it is no longer in flight
-                self._emit(ev.ReplyFailed(request_id, "interrupted", source))
 
-    async def _reply(self, command: Generate, source: str) -> AsyncIterator[ev.Event]:
-        """One reply's attempts: the first, and one more after each recovery, until the engine says Done."""
-        fold = ReplyFold(command.id, time.perf_counter(), command.speculative, source)
-        while True:
-            remote = [n for n in self.hosts if self.stages[n.name].tunnel is not None and n.layers is not None]
-            tunnels = stage_tunnels(self.stages, remote)
-            started = self._flights.started
-            if self._flights.alone(started):  # the stages' meters count this reply's decode steps from here
-                for tunnel in tunnels.values():
-                    tunnel.meter.reset_rounds()
-            fold.new_attempt()
-            engine = self.engine
-            if engine is None:
-                raise EngineError("the mesh is not up")
-            try:
-                async for event in engine.generate(replace(command, resume_tokens=fold.resume_tokens)):
-                    if not isinstance(event, Token):
-                        folded = fold.other(event)
-                        if folded is not None:
-                            yield self._emitted(folded)
-                        continue
-                    told, step = fold.token(event, time.perf_counter())
-                    yield self._emitted(told)
-                    if not self._flights.alone(started):  # decoded with others: the step is not its own
-                        step = None
-                    for measured in stage_latencies(remote, tunnels, self.plan, step) if step else ():
-                        yield self._emitted(measured)
-                break
-            except EngineDied as err:
-                # The first reply to see this engine die recovers the mesh; the others wait for that recovery.
-                if self.engine is engine:
-                    self._flights.change(self._recover_from(err, token_index=len(fold.generated)))
-                await self._flights.settled()
-        finished = fold.finished(time.perf_counter())
-        if finished.speculative is not None:
-            yield self._emitted(ev.DraftsVerified(command.id, finished.speculative))
-        yield self._emitted(finished)
+    def _route(self) -> Route:
+        """What a reply's next attempt goes through: the engine now, the stages holding layers, their tunnels."""
+        remote = [n for n in self.hosts if self.stages[n.name].tunnel is not None and n.layers is not None]
+        return Route(self.engine, remote, stage_tunnels(self.stages, remote), self.plan)
+
+    def _engine_died(self, engine: EngineProcess, cause: EngineDied, token_index: int) -> None:
+        """A reply saw `engine` die: the first to see it starts the recovery, the others join it."""
+        if self.engine is engine:
+            self._flights.change(self._recover_from(cause, token_index=token_index))
 
     async def generate(self, **kwargs: Any) -> Reply:
-        prompt_tokens = 0
-        async for event in self.stream(**kwargs):
-            if isinstance(event, ev.ReplyStarted):
-                prompt_tokens = event.prompt_tokens
-            if isinstance(event, ev.ReplyFinished):
-                return Reply(event.text, event.token_ids, prompt_tokens, event.seconds,
-                             event.tokens_per_second, event.stop_reason, event.speculative)
-        raise EngineError("the engine ended the reply without finishing it")
+        """The whole reply at once (`stream`'s arguments)."""
+        return await collect_reply(self.stream(**kwargs))
 
     def cancel(self, request_id: int | None = None) -> None:
         """Stop a reply (its stream then ends with stop_reason "cancelled"): that request's, or every one in flight."""
@@ -406,7 +337,7 @@ class Mesh:
 
     async def _replan_and_reload(self) -> None:
         """Plan over the nodes that are not failed, start agents where needed, load a fresh engine."""
-        await self._stop_engine("reloading on a new plan")
+        await self._engine.stop("reloading on a new plan")
         self.make_plan()
         remote = self._remote()
         newcomers = [n for n in remote if not self.stages[n.name].serving]
@@ -450,9 +381,6 @@ class Mesh:
         """Predicted decode speed of the current plan from probed bandwidth and measured round trips."""
         return predict(self.plan, self.model, self.nodes)
 
-    def summary(self) -> list[dict[str, Any]]:
-        return summary(self.state)
-
     # -- teardown --------------------------------------------------------------------------------
     async def close(self) -> None:
         """Stop the engine, the tunnels, the agents and the connections. Safe to call twice."""
@@ -463,9 +391,7 @@ class Mesh:
             if task is not None:
                 task.cancel()
         await self._flights.close()
-        if self._engine_watch is not None:
-            self._engine_watch.cancel()
-        await self._stop_engine("the mesh is closing")
+        await self._engine.close("the mesh is closing")
         if self.local_stage is not None:
             await self.local_stage.close()
         await asyncio.gather(*(stage.close() for stage in self.stages.values()), return_exceptions=True)

@@ -26,6 +26,7 @@ from reference import reference_greedy
 
 from meshtui.inventory import load_inventory
 from meshtui.mesh import Mesh
+from meshtui.report import summary as node_summary
 
 PROMPT = "The three primary colors are"
 MAX_TOKENS = 24
@@ -286,7 +287,7 @@ async def _reply_with_loss(lab, tmp_path: Path, lose, keepalive: float = 5.0):
                 await asyncio.get_running_loop().run_in_executor(None, lose, mesh)
             if isinstance(event, ev.ReplyFinished):
                 finished = event
-        summary = {row["name"]: row for row in mesh.summary()}
+        summary = {row["name"]: row for row in node_summary(mesh.state)}
         plan = mesh.plan
     finally:
         await mesh.close()

@@ -22,6 +22,7 @@ class HostPhaseChanged(Event):
     host: str
     phase: str
     detail: str = ""
+    building: bool = False  # the push is a runtime build on the host; `detail` says its step
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,7 @@ class Mesh:
     def _stage_report(self, name: str) -> StageReport:
         return StageReport(
             phase=lambda phase, detail: self.sink.phase(self.node(name), phase, detail),
+            build=lambda step: self.sink.phase(self.node(name), "push", step, building=True),
             log=lambda message, level: self.sink.log(name, message, level),
             progress=lambda done, total: self._emit(ev.TransferProgressed(name, "push", done, total)),
         )

@@ -54,9 +54,9 @@ class NodeSink:
     def log(self, source: str, message: str, level: str = "info") -> None:
         self.emit(ev.LogRecorded(source=source, message=message, level=level))
 
-    def phase(self, node: Node, phase: str, detail: str = "") -> None:
+    def phase(self, node: Node, phase: str, detail: str = "", *, building: bool = False) -> None:
         node.status = phase
-        self.emit(ev.HostPhaseChanged(node.name, phase, detail))
+        self.emit(ev.HostPhaseChanged(node.name, phase, detail, building))
 
     def fail(self, node: Node, phase: str, reason: str) -> None:
         node.status = "failed"

@@ -31,9 +31,11 @@ RTT_SAMPLES = 10
 
 @dataclass(frozen=True)
 class StageReport:
-    """Where a stage tells what it does: a phase with its detail, a log line, transfer progress."""
+    """Where a stage tells what it does: a phase with its detail, a runtime build's step, a log line, transfer
+    progress."""
 
     phase: Callable[[str, str], None]
+    build: Callable[[str], None]  # the push phase is a build on the host: what it does now
     log: Callable[[str, str], None]  # (message, level)
     progress: Callable[[int, int], None]
 
@@ -118,9 +120,8 @@ class Stage:
         await self.ping()
 
     async def _build_on_host(self, conn: asyncssh.SSHClientConnection) -> str:
-        self.report.phase("push", "building the runtime on the host")
-        return await build_on_host(conn, self.spec,
-                                   on_progress=lambda step: self.report.phase("push", f"build: {step}"),
+        self.report.build("building the runtime on the host")
+        return await build_on_host(conn, self.spec, on_progress=lambda step: self.report.build(f"build: {step}"),
                                    on_log=self.report.log)
 
     async def check_protocol(self, expected: tuple[int, int, int] | None) -> None:

@@ -179,8 +179,8 @@ def apply_to_node(node: NodeState, event: ev.Event) -> NodeState:
     match event:
         case ev.HostPhaseChanged(phase="idle"):
             return replace(node, status="idle", idle=True)
-        case ev.HostPhaseChanged(phase=phase, detail=detail):
-            building = detail if phase == "push" and detail.startswith("build") else ""
+        case ev.HostPhaseChanged(phase=phase, detail=detail, building=is_building):
+            building = detail if is_building else ""
             return replace(node, status=phase, phase=phase, building=building, idle=False)
         case ev.HostProbed(facts=facts):
             return replace(node, facts=_frozen(facts))

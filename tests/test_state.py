@@ -117,7 +117,8 @@ def test_unknown_events_change_nothing() -> None:
 names = st.sampled_from(NAMES)
 reasons = st.sampled_from(("", "agent exited: killed by signal 9", "SSH connection lost"))
 events = st.one_of(
-    st.builds(ev.HostPhaseChanged, names, st.sampled_from((*ev.PHASES, "idle")), st.sampled_from(("", "build: 4%"))),
+    st.builds(ev.HostPhaseChanged, names, st.sampled_from((*ev.PHASES, "idle")), st.sampled_from(("", "build: 4%")),
+              st.booleans()),
     st.builds(ev.HostProbed, names, st.just({"cores": 2})),
     st.builds(ev.TransferProgressed, names, st.sampled_from(("push", "load")), st.integers(0, 100),
               st.none() | st.integers(0, 100)),

@@ -55,8 +55,11 @@ def test_a_build_on_the_host_shows_its_progress_until_the_launch() -> None:
     host = fold_node(NodeState("gpu1", "192.0.2.7"),
                      ev.HostProbed("gpu1", {"hostname": "gpu1", "cores": 16, "gpus": [{"name": "H200"}]}))
     assert detail(host) == ("gpu1 · 16 cores · 1 GPU", "pending")
-    host = fold_node(host, ev.HostPhaseChanged("gpu1", "push", "build: compiling (cuda)"),
-                     ev.HostPhaseChanged("gpu1", "push", "build: compiling 42%"))
+    # A push whose detail merely reads like a build is not one: the event says so, the text is not parsed.
+    host = fold_node(host, ev.HostPhaseChanged("gpu1", "push", "build-1.tar: 2.6 MB"))
+    assert detail(host) == ("gpu1 · 16 cores · 1 GPU", "pending")
+    host = fold_node(host, ev.HostPhaseChanged("gpu1", "push", "build: compiling (cuda)", building=True),
+                     ev.HostPhaseChanged("gpu1", "push", "build: compiling 42%", building=True))
     assert detail(host) == ("build: compiling 42%", "pending")
     assert phase_cell(host, "push") == ("◐ …", "active")
     host = fold_node(host, ev.HostPhaseChanged("gpu1", "launch"))

@@ -281,7 +281,7 @@ async def build_on_host(
                 on_log(f"runtime ~/{folder} {'found there, not built by this head' if cached else 'built'}: "
                        f"its digests are recorded in {record}", "warning" if cached else "info")
             return folder
-        if problems[0].startswith("~") or attempt:  # a folder above it, or a fresh build that fails the check
+        if problems[0].above or attempt:  # a folder above it, or a fresh build that fails the check
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise HostError(f"refusing to run the agent from ~/{folder}: {problems[0]}{more}", host=host.name)
         on_log(f"the runtime built on the host was changed ({problems[0]}); building it again", "warning")

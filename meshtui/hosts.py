@@ -17,7 +17,7 @@ import asyncssh
 
 from meshtui.errors import HostError
 from meshtui.hostfacts import HostFacts, count_field, socket_path_field
-from meshtui.integrity import make_private_dir_remote, runtime_problems
+from meshtui.integrity import Problem, make_private_dir_remote, runtime_problems
 from meshtui.inventory import HostSpec
 from meshtui.remoteio import (
     MAX_ANSWER_CHARS,
@@ -132,7 +132,7 @@ async def inspect_runtime(conn: asyncssh.SSHClientConnection, host: HostSpec, fo
 
 
 async def runtime_check(conn: asyncssh.SSHClientConnection, host: HostSpec, bundle: RuntimeBundle,
-                        runtime_dir: str | None = None) -> list[str]:
+                        runtime_dir: str | None = None) -> list[Problem]:
     """Problems with the pushed bundle (or with `runtime_dir`, a runtime built on the host) on the host."""
     folder = runtime_dir or bundle.remote_dir
     report = await inspect_runtime(conn, host, folder)
@@ -143,7 +143,7 @@ async def runtime_check(conn: asyncssh.SSHClientConnection, host: HostSpec, bund
     return runtime_problems(report, recorded_digests(conn, host, runtime_dir), source_agent_sha256(), AGENT_FILE)
 
 
-def _refusal(host: HostSpec, folder: str, problems: list[str]) -> HostError:
+def _refusal(host: HostSpec, folder: str, problems: list[Problem]) -> HostError:
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return HostError(f"refusing to run the agent from ~/{folder}: {problems[0]}{more}", host=host.name)
 
@@ -169,7 +169,7 @@ async def push_runtime(
                 if not problems:
                     on_progress(0, 0)
                     return 0
-                if problems[0].startswith("~"):  # a folder above the runtime: pushing again would not help
+                if problems[0].above:  # a folder above the runtime: pushing again would not help
                     raise _refusal(host, final, problems)
                 on_log(f"the runtime on the host was changed ({problems[0]}); pushing it again")
                 stale = f"{final}.stale-{secrets.token_hex(4)}"

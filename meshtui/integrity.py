@@ -16,6 +16,7 @@ import contextlib
 import os
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,48 +67,60 @@ async def make_private_dir_remote(sftp: asyncssh.SFTPClient, rel: str) -> None:
                 await sftp.chmod(folder, PRIVATE)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a runtime folder, as a user reads it; `above` when it is a folder above the runtime
+    (pushing or building the runtime again cannot fix it)."""
+
+    text: str
+    above: bool = False
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def runtime_problems(report: Any, expected: Mapping[str, str] | None, agent_sha256: str,
-                     agent_file: str) -> list[str]:
+                     agent_file: str) -> list[Problem]:
     """What is wrong with a runtime folder as `inspect` reported it; empty when it is safe to run.
 
     `expected` maps every file of the runtime to its sha256 (then nothing else may be there): the pushed bundle's,
     or what the head recorded of a runtime built on the host. None: a build the head has no record of yet, and
-    only the agent's digest is known. Problems with the folders above the runtime come first and start with "~"
-    (pushing or building the runtime again cannot fix them).
+    only the agent's digest is known. Problems with the folders above the runtime come first (`above`).
     """
     if not isinstance(report, dict) or "error" in report:
         detail = report.get("error") if isinstance(report, dict) else None
-        return [f"the check failed: {one_line(detail or 'no report')}"]
+        return [Problem(f"the check failed: {one_line(detail or 'no report')}")]
     uid = report.get("uid")
     ancestors = report.get("ancestors")
     entries = report.get("entries")
     if not isinstance(uid, int) or not isinstance(ancestors, list) or not isinstance(entries, dict):
-        return ["the check answered something unexpected"]
+        return [Problem("the check answered something unexpected")]
     if not entries:
-        return ["the runtime folder is missing"]
-    problems: list[str] = []
+        return [Problem("the runtime folder is missing")]
+    problems: list[Problem] = []
     for item in ancestors:
         if not isinstance(item, dict):
-            return ["the check answered something unexpected"]
+            return [Problem("the check answered something unexpected")]
         path = str(item.get("path"))
-        problems += _unsafe("~" if path == "." else f"~/{path}", item, uid, allow_root=True)
+        problems += [Problem(text, above=True)
+                     for text in _unsafe("~" if path == "." else f"~/{path}", item, uid, allow_root=True)]
     for rel, entry in sorted(entries.items()):
         if not isinstance(entry, dict):
-            return ["the check answered something unexpected"]
-        problems += _unsafe(f"{rel}", entry, uid, allow_root=False)
+            return [Problem("the check answered something unexpected")]
+        problems += [Problem(text) for text in _unsafe(f"{rel}", entry, uid, allow_root=False)]
     files = {rel: e.get("sha256") for rel, e in entries.items() if isinstance(e, dict) and e.get("kind") == "file"}
     if expected is not None:
         wanted = {**expected, ".complete": None}
         for rel in sorted(set(wanted) - set(files)):
-            problems.append(f"{rel}: missing")
+            problems.append(Problem(f"{rel}: missing"))
         for rel in sorted(set(files) - set(wanted)):
-            problems.append(f"{one_line(rel, 80)}: not part of the runtime")
+            problems.append(Problem(f"{one_line(rel, 80)}: not part of the runtime"))
         for rel, digest in sorted(expected.items()):
             if rel in files and files[rel] != digest:
-                problems.append(f"{one_line(rel, 80)}: its sha256 is not the head's (the file was changed)")
+                problems.append(Problem(f"{one_line(rel, 80)}: its sha256 is not the head's (the file was changed)"))
     elif files.get(agent_file) != agent_sha256:
-        problems.append(f"{agent_file}: " + ("missing" if agent_file not in files
-                                             else "its sha256 is not the head's (the file was changed)"))
+        problems.append(Problem(f"{agent_file}: " + ("missing" if agent_file not in files
+                                                     else "its sha256 is not the head's (the file was changed)")))
     return problems
 
 

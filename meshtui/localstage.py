@@ -19,7 +19,7 @@ from collections import deque
 from pathlib import Path
 
 from meshtui.errors import EngineError
-from meshtui.integrity import make_private_dir, runtime_problems
+from meshtui.integrity import Problem, make_private_dir, runtime_problems
 from meshtui.procs import wait_or_kill
 from meshtui.runtime import AGENT_FILE, RuntimeBundle, agent_source_path, file_digests, load_file_module
 from meshtui.unixsock import unix_endpoint
@@ -57,7 +57,7 @@ def install_locally(bundle: RuntimeBundle, home: Path | None = None) -> Path:
     return final
 
 
-def _problems(folder: Path, bundle: RuntimeBundle, home: Path) -> list[str]:
+def _problems(folder: Path, bundle: RuntimeBundle, home: Path) -> list[Problem]:
     inspect = load_file_module(agent_source_path(), "meshtui_agent_local").inspect_tree
     try:
         report = inspect(str(folder.relative_to(home)), home=str(home))

@@ -15,7 +15,7 @@ import pytest
 from meshtui.api import binds_loopback_only, resolve_api_key
 from meshtui.errors import HostError, InventoryError
 from meshtui.hosts import HostFacts
-from meshtui.integrity import built_runtime_record, make_private_dir, runtime_problems
+from meshtui.integrity import Problem, built_runtime_record, make_private_dir, runtime_problems
 from meshtui.remoteio import read_lines
 from meshtui.runtime import agent_source_path, load_file_module
 from meshtui.text import one_line, printable
@@ -157,10 +157,14 @@ def test_made_folders_are_private_whatever_the_umask(tmp_path: Path) -> None:
                      ".cache/meshtui/runtime/abc/lib": 0o700}
 
 
+def _texts(problems: list[Problem]) -> list[str]:
+    return [str(p) for p in problems]
+
+
 def test_an_intact_runtime_passes_and_every_change_is_named(tmp_path: Path) -> None:
     folder, digests = _runtime(tmp_path)
-    check = lambda: runtime_problems(_inspect(folder, tmp_path), digests, digests["meshtui_agent.py"],  # noqa: E731
-                                     "meshtui_agent.py")
+    check = lambda: _texts(runtime_problems(_inspect(folder, tmp_path), digests,  # noqa: E731
+                                            digests["meshtui_agent.py"], "meshtui_agent.py"))
     assert check() == []
     with (folder / "lib/libggml.so.0").open("ab") as f:
         f.write(b"\0")
@@ -179,6 +183,9 @@ def test_an_intact_runtime_passes_and_every_change_is_named(tmp_path: Path) -> N
     (folder / "lib/libggml.so.0").write_bytes(b"ggml")
     os.chmod(tmp_path / ".cache/meshtui/runtime", 0o777)
     assert check() == ["~/.cache/meshtui/runtime: writable by group or others (mode 0777)"]
+    # A folder above the runtime is told apart by a field, not by its text: pushing again cannot fix it.
+    above = runtime_problems(_inspect(folder, tmp_path), digests, digests["meshtui_agent.py"], "meshtui_agent.py")
+    assert [p.above for p in above] == [True]
     os.chmod(tmp_path / ".cache/meshtui/runtime", 0o700)
     assert check() == []
     os.chown(folder / "lib/libggml.so.0", 12345, -1)
@@ -191,7 +198,7 @@ def test_a_built_runtime_is_checked_for_owner_mode_and_its_agent(tmp_path: Path)
     os.chmod(folder / "lib/libggml-cuda.so.0", 0o700)
     report = _inspect(folder, tmp_path)
     assert runtime_problems(report, None, digests["meshtui_agent.py"], "meshtui_agent.py") == []
-    assert runtime_problems(report, None, "0" * 64, "meshtui_agent.py") == [
+    assert _texts(runtime_problems(report, None, "0" * 64, "meshtui_agent.py")) == [
         "meshtui_agent.py: its sha256 is not the head's (the file was changed)"]
     # What the head records of it once that check passed: every file but the marker, then checked like a push.
     record = built_runtime_record(report)
@@ -199,7 +206,9 @@ def test_a_built_runtime_is_checked_for_owner_mode_and_its_agent(tmp_path: Path)
     assert runtime_problems(report, record, record["meshtui_agent.py"], "meshtui_agent.py") == []
     (folder / "lib/libggml-cuda.so.0").write_bytes(b"built elsewhere")
     (folder / "lib/libggml-vulkan.so.0").write_bytes(b"added")
-    assert runtime_problems(_inspect(folder, tmp_path), record, record["meshtui_agent.py"], "meshtui_agent.py") == [
+    changed = runtime_problems(_inspect(folder, tmp_path), record, record["meshtui_agent.py"], "meshtui_agent.py")
+    assert not any(p.above for p in changed)
+    assert _texts(changed) == [
         "lib/libggml-vulkan.so.0: not part of the runtime",
         "lib/libggml-cuda.so.0: its sha256 is not the head's (the file was changed)"]
 

@@ -37,7 +37,7 @@ from meshtui.rejoin import RejoinPolicy
 from meshtui.rejoinwatch import RejoinWatch
 from meshtui.replyloop import ReplyLoop, Route, collect_reply
 from meshtui.report import predict, probe_head
-from meshtui.runtime import RuntimeBundle, local_runtime_bundle
+from meshtui.runtime import local_runtime_bundle
 from meshtui.stage import Stage, StageReport
 from meshtui.stallwatch import StallWatch
 from meshtui.state import MeshState, apply, initial_state, is_ready
@@ -119,11 +119,6 @@ class Mesh:
                 return node
         raise KeyError(name)
 
-    @property
-    def rejoin_pending(self) -> frozenset[str]:
-        """Failed hosts found reachable again: they rejoin before the next reply."""
-        return frozenset(self._rejoinable)
-
     def _emit(self, event: ev.Event) -> None:
         """Fold the event into `state`, then tell the listener."""
         self.state = apply(self.state, event)
@@ -195,8 +190,7 @@ class Mesh:
             if node not in remote:
                 node.status = "idle"
                 self._emit(ev.HostPhaseChanged(node.name, "idle", "holds no layers"))
-        bundle = local_runtime_bundle()
-        raise_first(await asyncio.gather(*(self._start_stage(n, bundle) for n in remote), return_exceptions=True))
+        await self._start_stages(remote)
         watch = StallWatch(self.hosts, self.stages, self.stall_policy, self.sink,
                            loading=lambda: self._loading, on_lost=self._engine.kill,
                            step_times=lambda name: [x.total_ms for x in self.state.node(name).latencies])
@@ -204,8 +198,10 @@ class Mesh:
         await self._load_engine(remote)
         self._rtt_task = asyncio.create_task(measure_rtt_forever(self.hosts, self.stages, self.sink))
 
-    async def _start_stage(self, node: Node, bundle: RuntimeBundle) -> None:
-        await start_stage(node, self.stages[node.name], bundle, self.sink)
+    async def _start_stages(self, nodes: Sequence[Node]) -> None:
+        bundle = local_runtime_bundle()
+        starts = (start_stage(n, self.stages[n.name], bundle, self.sink) for n in nodes)
+        raise_first(await asyncio.gather(*starts, return_exceptions=True))
 
     async def _load_engine(self, remote: Sequence[Node]) -> None:
         if self.plan is None or self.model_path is None:
@@ -342,8 +338,7 @@ class Mesh:
         self.make_plan()
         remote = self._remote()
         newcomers = [n for n in remote if not self.stages[n.name].serving]
-        raise_first(await asyncio.gather(*(self._start_stage(n, local_runtime_bundle()) for n in newcomers),
-                                         return_exceptions=True))
+        await self._start_stages(newcomers)
         await self._load_engine(remote)
 
     # -- rejoin ----------------------------------------------------------------------------------

@@ -159,19 +159,13 @@ async def cmd_up(args: argparse.Namespace) -> int:
             mesh.enable_auto_rejoin()
             if not args.json:
                 _print_plan(mesh, sys.stderr)
-            text_parts: list[str] = []
             finished: ev.ReplyFinished | None = None
-            prompt_tokens = 0
             async for event in mesh.stream(prompt=args.prompt, raw=args.raw,
                                            max_tokens=args.max_tokens or HEADLESS_MAX_TOKENS,
                                            temperature=args.temperature, seed=args.seed):
-                if isinstance(event, ev.TokenGenerated):
-                    text_parts.append(event.text)
-                    if not args.json:
-                        sys.stdout.write(printable(event.text, keep_newlines=True))
-                        sys.stdout.flush()
-                elif isinstance(event, ev.ReplyStarted):
-                    prompt_tokens = event.prompt_tokens
+                if isinstance(event, ev.TokenGenerated) and not args.json:
+                    sys.stdout.write(printable(event.text, keep_newlines=True))
+                    sys.stdout.flush()
                 elif isinstance(event, ev.ReplyFinished):
                     finished = event
             assert finished is not None
@@ -184,7 +178,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         print(json.dumps({
             "text": finished.text,
             "tokens": list(finished.token_ids),
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens": finished.prompt_tokens,
             "completion_tokens": len(finished.token_ids),
             "time_to_first_token_seconds": finished.first_token_seconds,
             "stop_reason": finished.stop_reason,

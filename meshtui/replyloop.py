@@ -106,12 +106,9 @@ class ReplyLoop:
 
 async def collect_reply(events: AsyncGenerator[ev.Event, None]) -> Reply:
     """A reply's events folded into the whole reply; the stream is closed once it has finished."""
-    prompt_tokens = 0
     async with contextlib.aclosing(events):
         async for event in events:
-            if isinstance(event, ev.ReplyStarted):
-                prompt_tokens = event.prompt_tokens
             if isinstance(event, ev.ReplyFinished):
-                return Reply(event.text, event.token_ids, prompt_tokens, event.seconds,
+                return Reply(event.text, event.token_ids, event.prompt_tokens, event.seconds,
                              event.tokens_per_second, event.stop_reason, event.speculative)
     raise EngineError("the engine ended the reply without finishing it")

@@ -24,6 +24,7 @@ from meshtui.api_access import (
     is_loopback,
     resolve_api_key,
 )
+from meshtui.api_features import route_features
 from meshtui.api_http import (
     MAX_BODY_BYTES,
     MAX_HEAD_BYTES,
@@ -48,6 +49,8 @@ from meshtui.api_openai import (
     parse_completion_request,
 )
 from meshtui.api_replies import answer
+from meshtui.api_response_replies import answer_response
+from meshtui.api_responses import ResponseStore, embeddings_refused, parse_responses_request
 from meshtui.errors import MeshError
 from meshtui.mesh import Mesh
 from meshtui.replies import ReplyQueue
@@ -93,6 +96,7 @@ class ApiServer:
         self.body_timeout = body_timeout
         self.created = int(time.time())
         self._server: asyncio.Server | None = None
+        self.responses = ResponseStore()  # for previous_response_id, while the server runs
         self._connections: set[asyncio.Task[Any]] = set()
 
     @property
@@ -217,7 +221,8 @@ class ApiServer:
             client=x.client, method=one_line(x.method, 20), path=one_line(x.path, 300), status=x.status,
             seconds=time.perf_counter() - x.started, stream=x.stream, prompt_tokens=x.prompt_tokens,
             completion_tokens=x.completion_tokens if x.prompt_tokens is not None else None,
-            finish_reason=x.finish_reason, detail=one_line(x.detail, 300), first_token_seconds=x.first_token_seconds)
+            finish_reason=x.finish_reason, detail=one_line(x.detail, 300), first_token_seconds=x.first_token_seconds,
+            features=tuple(one_line(f, 40) for f in x.features))
         level = "warning" if record.status >= 500 else "info"
         self.mesh.listener(ev.LogRecorded(source="api", message=record.line(), level=level))
         if self.on_request is not None:
@@ -229,6 +234,8 @@ class ApiServer:
             "/v1/models": {"GET": self._models},
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
+            "/v1/responses": {"POST": self._responses},
+            "/v1/embeddings": {"POST": self._embeddings},
         }
         path = request.path.rstrip("/") or "/"
         methods = routes.get(path)
@@ -286,6 +293,17 @@ class ApiServer:
     async def _completions(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
         gen = parse_completion_request(request.json(), self.model, self.mesh.inventory.model.context)
         await answer(gen, self.requests, writer, x, self._failure)
+
+    async def _responses(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
+        asked = request.json()
+        req = parse_responses_request(asked, self.responses)
+        gen = parse_chat_request(req.chat, self.model, self.mesh.inventory.model.context)
+        x.features = route_features(asked)
+        await answer_response(req, gen, self.responses, self.requests, writer, x, self._failure)
+
+    async def _embeddings(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
+        raise embeddings_refused()
+
 
 # -- the `meshtui serve` command's core ------------------------------------------------------------
 def request_logger(listener: ev.Listener, out: TextIO = sys.stderr) -> ev.Listener:

@@ -153,9 +153,12 @@ class ApiRequestRecord:
     finish_reason: str | None = None
     detail: str = ""
     first_token_seconds: float | None = None  # from asking the mesh for the reply (queueing included)
+    features: tuple[str, ...] = ()  # what the request used (tools, json_schema, logprobs, n=2, ...)
 
     def line(self) -> str:
         parts = [self.client, self.method, self.path, str(self.status or "-")]
+        if self.features:
+            parts.append(f"[{', '.join(self.features)}]")
         if self.prompt_tokens is not None:
             parts.append(f"{self.prompt_tokens}+{self.completion_tokens or 0} tokens")
         if self.finish_reason:
@@ -186,6 +189,7 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     asked: float = 0.0  # when the reply was asked of the mesh
     first_token_seconds: float | None = None
+    features: tuple[str, ...] = ()
 
     def usage(self) -> ReplyUsage:
         return ReplyUsage(self.prompt_tokens or 0, self.completion_tokens, self.first_token_seconds)

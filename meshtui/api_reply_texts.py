@@ -1,0 +1,42 @@
+"""One reply's text as the routes built on it (tools, the Responses API) send it: started, then pieces cut at a
+stop sequence, counted into the request's `Exchange`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from meshtui import events as ev
+from meshtui.api_http import Exchange
+from meshtui.api_openai import StopScanner, finish_reason
+from meshtui.errors import EngineError
+
+
+async def reply_started(events: AsyncIterator[ev.Event]) -> ev.ReplyStarted:
+    async for event in events:
+        if isinstance(event, ev.ReplyStarted):
+            return event
+    raise EngineError("the engine ended the reply before starting it")
+
+
+async def texts_of(events: AsyncIterator[ev.Event], scanner: StopScanner,
+                   x: Exchange) -> AsyncGenerator[str, None]:
+    """The reply's text as it can be sent, cut at a stop sequence; counts tokens, sets the finish reason."""
+    async for event in events:
+        if isinstance(event, ev.TokenGenerated):
+            x.completion_tokens += int(event.token_id >= 0)
+            if x.first_token_seconds is None and event.token_id >= 0:
+                x.first_token_seconds = time.perf_counter() - x.asked
+            piece = scanner.feed(event.text)
+            if piece:
+                yield piece
+            if scanner.stopped:
+                x.finish_reason = finish_reason("cancelled", stopped_by_sequence=True)
+                return
+        elif isinstance(event, ev.ReplyFinished):
+            x.finish_reason = finish_reason(event.stop_reason, stopped_by_sequence=False)
+            tail = scanner.flush()
+            if tail:
+                yield tail
+            return
+    raise EngineError("the engine ended the reply without finishing it")

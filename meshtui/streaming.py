@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -44,7 +45,6 @@ class ReplyFold:
         self._first_token_at: float | None = None
         self._last_token_at = started
         self._first_of_attempt = True
-        self._first_call = 0  # the engine's step when this attempt started: the stages' meters count from there
         self._measured_call = -1
 
     @property
@@ -60,9 +60,9 @@ class ReplyFold:
         self._steps = set()
 
     def token(self, event: Token, now: float) -> tuple[ev.TokenGenerated, Token | None]:
-        """The event to tell, and the decode step to attribute to the stages (the token, its `decode_call`
-        counted from the attempt's start as the meters count), or None: the first token of an attempt comes out
-        of the prompt's prefill, and tokens accepted from one step's drafts share that step, measured once."""
+        """The event to tell, and the decode step to attribute to the stages (the token: its `decode_call` is
+        the step; `StepMeasures` says where the meters' count of it is), or None: the first token of an attempt
+        comes out of the prompt's prefill, and tokens accepted from one step's drafts share that step."""
         if event.token_id >= 0:
             self._first_token_at = self._first_token_at or now
             self._last_token_at = now
@@ -72,14 +72,12 @@ class ReplyFold:
         step = None
         if event.token_id >= 0 and not self._first_of_attempt and event.decode_call != self._measured_call:
             self._measured_call = event.decode_call
-            step = replace(event, decode_call=event.decode_call - self._first_call)
+            step = event
         self._first_of_attempt = self._first_of_attempt and event.token_id < 0
         return ev.TokenGenerated(self.request_id, event.index, event.token_id, event.text), step
 
     def other(self, event: ReplyEvent) -> ev.Event | None:
         """A non-token engine event: the reply's start (told once, not again after a recovery), its end."""
-        if isinstance(event, Started):
-            self._first_call = event.decode_call
         if isinstance(event, Started) and not self._announced:
             self._announced = True
             self.prompt_tokens = event.prompt_tokens
@@ -102,6 +100,40 @@ class ReplyFold:
         return ev.ReplyFinished(self.request_id, "".join(self.text_parts), tuple(self.generated),
                                 now - self.started, tps, self.stop_reason, speculative=self.speculation,
                                 source=self.source, prompt_tokens=self.prompt_tokens, first_token_seconds=first)
+
+
+class StepMeasures:
+    """Each engine step's stage round trips told once, whichever reply's token saw the step, alone or with others.
+
+    The stages' meters count rounds from their last reset, made while the engine was idle, just before a reply
+    was sent (`meters_reset`); that reply's `Started.decode_call` is the engine step the count begins at. Every
+    reply's tokens on that engine map to the meters from there, until the engine changes. Pure: the caller
+    resets the meters and passes what the engine said; an engine is any object that stands for one.
+    """
+
+    def __init__(self, remember: int = 256) -> None:
+        self._engine: object | None = None
+        self._resetter: int | None = None  # the request whose Started anchors the count
+        self._anchor: int | None = None
+        self._told: deque[int] = deque(maxlen=remember)
+
+    def meters_reset(self, request_id: int, engine: object) -> None:
+        self._engine, self._resetter, self._anchor = engine, request_id, None
+        self._told.clear()
+
+    def started(self, request_id: int, engine: object, decode_call: int) -> None:
+        if engine is self._engine and request_id == self._resetter and self._anchor is None:
+            self._anchor = decode_call
+
+    def step_of(self, token: Token, engine: object) -> Token | None:
+        """`token` with its `decode_call` counted as the meters count, the first time its step is seen; None
+        when told already, or when the meters' count does not cover it (another engine, before the anchor)."""
+        anchor = self._anchor
+        if engine is not self._engine or anchor is None or token.decode_call < anchor \
+                or token.decode_call in self._told:
+            return None
+        self._told.append(token.decode_call)
+        return replace(token, decode_call=token.decode_call - anchor)
 
 
 def head_holds_layers(plan: Plan | None) -> bool:

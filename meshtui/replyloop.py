@@ -10,16 +10,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from meshtui import events as ev
 from meshtui.engine.client import EngineDied, EngineProcess
-from meshtui.engine.protocol import Generate, Token
+from meshtui.engine.protocol import Generate, Started, Token
 from meshtui.errors import EngineError, MeshError
 from meshtui.inflight import InFlight
 from meshtui.node import Node
 from meshtui.planner import Plan
-from meshtui.streaming import Reply, ReplyFold, stage_latencies
+from meshtui.streaming import Reply, ReplyFold, StepMeasures, stage_latencies
 from meshtui.tunnels import StageTunnel
 
 
@@ -41,6 +41,7 @@ class ReplyLoop:
     route: Callable[[], Route]  # read at each attempt: a recovery changes the engine and the stages
     on_engine_died: Callable[[EngineProcess, EngineDied, int], None]  # (the engine, why, tokens generated so far)
     emit: ev.Listener
+    steps: StepMeasures = field(default_factory=StepMeasures)  # where the stages' meters count from: once a step
 
     async def stream(self, command: Generate, source: str) -> AsyncGenerator[ev.Event, None]:
         """The reply's events, the reply counted in flight from its first to its last; when it cannot finish it
@@ -72,25 +73,26 @@ class ReplyLoop:
         fold = ReplyFold(command.id, time.perf_counter(), command.speculative, source)
         while True:
             route = self.route()
-            started = self.flights.started
-            if self.flights.alone(started):  # the stages' meters count this reply's decode steps from here
-                for tunnel in route.tunnels.values():
-                    tunnel.meter.reset_rounds()
             fold.new_attempt()
             engine = route.engine
             if engine is None:
                 raise EngineError("the mesh is not up")
+            if self.flights.alone(self.flights.started):  # the engine is idle: the meters count from this reply
+                for tunnel in route.tunnels.values():
+                    tunnel.meter.reset_rounds()
+                self.steps.meters_reset(command.id, engine)
             try:
                 async for event in engine.generate(replace(command, resume_tokens=fold.resume_tokens)):
                     if not isinstance(event, Token):
+                        if isinstance(event, Started):
+                            self.steps.started(command.id, engine, event.decode_call)
                         folded = fold.other(event)
                         if folded is not None:
                             yield self._emitted(folded)
                         continue
                     told, step = fold.token(event, time.perf_counter())
                     yield self._emitted(told)
-                    if not self.flights.alone(started):  # decoded with others: the step is not its own
-                        step = None
+                    step = self.steps.step_of(step, engine) if step else None  # with others too, once a step
                     for measured in stage_latencies(route.remote, route.tunnels, route.plan, step) if step else ():
                         yield self._emitted(measured)
                 break

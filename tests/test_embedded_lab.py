@@ -102,3 +102,51 @@ def test_plan_reserves_kv_for_the_parallel_sequences() -> None:
     assert "the KV cache holds 4 sequences of 512 tokens" in text.stdout
     refused = meshtui("plan", "--parallel", "0")
     assert (refused.returncode, refused.stderr.strip()) == (2, "meshtui: error: --parallel: expected at least 1, not 0")
+
+
+async def test_stage_latency_is_measured_once_a_step_while_several_replies_are_in_flight() -> None:
+    """Three replies decoded together: each step's round trip on every stage is told once (not once per reply,
+    not skipped), and a step of three sequences carries more bytes to a stage than a step of one."""
+    import asyncio
+
+    from meshtui import events as ev
+    from meshtui.inventory import ModelSpec
+    from meshtui.lab import EmbeddedLab
+    from meshtui.mesh import Mesh
+    from meshtui.replies import ReplyQueue
+
+    events: list[ev.Event] = []
+    lab = EmbeddedLab(n_hosts=2)
+    await lab.start()
+    mesh = Mesh(lab.inventory(ModelSpec(path=None, name="smollm2", context=512)), listener=events.append,
+                parallel=3)
+    prompts = ("The three primary colors are", "Once upon a time", "The capital of France is")
+    try:
+        await mesh.up()
+        await mesh.generate(prompt=prompts[0], raw=True, max_tokens=12, temperature=0.0, speculative="off")
+        alone = [e for e in events if isinstance(e, ev.StageLatencyMeasured)]
+        events.clear()
+        queue = ReplyQueue(mesh)
+
+        async def reply(prompt: str) -> ev.ReplyFinished:
+            async for event in queue.stream(source="api", prompt=prompt, raw=True, max_tokens=12, temperature=0.0,
+                                            speculative="off"):
+                if isinstance(event, ev.ReplyFinished):
+                    return event
+            raise AssertionError("no ReplyFinished")
+
+        finished = await asyncio.gather(*(reply(p) for p in prompts))
+    finally:
+        await mesh.close()
+        await lab.close()
+    together = [e for e in events if isinstance(e, ev.StageLatencyMeasured)]
+    tokens = [len(f.token_ids) for f in finished]
+    assert tokens == [12, 12, 12]
+    for host in ("lab1", "lab2"):
+        mine = [e for e in together if e.host == host]
+        # One per step that produced a token past some reply's first: at least the 11 steps of the longest
+        # reply, at most one per step of all three (never one per reply per step: that would be up to 33).
+        assert 11 <= len(mine) <= 13, (host, len(mine))
+        single = max(e.bytes_up for e in alone if e.host == host)
+        assert max(e.bytes_up for e in mine) > single  # the steps measured held the three sequences
+    assert {e.host for e in together} == {"lab1", "lab2", "head"}

@@ -119,6 +119,11 @@ class Mesh:
                 return node
         raise KeyError(name)
 
+    @property
+    def rejoin_pending(self) -> frozenset[str]:
+        """Failed hosts found reachable again: they rejoin before the next reply."""
+        return frozenset(self._rejoinable)
+
     def _emit(self, event: ev.Event) -> None:
         """Fold the event into `state`, then tell the listener."""
         self.state = apply(self.state, event)

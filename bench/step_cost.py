@@ -131,6 +131,18 @@ def sampler_cost(llama_cpp: Any, model: Any, bench: Bench, reps: int) -> float:
     return ms
 
 
+def graph_reuse(llama_cpp: Any, bench: Bench, order: list[int]) -> int:
+    """Of 10 decode steps of the sequences in `order` (one token each), how many reused the step before's graph
+    (llama.cpp's own count): a graph not reused is built again, and over RPC sent whole to every stage."""
+    before = llama_cpp.llama_perf_context(bench.ctx.ctx).n_reused
+    for _ in range(10):
+        bench._fill([(100, PROMPT_TOKENS, seq, True) for seq in order])
+        bench._decode()
+        for seq in order:
+            bench.lib.llama_memory_seq_rm(bench.ctx.memory, seq, PROMPT_TOKENS, -1)
+    return int(llama_cpp.llama_perf_context(bench.ctx.ctx).n_reused - before)
+
+
 def in_process(reps: int) -> dict[str, Any]:
     import llama_cpp
     from llama_cpp import _internals as internals
@@ -164,6 +176,8 @@ def in_process(reps: int) -> dict[str, Any]:
     verify = alternate(calls, reps)
     result["decode_ms"] = decode
     result["verify_ms"] = verify
+    result["graph_reused_of_10"] = {str(order): graph_reuse(llama_cpp, today, order)
+                                    for order in ([0, 1, 2, 3, 4, 5, 6, 7], [4, 5, 6, 7, 0, 1, 2, 3])}
     result["sample_ms"] = sampler_cost(llama_cpp, model, single, 200)
     return result
 
@@ -290,6 +304,8 @@ def print_table(result: dict[str, Any]) -> None:
         t, s = verify[f"verify {k} today"], verify[f"verify {k} parallel1"]
         print(f"| {k} | {t:.2f} ({t / vbase:.2f}x) | {s:.2f} ({s / vbase:.2f}x) |")
     print(f"one greedy sample (penalties + greedy over the vocabulary): {result['sample_ms']:.3f} ms")
+    for order, reused in result["graph_reused_of_10"].items():
+        print(f"8 sequences in the batch as {order}: the graph reused on {reused} of 10 steps")
 
 
 def main() -> int:

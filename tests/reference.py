@@ -7,6 +7,9 @@ Run as a script so the model lives in its own process:
     python tests/reference.py --chat MODEL MESSAGES_JSON MAX_TOKENS CONTEXT
         ->  {"text": ..., "prompt_tokens": N, "completion_tokens": N, "finish_reason": ...}
             (llama-cpp-python's own `create_chat_completion`: its chat template handling, its sampling)
+    python tests/reference.py --logprobs N MODEL PROMPT MAX_TOKENS CONTEXT
+        ->  {"text": ..., "logprobs": {"tokens", "token_logprobs", "top_logprobs", "text_offset"}}
+            (`Llama(logits_all=True).create_completion(logprobs=N)`, greedy)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def reference_greedy(model: Path, prompt: str, max_tokens: int, context: int = 512) -> dict[str, object]:
@@ -43,6 +47,28 @@ def reference_chat(model: Path, messages: list[dict[str, str]], max_tokens: int,
     return json.loads(out.strip().splitlines()[-1])
 
 
+def reference_logprobs(model: Path, prompt: str, max_tokens: int, top: int,
+                       context: int = 512) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--logprobs", str(top), str(model), prompt, str(max_tokens), str(context)],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def _logprobs_main() -> None:
+    import llama_cpp
+
+    top, model, prompt, max_tokens, context = (int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                                               int(sys.argv[6]))
+    llm = llama_cpp.Llama(model_path=model, n_ctx=context, n_threads=1, n_gpu_layers=0, verbose=False,
+                          logits_all=True)
+    out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, seed=0, logprobs=top)
+    choice = out["choices"][0]  # type: ignore[index]
+    print(json.dumps({"text": choice["text"], "logprobs": choice["logprobs"]}, default=float))
+
+
 def _chat_main() -> None:
     import llama_cpp
 
@@ -59,6 +85,9 @@ def _main() -> None:
 
     if sys.argv[1] == "--chat":
         _chat_main()
+        return
+    if sys.argv[1] == "--logprobs":
+        _logprobs_main()
         return
     draft = None
     if sys.argv[1] == "--lookup":

@@ -20,9 +20,9 @@ from typing import Any
 
 from meshtui.engine.drafts import DraftModel, DraftPolicy, lookup_draft
 from meshtui.engine.protocol import Done, Event, Failed, Generate, Started, Token
+from meshtui.engine.sampling import SamplerError, build_sampler, token_logprobs
 from meshtui.engine.stops import StopText
 
-PENALTY_LAST_N = 64  # llama-cpp-python's default window for the repeat penalty
 ADAPTIVE_MAX_NGRAM = 3
 AUTO_MIN_NGRAM = 3  # `auto` drafts only from a repeated run of 3+ tokens: cheap to leave off where nothing is copied
 
@@ -111,13 +111,18 @@ class Decoder:
                 continue
             resume = [int(t) for t in request.resume_tokens]
             max_tokens = min(int(request.max_tokens or 256), self.context - len(prompt))
+            try:
+                sampler = build_sampler(self._llama, self.model.vocab, request)
+            except SamplerError as err:
+                self.send(Failed(str(err), request.id))
+                continue
             self.send(Started(request.id, len(prompt), self.steps))
             if len(resume) >= max_tokens:
+                self._llama.llama_sampler_free(sampler)
                 self.send(Done(request.id, "length", tuple(resume), "", 0.0, len(prompt)))
                 continue
             seq_id = self.free_seqs.popleft()
             self._llama.llama_memory_seq_rm(self.ctx.memory, seq_id, -1, -1)
-            sampler = self._sampler(request)
             for token in resume:  # the repeat penalty sees the reply so far, as it did the first time
                 self._llama.llama_sampler_accept(sampler, token)
             # After a stage was lost the reply resumes: the prompt in one run, then each token generated
@@ -129,31 +134,6 @@ class Decoder:
             if resume:  # shown by the attempt before, but for a tail that could begin a stop string: held here
                 slot.stops.resume(slot.utf8.decode(b"".join(self.model.detokenize([t]) for t in resume)))
             self.slots.append(slot)
-
-    def _sampler(self, request: Generate) -> Any:
-        """llama.cpp's sampler chain, as llama-cpp-python's `Llama.generate` builds it."""
-        lib = self._llama
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-
-        def add(sampler: Any) -> None:
-            lib.llama_sampler_chain_add(chain, sampler)
-
-        n_vocab = lib.llama_vocab_n_tokens(self.model.vocab)
-        add(lib.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, float(request.repeat_penalty), 0.0, 0.0))
-        temperature = float(request.temperature)
-        seed = int(request.seed)
-        if temperature < 0:
-            add(lib.llama_sampler_init_dist(seed))
-        elif temperature == 0:
-            add(lib.llama_sampler_init_greedy())
-        else:
-            add(lib.llama_sampler_init_top_k(int(request.top_k)))
-            add(lib.llama_sampler_init_typical(1.0, 1))
-            add(lib.llama_sampler_init_top_p(float(request.top_p), 1))
-            add(lib.llama_sampler_init_min_p(float(request.min_p), 1))
-            add(lib.llama_sampler_init_temp(temperature))
-            add(lib.llama_sampler_init_dist(seed))
-        return chain
 
     # -- drafting --------------------------------------------------------------------------------
     def _draft(self, slot: Slot, room: int) -> list[int]:
@@ -233,7 +213,7 @@ class Decoder:
             return
         for slot, index in sampling:
             token = self._llama.llama_sampler_sample(slot.sampler, self.ctx.ctx, index)
-            _, end = self._produce(slot, [token], step, ms)
+            _, end = self._produce(slot, [token], step, ms, [self._scored(slot, index, token)])
             if end:
                 self._finish(slot, end)
         for slot, index in verifying:
@@ -241,10 +221,12 @@ class Decoder:
 
     def _verify(self, slot: Slot, index: int, step: int, ms: float) -> None:
         produced: list[int] = []
+        scores: list[tuple[float, tuple[tuple[str, float], ...]] | None] = []
         drafts = slot.drafts
         for i in range(len(drafts) + 1):
             token = self._llama.llama_sampler_sample(slot.sampler, self.ctx.ctx, index + i)
             produced.append(token)
+            scores.append(self._scored(slot, index + i, token))
             if i == len(drafts) or token != drafts[i]:
                 break
         matched = len(produced) - 1
@@ -252,7 +234,7 @@ class Decoder:
         if matched < len(drafts):  # the rejected drafts' positions leave the cache
             self._llama.llama_memory_seq_rm(self.ctx.memory, slot.seq_id, slot.n_past, -1)
         slot.drafts = []
-        kept, end = self._produce(slot, produced, step, ms)
+        kept, end = self._produce(slot, produced, step, ms, scores)
         # Accepted: the drafts the reply holds. Drafts that matched at or past where it stopped (end of
         # generation, a stop string) are not, though the model agreed with them.
         accepted = min(matched, kept)
@@ -264,11 +246,17 @@ class Decoder:
         if end:
             self._finish(slot, end)
 
-    def _produce(self, slot: Slot, tokens: Sequence[int], step: int, ms: float) -> tuple[int, str | None]:
+    def _scored(self, slot: Slot, index: int, token: int) -> tuple[float, tuple[tuple[str, float], ...]] | None:
+        """The token's logprob and the top alternatives', when the request asked for them."""
+        top = slot.request.logprobs
+        return None if top is None else token_logprobs(self._llama, self.ctx.ctx, self.model, index, token, top)
+
+    def _produce(self, slot: Slot, tokens: Sequence[int], step: int, ms: float,
+                 scores: Sequence[tuple[float, tuple[tuple[str, float], ...]] | None]) -> tuple[int, str | None]:
         """Emit what a step produced for `slot`, up to end of generation, a stop string, the length, or a cancel:
         how many of `tokens` joined the reply, and why the reply ends (None: it goes on). The caller finishes it."""
         request = slot.request
-        for kept, token in enumerate(tokens):
+        for kept, (token, score) in enumerate(zip(tokens, scores, strict=True)):
             if self._llama.llama_vocab_is_eog(self.model.vocab, token):
                 return kept, "stop"
             slot.generated.append(token)
@@ -276,7 +264,8 @@ class Decoder:
             slot.last_step = step
             text = slot.stops.feed(slot.utf8.decode(self.model.detokenize([token])))
             slot.text_parts.append(text)
-            self.send(Token(request.id, len(slot.generated) - 1, token, text, step, ms))
+            logprob, top = score if score is not None else (None, ())
+            self.send(Token(request.id, len(slot.generated) - 1, token, text, step, ms, logprob, top))
             if slot.stops.stopped:  # the text ends before the stop string, and the reply with it
                 return kept + 1, "stop"
             if len(slot.generated) >= slot.max_tokens:

@@ -95,6 +95,8 @@ class TokenGenerated(Event):
     index: int
     token_id: int
     text: str
+    logprob: float | None = None  # when the request asked for logprobs (the engine's Token carries them)
+    top_logprobs: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,10 +254,11 @@ class Mesh:
         seed: int = 0,
         speculative: str | None = None,
         source: str = "",
+        sampling: Mapping[str, Any] | None = None,
     ) -> AsyncGenerator[ev.Event, None]:
         """Yields ReplyStarted, TokenGenerated and StageLatencyMeasured events, then DraftsVerified and
         ReplyFinished (or, when it cannot finish, raises after telling ReplyFailed). `speculative` overrides the
-        mesh's mode for this reply; `source` says whose reply it is ("chat", "api").
+        mesh's mode for this reply; `source` says whose reply it is ("chat", "api"); `sampling`: more Generate fields.
 
         Several replies may stream at once (up to `parallel`: the `ReplyQueue` admits them), each a sequence the
         engine decodes with the others. If a stage is lost mid-reply, the mesh is re-planned on the survivors
@@ -274,7 +275,7 @@ class Mesh:
         command = Generate(id=self._request_ids, prompt=None if messages is not None else prompt or "",
                            messages=tuple(messages) if messages is not None else None, raw=raw,
                            max_tokens=max_tokens, temperature=temperature, seed=seed,
-                           speculative=speculative or self.speculative)
+                           speculative=speculative or self.speculative, **(sampling or {}))
         _check_speculative(command.speculative, "speculative", EngineError)
         async with contextlib.aclosing(self._replies.stream(command, source)) as events:
             async for event in events:

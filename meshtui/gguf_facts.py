@@ -57,6 +57,7 @@ class ModelFacts:
     output_bytes: int  # output.weight + output_norm.*, or token_embd when the output is tied to it
     input_bytes: int  # token_embd.*: always on the head's CPU
     tensors: tuple[tuple[str, int, int], ...] = ()  # (name, file offset, bytes) of every tensor
+    n_vocab: int = 0  # tokens in the vocabulary (token_embd's rows): the ids a request may name
 
     @property
     def weight_bytes(self) -> int:
@@ -180,6 +181,7 @@ def _facts_from_reader(path: Path, reader: GGUFReader) -> ModelFacts:
         output_bytes=output_bytes,
         input_bytes=input_bytes,
         tensors=tuple((t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors),
+        n_vocab=next((int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"), 0),
     )
 
 

@@ -2,8 +2,9 @@
 
 This module is the server: connections, routing, readiness, the request log. Every reply (the API's and the
 chat pane's) is asked of one `ReplyQueue` (meshtui/replies.py). The pieces it uses: `api_http` (the HTTP
-exchange), `api_access` (the key, loopback-only serving), `api_openai` (the wire format, decided purely) and
-`api_replies` (one generation request answered, whole or streamed).
+exchange), `api_access` (the key, loopback-only serving), `api_openai` (the wire format's common parts), `api_requests`
+(request bodies parsed), `api_shapes` (response objects) and `api_replies` (one generation request answered,
+whole or streamed).
 """
 
 from __future__ import annotations
@@ -45,10 +46,9 @@ from meshtui.api_openai import (
     context_overflow,
     model_not_found,
     model_object,
-    parse_chat_request,
-    parse_completion_request,
 )
 from meshtui.api_replies import answer
+from meshtui.api_requests import parse_chat_request, parse_completion_request
 from meshtui.api_response_replies import answer_response
 from meshtui.api_responses import ResponseStore, embeddings_refused, parse_responses_request
 from meshtui.errors import MeshError
@@ -71,7 +71,8 @@ Handler = Callable[[Request, asyncio.StreamWriter, Exchange], Awaitable[None]]
 def served_model(mesh: Mesh) -> ServedModel:
     """The id clients use is the model file's slug; the inventory's model name and the GGUF's name select it too."""
     assert mesh.model is not None and mesh.model_path is not None  # read before the mesh is ready
-    return ServedModel.of(mesh.model_path.name, mesh.inventory.model.name, mesh.model.name)
+    return ServedModel.of(mesh.model_path.name, mesh.inventory.model.name, mesh.model.name,
+                          n_vocab=mesh.model.n_vocab)
 
 
 class ApiServer:

@@ -121,8 +121,8 @@ async def _items(early: list[_Item], queue: asyncio.Queue[_Item], n: int) -> Asy
             return
 
 
-async def _take(gen: GenerationRequest, x: Exchange, progress: _Progress, index: int, item: _Piece | _Ended
-                | _Started, writer: asyncio.StreamWriter, reply_id: str, created: int) -> None:
+async def _take(gen: GenerationRequest, x: Exchange, progress: _Progress, index: int,
+                item: _Piece | _Ended | _Started, writer: asyncio.StreamWriter, reply_id: str, created: int) -> None:
     """Count and keep one item of choice `index`; streaming, send it."""
     if isinstance(item, _Ended):
         progress.reason = item.reason

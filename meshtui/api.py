@@ -289,17 +289,19 @@ class ApiServer:
 
     async def _chat(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
         gen = parse_chat_request(request.json(), self.model, self.mesh.inventory.model.context)
+        x.features = gen.features
         await answer(gen, self.requests, writer, x, self._failure)
 
     async def _completions(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
         gen = parse_completion_request(request.json(), self.model, self.mesh.inventory.model.context)
+        x.features = gen.features
         await answer(gen, self.requests, writer, x, self._failure)
 
     async def _responses(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
         asked = request.json()
         req = parse_responses_request(asked, self.responses)
         gen = parse_chat_request(req.chat, self.model, self.mesh.inventory.model.context)
-        x.features = route_features(asked)
+        x.features = route_features(asked) + gen.features
         await answer_response(req, gen, self.responses, self.requests, writer, x, self._failure)
 
     async def _embeddings(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:

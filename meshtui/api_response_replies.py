@@ -16,9 +16,10 @@ import time
 from typing import Any
 
 from meshtui.api_http import Exchange, start_events, write_json
-from meshtui.api_openai import GenerationRequest, StopScanner
+from meshtui.api_openai import StopScanner
 from meshtui.api_replies import Failure
 from meshtui.api_reply_texts import reply_started, texts_of
+from meshtui.api_requests import GenerationRequest
 from meshtui.api_responses import (
     ResponseIds,
     ResponsesRequest,

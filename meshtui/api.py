@@ -51,6 +51,8 @@ from meshtui.api_replies import answer
 from meshtui.api_requests import parse_chat_request, parse_completion_request
 from meshtui.api_response_replies import answer_response
 from meshtui.api_responses import ResponseStore, embeddings_refused, parse_responses_request
+from meshtui.api_tool_replies import answer_with_tools
+from meshtui.api_tools import tool_request
 from meshtui.errors import MeshError
 from meshtui.mesh import Mesh
 from meshtui.replies import ReplyQueue
@@ -288,9 +290,14 @@ class ApiServer:
         await write_json(writer, 200, model_object(self.model, self.created))
 
     async def _chat(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
-        gen = parse_chat_request(request.json(), self.model, self.mesh.inventory.model.context)
-        x.features = gen.features
-        await answer(gen, self.requests, writer, x, self._failure)
+        asked = request.json()
+        body, use = tool_request(asked)
+        gen = parse_chat_request(body, self.model, self.mesh.inventory.model.context)
+        x.features = route_features(asked) + gen.features
+        if use is not None and use.constrained:
+            await answer_with_tools(gen, use, self.requests, writer, x, self._failure)
+        else:  # no tools, or tool_choice "none": a plain reply (n, logprobs and response_format apply)
+            await answer(gen, self.requests, writer, x, self._failure)
 
     async def _completions(self, request: Request, writer: asyncio.StreamWriter, x: Exchange) -> None:
         gen = parse_completion_request(request.json(), self.model, self.mesh.inventory.model.context)

@@ -17,7 +17,7 @@ from typing import Any
 from meshtui.api_openai import ApiError, ReplyUsage
 
 # Fields served; any other field a client sends is refused by name.
-SUPPORTED = ("model", "input", "instructions", "max_output_tokens", "temperature", "stream",
+SUPPORTED = ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
              "previous_response_id", "store", "metadata")
 _INPUT_ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -64,7 +64,7 @@ def parse_responses_request(body: Any, store: ResponseStore) -> ResponsesRequest
     system = ({"role": "system", "content": instructions},) if instructions else ()
     chat: dict[str, Any] = {"messages": [dict(t) for t in system + turns]}
     for name, chat_name in (("model", "model"), ("max_output_tokens", "max_completion_tokens"),
-                            ("temperature", "temperature"), ("stream", "stream")):
+                            ("temperature", "temperature"), ("top_p", "top_p"), ("stream", "stream")):
         if body.get(name) is not None:
             chat[chat_name] = body[name]
     return ResponsesRequest(chat, turns, instructions, previous, keep, dict(metadata))

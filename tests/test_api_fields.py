@@ -59,7 +59,7 @@ async def test_logit_bias_seed_top_p_and_penalties_take_effect(served: Served) -
 
 
 @pytest.mark.parametrize(("route", "body", "param"), [
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "returns": {}}}]}, "tools[0].function.returns"),
     ("chat", {"user": "someone"}, "user"),
     ("chat", {"functions": []}, "functions"),
     ("chat", {"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),

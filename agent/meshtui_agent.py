@@ -11,6 +11,9 @@ Stdlib only, Python 3.8+. Commands:
                              at most --cache-limit bytes (least recently used out), verified on every use
                              DIR/lib holds either the head's llama-cpp-python ggml libraries or the portable
                              build of native/build_runtime.py, whose best CPU variant for this host is loaded
+  put --runtime DIR --cache C  take weight tensors the head streams on stdin into the cache C: first the offers
+                             (one JSON line), answered by the ones C lacks; then each of those as a 16-byte header
+                             (hash, size; little-endian) and its bytes, hashed and written atomically
   down                       stop agents of this user left over from earlier runs, print what was stopped
   inspect DIR                print owner, mode and sha256 of everything in DIR (and of the folders above it,
                              from $HOME): the head checks a runtime this way before it runs it
@@ -635,6 +638,118 @@ def seed_cache(hash_bytes, folder, threshold, request):
             "skipped": skipped}
 
 
+PUT_HEADER = 16  # a pushed entry's header: its content hash and its size, two little-endian u64
+
+
+def content_hasher(runtime):
+    """The runtime's content hash (the one ggml names cache entries by), or None when this build lacks it."""
+    hash_bytes = getattr(runtime.rpc, CONTENT_HASH_SYMBOL, None)
+    if hash_bytes is None:
+        return None
+    hash_bytes.restype = ctypes.c_uint64
+    hash_bytes.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return hash_bytes
+
+
+def missing_entries(folder, offers):
+    """Of [[hash hex, size], ...], the offers the cache lacks (no entry, or one of another size: cut short).
+
+    An entry that is there counts as used now (least recently used goes first). Its content is checked by ggml
+    when the load uses it; a wrong one is removed then and the bytes sent over the tunnel.
+    """
+    missing = []
+    for name, size in offers:
+        name, size = str(name), int(size)
+        if not is_cache_entry(name) or size <= 0:
+            raise ValueError("not an offer: %r" % ([name, size],))
+        entry = os.path.join(folder, name)
+        try:
+            if os.stat(entry).st_size == size:
+                os.utime(entry)
+                continue
+        except OSError:
+            pass  # no such entry
+        missing.append([name, size])
+    return missing
+
+
+def read_exactly(stream, view):
+    """Fill `view` from `stream`; False at end of input (a cut stream)."""
+    done = 0
+    while done < len(view):
+        n = stream.readinto(view[done:])
+        if not n:
+            return False
+        done += n
+    return True
+
+
+def store_pushed(hash_bytes, folder, stream, wanted):
+    """Write each entry that arrives on `stream` into `folder` once its bytes have the hash it is named by.
+
+    `wanted`: {hash hex: size}, the entries this push may bring; anything else ends the push. Each entry is written
+    under a temporary name and renamed, so a push cut midway keeps every entry that arrived whole.
+    """
+    import struct
+
+    done = {"stored": 0, "stored_bytes": 0, "rejected": 0}
+    header = bytearray(PUT_HEADER)
+    buffer = bytearray(0)
+    while read_exactly(stream, memoryview(header)):
+        digest, size = struct.unpack("<QQ", bytes(header))
+        name = "%016x" % digest
+        if wanted.get(name) != size:
+            raise ValueError("entry %s of %d bytes was not asked for" % (name, size))
+        if len(buffer) < size:
+            buffer = bytearray(size)
+        view = memoryview(buffer)[:size]
+        if not read_exactly(stream, view):
+            break  # cut midway: this entry is not written
+        pointer = ctypes.c_char.from_buffer(buffer)
+        actual = hash_bytes(ctypes.addressof(pointer), size)
+        del pointer
+        if actual != digest:
+            done["rejected"] += 1
+            continue
+        entry = os.path.join(folder, name)
+        tmp = "%s.tmp-put-%d" % (entry, os.getpid())
+        with open(tmp, "wb") as out:
+            out.write(view)
+        os.replace(tmp, entry)
+        done["stored"] += 1
+        done["stored_bytes"] += size
+    return done
+
+
+def put(args):
+    proto = Protocol()
+    try:
+        runtime = Runtime(os.path.join(args.runtime, "lib"))
+    except RuntimeError as err:
+        proto.send(event="error", reason=str(err))
+        return 3
+    hash_bytes = content_hasher(runtime)
+    if hash_bytes is None or runtime.cache_threshold is None:
+        proto.send(event="error", reason="this runtime keeps no verified cache (no %s)" % CONTENT_HASH_SYMBOL)
+        return 3
+    folder = private_dir(args.cache)
+    stream = sys.stdin.buffer
+    try:
+        request = json.loads(stream.readline() or b"{}")
+        missing = missing_entries(folder, request.get("offers") or [])
+    except (ValueError, TypeError, AttributeError, OSError) as err:
+        proto.send(event="error", reason="unreadable offers: %s" % err)
+        return 3
+    proto.send(event="missing", entries=missing)
+    try:
+        done = store_pushed(hash_bytes, folder, stream, {name: size for name, size in missing})
+    except (ValueError, OSError) as err:
+        proto.send(event="error", reason=str(err))
+        return 3
+    proto.send(event="stored", **done)
+    return 0
+
+
 def keep_cache_trimmed(folder, limit, interval=CACHE_TRIM_SECONDS):
     """A daemon thread that keeps the cache under its limit while the server writes entries."""
 
@@ -657,11 +772,9 @@ def answer_seed(runtime, cache_dir, text):
         return {"seq": "", "error": "unreadable seed request: %s" % err}
     if cache_dir is None or runtime.cache_threshold is None:
         return {"seq": seq, "error": "this runtime keeps no verified cache"}
-    hash_bytes = getattr(runtime.rpc, CONTENT_HASH_SYMBOL, None)
+    hash_bytes = content_hasher(runtime)
     if hash_bytes is None:
         return {"seq": seq, "error": "this runtime lacks %s" % CONTENT_HASH_SYMBOL}
-    hash_bytes.restype = ctypes.c_uint64
-    hash_bytes.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     try:
         done = seed_cache(hash_bytes, cache_dir, runtime.cache_threshold, request)
     except (OSError, ValueError, TypeError) as err:
@@ -782,12 +895,17 @@ def main(argv=None):
     p_serve.add_argument("--cache", default=None)
     p_serve.add_argument("--cache-limit", type=int, default=CACHE_LIMIT)
     p_serve.add_argument("--gpu", action="store_true")
+    p_put = sub.add_parser("put")
+    p_put.add_argument("--runtime", required=True)
+    p_put.add_argument("--cache", required=True)
     args = parser.parse_args(argv)
     if args.command == "probe":
         print(json.dumps(probe()))
         return 0
     if args.command == "serve":
         return serve(args)
+    if args.command == "put":
+        return put(args)
     if args.command == "down":
         return down()
     if args.command == "inspect":

@@ -216,6 +216,9 @@ class Agent:
         self.pid = 0
         self.devices: list[dict[str, Any]] = []
         self.backends: list[str] = []
+        self.runtime_dir = ""  # the runtime it runs from, as a shell word ('"$HOME"/...'): `put` runs from it too
+        self.cache_dir: str | None = None  # its weights cache on the host (None: this runtime keeps none)
+        self.cache_limit: int | None = None
         self.stderr_tail: deque[str] = deque(maxlen=20)
         self.exited = asyncio.Event()
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -296,6 +299,11 @@ class Agent:
                 raise ValueError("key 'backends': expected a list of names")
         except ValueError as err:
             raise HostError(f"agent answered something unexpected: {err}", host=self.host.name) from err
+        cache_dir, cache_limit = msg.get("cache_dir"), msg.get("cache_limit")
+        if isinstance(cache_dir, str) and cache_dir.startswith("/") and printable(cache_dir) == cache_dir:
+            self.cache_dir = cache_dir
+        if isinstance(cache_limit, int) and not isinstance(cache_limit, bool) and cache_limit >= 0:
+            self.cache_limit = cache_limit
         self.devices = [{str(k)[:64]: printable(v) if isinstance(v, str) else v for k, v in d.items()}
                         for d in devices]
         self.backends = [printable(b[:64]) for b in backends]
@@ -370,6 +378,7 @@ async def launch_agent(
     except (OSError, asyncssh.Error) as err:
         raise HostError(f"cannot start the agent: {one_line(err)}", host=host.name) from err
     agent = Agent(host, process, on_log)
+    agent.runtime_dir = remote
     try:
         await agent.wait_ready()
     except BaseException:

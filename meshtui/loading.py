@@ -13,20 +13,26 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncssh
+
 from meshtui import events as ev
 from meshtui.capacity import HEAD_NAME
 from meshtui.engine.client import EngineProcess
 from meshtui.engine.protocol import Load
 from meshtui.errors import EngineError, HostError
-from meshtui.gguf_facts import ModelFacts
+from meshtui.gguf_facts import ModelFacts, tensor_regions
+from meshtui.hosts import Agent
 from meshtui.localstage import LocalStage
 from meshtui.node import Node, NodeSink
 from meshtui.placement import check_placement, engine_split, placement_by_node
 from meshtui.planner import Plan
+from meshtui.pushweights import Offer, PushMeter, host_offers, push_all
 from meshtui.runtime import expected_rpc_protocol, local_runtime_bundle
 from meshtui.stage import Stage
+from meshtui.tensorhashes import head_hasher, tensor_hashes
 from meshtui.tunnels import StageTunnel
-from meshtui.weights import HostFile, HostLoad, MeterCounts, load_progressed, seed_from_host_files
+from meshtui.units import format_size
+from meshtui.weights import HostFile, HostLoad, MeterCounts, PushCounts, load_progressed, seed_from_host_files
 
 LOAD_PROGRESS_SECONDS = 0.25
 
@@ -131,8 +137,10 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     started = time.perf_counter()
     starts = {name: MeterCounts.of(t.meter) for name, t in tunnels.items()}
     planned = {a.name: a.weight_bytes for a in request.plan.assignments}
-    progress = asyncio.create_task(_report_load_progress(tunnels, starts, planned, started, sink))
+    pushes = {name: PushMeter() for name in tunnels}
+    progress = asyncio.create_task(_report_load_progress(tunnels, starts, pushes, planned, started, sink))
     try:
+        await push_missing_weights(request, stages, [n for n in remote if n.name in tunnels], pushes, sink)
         placement = await load_split(engine, request, devices, device_memory(stages))
     except EngineError as err:
         failed = await failed_stage()
@@ -142,7 +150,7 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     finally:
         progress.cancel()
     seconds = time.perf_counter() - started
-    hosts = host_loads(tunnels, starts, planned, seconds)
+    hosts = host_loads(tunnels, starts, pushes, planned, seconds)
     bytes_sent = sum(load.sent_bytes for load in hosts.values())
     for load in hosts.values():
         sink.emit(load_progressed(load))
@@ -160,17 +168,49 @@ def host_files(stages: Mapping[str, Stage], remote: Sequence[Node], plan: Plan) 
     return files
 
 
-def host_loads(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCounts], planned: Mapping[str, int],
-               seconds: float) -> dict[str, HostLoad]:
-    """Each host's load since `starts`: weights placed (sent or found in its cache), bytes on the wire."""
+async def push_missing_weights(request: LoadRequest, stages: Mapping[str, Stage], remote: Sequence[Node],
+                               meters: Mapping[str, PushMeter], sink: NodeSink) -> None:
+    """Push each remote host the tensors of its layers that its cache lacks, all hosts at once, so the engine's
+    load finds them cached (meshtui/pushweights.py). Hosts without a verified cache, or whose share would not
+    fit in it, are left to the load."""
+    hasher = head_hasher() if request.model is not None else None
+    if request.model is None or hasher is None:
+        return
+    regions = {n.name: tensor_regions(request.model, request.plan.layers_of(n.name)) for n in remote}
+    wanted = sorted({r for rs in regions.values() for r in rs if r[1] >= hasher.threshold})
+    hashes = await asyncio.to_thread(tensor_hashes, request.model_path, wanted, hasher.hash_fn)
+    pushes: dict[str, tuple[asyncssh.SSHClientConnection, Agent, list[Offer]]] = {}
+    for node in remote:
+        stage = stages[node.name]
+        agent, conn = stage.agent, stage.conn
+        if agent is None or conn is None or agent.cache_dir is None:
+            continue
+        offers = host_offers(hashes.by_region, regions[node.name], hasher.threshold)
+        share = sum(o.size for o in offers)
+        if agent.cache_limit is not None and share > agent.cache_limit:
+            sink.log(node.name, f"its share ({format_size(share)}) is over its cache limit "
+                                f"({format_size(agent.cache_limit)}): the load sends it", "warning")
+            continue
+        pushes[node.name] = (conn, agent, offers)
+    await push_all(pushes, request.model_path, meters, sink.log)
+    for name, meter in meters.items():
+        if name in pushes:
+            sink.log(name, f"weights pushed: {format_size(meter.pushed_bytes)} in {meter.pushed} tensors, "
+                           f"{format_size(meter.present_bytes)} in its cache already ({meter.seconds:.2f}s)", "info")
+
+
+def host_loads(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCounts],
+               pushes: Mapping[str, PushMeter], planned: Mapping[str, int], seconds: float) -> dict[str, HostLoad]:
+    """Each host's load since `starts`: weights placed (pushed, sent or found in its cache), bytes on the wire."""
     return {name: HostLoad(name, seconds, MeterCounts.of(t.meter).since(starts.get(name, MeterCounts())),
-                           planned.get(name))
+                           planned.get(name), pushes[name].counts() if name in pushes else PushCounts())
             for name, t in tunnels.items()}
 
 
 async def _report_load_progress(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCounts],
-                                planned: Mapping[str, int], started: float, sink: NodeSink) -> None:
+                                pushes: Mapping[str, PushMeter], planned: Mapping[str, int], started: float,
+                                sink: NodeSink) -> None:
     while True:
         await asyncio.sleep(LOAD_PROGRESS_SECONDS)
-        for load in host_loads(tunnels, starts, planned, time.perf_counter() - started).values():
+        for load in host_loads(tunnels, starts, pushes, planned, time.perf_counter() - started).values():
             sink.emit(load_progressed(load))

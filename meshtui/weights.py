@@ -42,26 +42,43 @@ class MeterCounts:
 
 
 @dataclass(frozen=True)
+class PushCounts:
+    """What the push before the engine's load did on one host (meshtui/pushweights.py)."""
+
+    bytes_sent: int = 0  # everything written into the push's channel
+    weights_pushed: int = 0
+    tensors_pushed: int = 0
+    weights_present: int = 0  # weights of this host's share its cache held already
+    tensors_present: int = 0
+    rejected: int = 0  # pushed entries whose bytes did not have their hash (never written)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class HostLoad:
-    """One host's load so far (or in all, once it is done)."""
+    """One host's load so far (or in all, once it is done): the push of what its cache lacked, then the engine's
+    load through the tunnel."""
 
     host: str
     seconds: float
-    counts: MeterCounts  # since the load began
+    counts: MeterCounts  # the tunnel's, since the load began
     planned_bytes: int | None = None  # the plan's bytes for this host's layers, when known
+    push: PushCounts = PushCounts()
 
     @property
     def placed_bytes(self) -> int:
-        return self.counts.weights_sent + self.counts.weights_cached
+        """Weights in place: while the push runs, what it found or sent; once the engine loads, what it placed."""
+        engine = self.counts.weights_sent + self.counts.weights_cached
+        return max(engine, self.push.weights_present + self.push.weights_pushed)
 
     @property
     def sent_bytes(self) -> int:
-        return self.counts.bytes_up
+        return self.counts.bytes_up + self.push.bytes_sent
 
     @property
     def rate(self) -> float | None:
         """Bytes per second on the wire (None before any time passed)."""
-        return self.counts.bytes_up / self.seconds if self.seconds > 0 else None
+        return self.sent_bytes / self.seconds if self.seconds > 0 else None
 
     @property
     def eta_seconds(self) -> float | None:
@@ -75,8 +92,12 @@ class HostLoad:
         """The per-host numbers `--json` and the bench report."""
         return {
             "seconds": round(self.seconds, 3),
-            "bytes_sent": self.counts.bytes_up,
-            "weights_sent": self.counts.weights_sent,
+            "bytes_sent": self.sent_bytes,
+            "weights_sent": self.counts.weights_sent + self.push.weights_pushed,
+            "bytes_pushed": self.push.bytes_sent,
+            "weights_pushed": self.push.weights_pushed,
+            "tensors_pushed": self.push.tensors_pushed,
+            "push_seconds": round(self.push.seconds, 3),
             "weights_cached": self.counts.weights_cached,
             "tensors_offered": self.counts.hash_offers,
             "tensors_cached": self.counts.hash_hits,

@@ -81,20 +81,25 @@ async def test_second_load_sends_under_one_percent_and_damaged_entries_are_sent_
     inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
     empty_caches(lab)
 
-    cold, tokens, text = await up_and_reply(inventory_file)
+    cold, tokens, text, cold_placement = await up_and_reply_placed(inventory_file)
     assert (tokens, text) == (expected["tokens"], expected["text"])
     assert set(cold) == {"h1", "h2"}
     for name, load in cold.items():
-        assert load.counts.hash_offers > 10 and load.counts.hash_hits == 0, (name, load)
-        assert load.counts.weights_cached == 0
-        # Every tensor offered by hash is now an entry of exactly its size on the host.
-        assert sum(entries(cache_of(lab, name)).values()) >= load.counts.weights_sent - 64 * 1024 * 10
+        # The push before the load sent every tensor of the host's share from 64 KiB; the engine's load then
+        # found each one in the host's cache and sent only the small ones.
+        assert load.push.tensors_pushed > 10 and load.push.tensors_present == 0, (name, load)
+        assert load.counts.hash_hits == load.counts.hash_offers == load.push.tensors_pushed, (name, load)
+        assert load.counts.weights_cached == load.push.weights_pushed
+        assert load.counts.weights_sent == small_tensor_bytes(cold_placement[name])
+        # Every tensor pushed is now an entry of exactly its size on the host.
+        assert sum(entries(cache_of(lab, name)).values()) == load.push.weights_pushed
 
     warm, tokens, text = await up_and_reply(inventory_file)
     assert (tokens, text) == (expected["tokens"], expected["text"])
     for name, load in warm.items():
         weights = load.placed_bytes
         assert weights == cold[name].placed_bytes
+        assert load.push.tensors_pushed == 0 and load.push.tensors_present == cold[name].push.tensors_pushed
         assert load.counts.hash_hits == load.counts.hash_offers == cold[name].counts.hash_offers
         assert load.sent_bytes < 0.01 * weights, (name, load.sent_bytes, weights)
         print(f"{name}: warm load sent {load.sent_bytes} of {weights} weight bytes "
@@ -115,11 +120,15 @@ async def test_second_load_sends_under_one_percent_and_damaged_entries_are_sent_
     repaired, tokens, text = await up_and_reply(inventory_file)
     assert (tokens, text) == (expected["tokens"], expected["text"])
     # Exactly the damaged tensor was sent again (with the small tensors every load sends), and its entry holds
-    # the right bytes once more.
+    # the right bytes once more. The one cut short has the wrong size: the push sees it missing and sends it. The
+    # one altered in place looks whole to the push; the host's check of its hash when the load uses it finds it
+    # wrong, removes it, and the load sends it through the tunnel.
+    assert repaired["h1"].push.tensors_pushed == 0
     assert repaired["h1"].counts.weights_sent == warm["h1"].counts.weights_sent + altered_size
-    assert repaired["h2"].counts.weights_sent == warm["h2"].counts.weights_sent + cut_size
-    for load in repaired.values():
-        assert load.counts.hash_hits == load.counts.hash_offers - 1
+    assert repaired["h1"].counts.hash_hits == repaired["h1"].counts.hash_offers - 1
+    assert repaired["h2"].push.tensors_pushed == 1 and repaired["h2"].push.weights_pushed == cut_size
+    assert repaired["h2"].counts.weights_sent == warm["h2"].counts.weights_sent
+    assert repaired["h2"].counts.hash_hits == repaired["h2"].counts.hash_offers
     assert altered.read_bytes() == original
     assert cut.read_bytes() == cut_original
 
@@ -207,6 +216,9 @@ async def test_hosts_with_their_own_copy_load_from_it_checked_by_content_not_nam
     assert h1.counts.hash_hits == h1.counts.hash_offers > 10
     assert h1.counts.weights_sent == small_tensor_bytes(placement["h1"])
     assert h1.sent_bytes < 0.01 * h1.placed_bytes
-    assert h2.counts.hash_hits == h2.counts.hash_offers - 1
-    # The one tensor that differs, and nothing else (besides the small tensors every load sends).
-    assert h2.counts.weights_sent == small_tensor_bytes(placement["h2"]) + size
+    assert h1.push.tensors_pushed == 0
+    # The one tensor that differs, and nothing else (besides the small tensors every load sends): the push finds
+    # every other tensor in h2's cache (seeded from its file) and sends that one.
+    assert h2.push.tensors_pushed == 1 and h2.push.weights_pushed == size
+    assert h2.counts.hash_hits == h2.counts.hash_offers
+    assert h2.counts.weights_sent == small_tensor_bytes(placement["h2"])

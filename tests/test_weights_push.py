@@ -1,0 +1,118 @@
+"""Pushing weights before the load, on its own: the head's tensor hashes are computed once per file, the agent
+writes only entries whose bytes have their hash, and a push cut midway keeps what arrived whole."""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import struct
+from pathlib import Path
+
+from meshtui.pushweights import Offer, host_offers
+from meshtui.runtime import agent_source_path, load_file_module
+from meshtui.tensorhashes import head_hasher, tensor_hashes
+
+agent = load_file_module(agent_source_path(), "meshtui_agent_push_test")
+
+
+def fnv1a(data: bytes) -> int:
+    value = 0xCBF29CE484222325
+    for byte in data:
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
+class CountingHash:
+    """ggml's hash in Python, counting the regions it was asked to hash."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, address: int, length: int) -> int:
+        self.calls += 1
+        return fnv1a(ctypes.string_at(address, length))
+
+
+def test_the_heads_hash_is_ggmls_content_hash() -> None:
+    hasher = head_hasher()
+    assert hasher is not None and hasher.threshold == 64 * 1024
+    data = ctypes.create_string_buffer(bytes(range(256)) * 3, 768)
+    assert hasher.hash_fn(ctypes.addressof(data), 768) == fnv1a(bytes(range(256)) * 3)
+
+
+def test_hashes_are_read_from_the_record_the_second_time_and_a_changed_file_is_hashed_again(tmp_path: Path) -> None:
+    model = tmp_path / "model.gguf"
+    data = os.urandom(8192)
+    model.write_bytes(data)
+    records = tmp_path / "records"
+    regions = [(0, 4096), (4096, 2048), (6144, 2048)]
+    counting = CountingHash()
+
+    first = tensor_hashes(model, regions, counting, records)
+    assert first.hashed == 3 and counting.calls == 3
+    assert first.by_region == {(o, n): fnv1a(data[o:o + n]) for o, n in regions}
+
+    second = tensor_hashes(model, regions, counting, records)
+    assert second == first.__class__(first.by_region, 0)
+    assert counting.calls == 3  # read from the record: nothing hashed
+
+    # A region not asked for before is hashed alone, and recorded with the others.
+    more = tensor_hashes(model, [*regions, (0, 8192)], counting, records)
+    assert more.hashed == 1 and more.by_region[(0, 8192)] == fnv1a(data)
+    assert tensor_hashes(model, [(0, 8192)], counting, records).hashed == 0
+
+    # The same name with other bytes (a new mtime): every region is hashed again.
+    changed = bytearray(data)
+    changed[100] ^= 0xFF
+    model.write_bytes(bytes(changed))
+    stat = model.stat()
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    again = tensor_hashes(model, regions, counting, records)
+    assert again.hashed == 3
+    assert again.by_region[(0, 4096)] == fnv1a(bytes(changed[:4096])) != first.by_region[(0, 4096)]
+    assert len(list(records.iterdir())) == 1  # one record per file, no temporary left behind
+
+
+def test_offers_are_the_hosts_tensors_from_the_threshold_each_content_once() -> None:
+    hashes = {(0, 100): 7, (100, 5000): 8, (5100, 5000): 8, (10100, 6000): 9}
+    offers = host_offers(hashes, [(10100, 6000), (100, 5000), (0, 100), (5100, 5000)], threshold=1000)
+    assert offers == [Offer(8, 100, 5000), Offer(9, 10100, 6000)]
+
+
+def pushed(entries: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(struct.pack("<QQ", digest, len(body)) + body for digest, body in entries)
+
+
+def test_the_agent_stores_entries_whose_bytes_have_their_hash_and_keeps_them_when_the_push_is_cut(
+        tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    good, bad, late = os.urandom(3000), os.urandom(2000), os.urandom(4000)
+    (cache / f"{fnv1a(late):016x}").write_bytes(late[:1000])  # cut short by an earlier write: not an entry
+    offers = [[f"{fnv1a(b):016x}", len(b)] for b in (good, bad, late)]
+    missing = agent.missing_entries(str(cache), offers)
+    assert missing == offers
+    wanted = {name: size for name, size in missing}
+
+    # The second entry's bytes are altered on the way; the stream is cut in the middle of the third.
+    altered = bytes([bad[0] ^ 1]) + bad[1:]
+    stream = pushed([(fnv1a(good), good), (fnv1a(bad), altered), (fnv1a(late), late)])[:-1500]
+    done = agent.store_pushed(CountingHash(), str(cache), io.BufferedReader(io.BytesIO(stream)), wanted)
+    assert done == {"stored": 1, "stored_bytes": 3000, "rejected": 1}
+    assert (cache / f"{fnv1a(good):016x}").read_bytes() == good
+    assert not (cache / f"{fnv1a(bad):016x}").exists()
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
+
+    # Started again: only what did not arrive whole is asked for.
+    assert agent.missing_entries(str(cache), offers) == offers[1:]
+
+
+def test_the_agent_refuses_an_entry_it_did_not_ask_for(tmp_path: Path) -> None:
+    import pytest
+
+    body = os.urandom(100)
+    stream = io.BufferedReader(io.BytesIO(pushed([(fnv1a(body), body)])))
+    with pytest.raises(ValueError, match="was not asked for"):
+        agent.store_pushed(CountingHash(), str(tmp_path), stream, {})
+    assert list(tmp_path.iterdir()) == []

@@ -2,9 +2,9 @@
 
 A cold load (every host's weights cache emptied first) and a warm one (the same plan again), each timed by the
 mesh; the difference is the time weights spent crossing. OpenSSH (`ssh host 'cat > /dev/null'`, aes128-gcm)
-then streams each host's cold bytes to it, one host after the other as the engine loads them (its connection
-setup, timed as `ssh host true`, taken off). Prints JSON:
-cold and warm seconds, bytes sent per host, and the two transfer rates side by side. Run as root:
+then streams each host's cold bytes to it, one host after the other, and then to all hosts at once (as meshtui
+pushes them; its connection setup, timed as `ssh host true`, taken off). Prints JSON: cold and warm seconds,
+bytes sent per host, and the transfer rates side by side. Run as root:
 
     sudo .venv/bin/python bench/load_cold_warm.py [--model smollm2|large] [--hosts 2] [--rounds 2]
 """
@@ -58,19 +58,41 @@ async def load_once(inventory: Path) -> dict[str, Any]:
         await mesh.close()
 
 
+def ssh_command(lab: Lab, name: str) -> list[str]:
+    host = lab.host(name)
+    return ["ssh", "-i", str(host.identity_file), "-o", f"UserKnownHostsFile={lab.known_hosts}",
+            "-o", "BatchMode=yes", "-c", "aes128-gcm@openssh.com", "-p", str(host.port),
+            f"{host.user}@{host.address}"]
+
+
+def ssh_setup(lab: Lab, name: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([*ssh_command(lab, name), "true"], check=True, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
 def openssh_stream(lab: Lab, name: str, n: int) -> float:
     """Seconds OpenSSH takes to stream n bytes to the host, less its connection setup (`ssh host true`)."""
-    host = lab.host(name)
-    command = ["ssh", "-i", str(host.identity_file), "-o", f"UserKnownHostsFile={lab.known_hosts}",
-               "-o", "BatchMode=yes", "-c", "aes128-gcm@openssh.com", "-p", str(host.port),
-               f"{host.user}@{host.address}"]
-    start = time.perf_counter()
-    subprocess.run([*command, "true"], check=True, stdin=subprocess.DEVNULL)
-    setup = time.perf_counter() - start
+    setup = ssh_setup(lab, name)
     feeder = subprocess.Popen(["head", "-c", str(n), "/dev/zero"], stdout=subprocess.PIPE)
     start = time.perf_counter()
-    subprocess.run([*command, "cat > /dev/null"], stdin=feeder.stdout, check=True)
+    subprocess.run([*ssh_command(lab, name), "cat > /dev/null"], stdin=feeder.stdout, check=True)
     feeder.wait()
+    return max(time.perf_counter() - start - setup, 1e-9)
+
+
+def openssh_stream_all(lab: Lab, sent: dict[str, int]) -> float:
+    """Seconds OpenSSH takes to stream each host its bytes, all hosts at once, less the slowest setup."""
+    setup = max(ssh_setup(lab, name) for name in sent)
+    start = time.perf_counter()
+    running = []
+    for name, n in sent.items():
+        feeder = subprocess.Popen(["head", "-c", str(n), "/dev/zero"], stdout=subprocess.PIPE)
+        running.append((feeder, subprocess.Popen([*ssh_command(lab, name), "cat > /dev/null"], stdin=feeder.stdout)))
+    for feeder, ssh in running:
+        if ssh.wait() != 0:
+            raise RuntimeError("ssh failed")
+        feeder.wait()
     return max(time.perf_counter() - start - setup, 1e-9)
 
 
@@ -90,10 +112,13 @@ async def main() -> None:
             warm = await load_once(inventory)
             sent = {name: row["bytes_sent"] for name, row in cold["hosts"].items()}
             ssh = sum(openssh_stream(lab, name, n) for name, n in sent.items())
-            runs.append({"cold": cold, "warm": warm, "openssh_seconds": ssh})
+            ssh_parallel = openssh_stream_all(lab, sent)
+            runs.append({"cold": cold, "warm": warm, "openssh_seconds": ssh,
+                         "openssh_parallel_seconds": ssh_parallel})
         best_cold = min(r["cold"]["seconds"] for r in runs)
         best_warm = min(r["warm"]["seconds"] for r in runs)
         best_ssh = min(r["openssh_seconds"] for r in runs)
+        best_ssh_parallel = min(r["openssh_parallel_seconds"] for r in runs)
         total = sum(row["bytes_sent"] for row in runs[0]["cold"]["hosts"].values())
         transfer = max(best_cold - best_warm, 1e-9)
         print(json.dumps({
@@ -103,6 +128,8 @@ async def main() -> None:
             "transfer_MB_per_s": round(total / transfer / 1e6, 1),
             "openssh_MB_per_s": round(total / best_ssh / 1e6, 1),
             "transfer_over_openssh": round(best_ssh / transfer, 2),
+            "openssh_parallel_MB_per_s": round(total / best_ssh_parallel / 1e6, 1),
+            "transfer_over_openssh_parallel": round(best_ssh_parallel / transfer, 2),
             "runs": runs,
         }, indent=1))
 

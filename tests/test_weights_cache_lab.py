@@ -14,6 +14,7 @@ import pytest
 from helpers import SMOLLM2
 from reference import reference_greedy
 
+from meshtui.errors import MeshError
 from meshtui.gguf_facts import ModelFacts, read_model_facts, tensor_regions
 from meshtui.inventory import load_inventory
 from meshtui.mesh import Mesh
@@ -222,3 +223,45 @@ async def test_hosts_with_their_own_copy_load_from_it_checked_by_content_not_nam
     assert h2.push.tensors_pushed == 1 and h2.push.weights_pushed == size
     assert h2.counts.hash_hits == h2.counts.hash_offers
     assert h2.counts.weights_sent == small_tensor_bytes(placement["h2"])
+
+
+async def test_a_load_cut_midway_resumes_without_sending_again_what_arrived(
+        lab_factory, tmp_path: Path, expected: dict[str, object]) -> None:
+    from meshtui import events as ev
+
+    lab = lab_factory(1)
+    lab.cap_bandwidth("h1", "40mbit")  # about 5 MB/s: h1's share takes seconds to push, time to cut it midway
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(lab.inventory_toml('name = "smollm2"'))
+    mesh = Mesh(load_inventory(inventory_file))
+    cut_at: list[int] = []
+
+    def drop_the_link_midway(event: ev.Event) -> None:
+        if (isinstance(event, ev.TransferProgressed) and event.phase == "load" and not cut_at
+                and event.total_bytes and event.done_bytes > event.total_bytes // 3):
+            cut_at.append(event.done_bytes)
+            conn = mesh.stages["h1"].conn
+            assert conn is not None
+            conn.close()  # h1's SSH connection drops in the middle of its push
+
+    mesh.listener = drop_the_link_midway
+    try:
+        with pytest.raises(MeshError):
+            await mesh.up()
+    finally:
+        await mesh.close()
+    assert cut_at, "the push ended before it could be cut"
+    arrived = entries(cache_of(lab, "h1"))
+    facts = smollm2_facts()
+
+    loads, tokens, text, placement = await up_and_reply_placed(inventory_file)
+    assert (tokens, text) == (expected["tokens"], expected["text"])
+    h1 = loads["h1"]
+    share = {size for _, size in tensor_regions(facts, placement["h1"]) if size >= 64 * 1024}
+    share_bytes = sum(size for _, size in tensor_regions(facts, placement["h1"]) if size >= 64 * 1024)
+    assert share and 0 < sum(arrived.values()) < share_bytes  # cut midway: some tensors whole on the host, not all
+    # What had arrived is found and not sent again; exactly the rest is pushed; the load finds everything cached.
+    assert h1.push.tensors_present == len(arrived) and h1.push.weights_present == sum(arrived.values())
+    assert h1.push.weights_pushed == share_bytes - sum(arrived.values())
+    assert h1.counts.hash_hits == h1.counts.hash_offers
+    assert h1.counts.weights_sent == small_tensor_bytes(placement["h1"])

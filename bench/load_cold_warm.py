@@ -2,8 +2,9 @@
 
 A cold load (every host's weights cache emptied first) and a warm one (the same plan again), each timed by the
 mesh; the difference is the time weights spent crossing. OpenSSH (`ssh host 'cat > /dev/null'`, aes128-gcm)
-then streams each host's cold bytes to it, one host after the other, and then to all hosts at once (as meshtui
-pushes them; its connection setup, timed as `ssh host true`, taken off). Prints JSON: cold and warm seconds,
+then streams each host's cold bytes to it, one host after the other, then to all hosts at once (as meshtui
+pushes them), then to all at once into a file on each host's disk (as the push writes its cache); its connection
+setup, timed as `ssh host true`, taken off. Prints JSON: cold and warm seconds,
 bytes sent per host, and the transfer rates side by side. Run as root:
 
     sudo .venv/bin/python bench/load_cold_warm.py [--model smollm2|large] [--hosts 2] [--rounds 2]
@@ -81,14 +82,16 @@ def openssh_stream(lab: Lab, name: str, n: int) -> float:
     return max(time.perf_counter() - start - setup, 1e-9)
 
 
-def openssh_stream_all(lab: Lab, sent: dict[str, int]) -> float:
-    """Seconds OpenSSH takes to stream each host its bytes, all hosts at once, less the slowest setup."""
+def openssh_stream_all(lab: Lab, sent: dict[str, int], sink: str = "/dev/null") -> float:
+    """Seconds OpenSSH takes to stream each host its bytes, all hosts at once, less the slowest setup. With a
+    file as `sink` the host also writes them to its disk, as a push into its cache does (then removes it)."""
     setup = max(ssh_setup(lab, name) for name in sent)
+    remote = "cat > /dev/null" if sink == "/dev/null" else f"cat > {sink} && rm -f {sink}"
     start = time.perf_counter()
     running = []
     for name, n in sent.items():
         feeder = subprocess.Popen(["head", "-c", str(n), "/dev/zero"], stdout=subprocess.PIPE)
-        running.append((feeder, subprocess.Popen([*ssh_command(lab, name), "cat > /dev/null"], stdin=feeder.stdout)))
+        running.append((feeder, subprocess.Popen([*ssh_command(lab, name), remote], stdin=feeder.stdout)))
     for feeder, ssh in running:
         if ssh.wait() != 0:
             raise RuntimeError("ssh failed")
@@ -113,12 +116,14 @@ async def main() -> None:
             sent = {name: row["bytes_sent"] for name, row in cold["hosts"].items()}
             ssh = sum(openssh_stream(lab, name, n) for name, n in sent.items())
             ssh_parallel = openssh_stream_all(lab, sent)
+            ssh_to_disk = openssh_stream_all(lab, sent, sink=".cache/meshtui-bench-sink")
             runs.append({"cold": cold, "warm": warm, "openssh_seconds": ssh,
-                         "openssh_parallel_seconds": ssh_parallel})
+                         "openssh_parallel_seconds": ssh_parallel, "openssh_parallel_to_disk_seconds": ssh_to_disk})
         best_cold = min(r["cold"]["seconds"] for r in runs)
         best_warm = min(r["warm"]["seconds"] for r in runs)
         best_ssh = min(r["openssh_seconds"] for r in runs)
         best_ssh_parallel = min(r["openssh_parallel_seconds"] for r in runs)
+        best_ssh_disk = min(r["openssh_parallel_to_disk_seconds"] for r in runs)
         total = sum(row["bytes_sent"] for row in runs[0]["cold"]["hosts"].values())
         transfer = max(best_cold - best_warm, 1e-9)
         print(json.dumps({
@@ -130,6 +135,8 @@ async def main() -> None:
             "transfer_over_openssh": round(best_ssh / transfer, 2),
             "openssh_parallel_MB_per_s": round(total / best_ssh_parallel / 1e6, 1),
             "transfer_over_openssh_parallel": round(best_ssh_parallel / transfer, 2),
+            "openssh_parallel_to_disk_MB_per_s": round(total / best_ssh_disk / 1e6, 1),
+            "transfer_over_openssh_parallel_to_disk": round(best_ssh_disk / transfer, 2),
             "runs": runs,
         }, indent=1))
 

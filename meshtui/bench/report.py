@@ -84,7 +84,8 @@ def _loads_by_host(report: Mapping[str, Any]) -> list[str]:
         second = warm.get(name) or {}
         weights = (second.get("weights_sent") or 0) + (second.get("weights_cached") or 0)
         share = f" ({100 * second['bytes_sent'] / weights:.2f}% of its weights)" if weights and second else ""
-        lines.append(f"  {name}: first load sent {_size(first.get('bytes_sent'))}; second load sent "
+        pushed = f" ({_size(first['bytes_pushed'])} pushed before the load)" if first.get("bytes_pushed") else ""
+        lines.append(f"  {name}: first load sent {_size(first.get('bytes_sent'))}{pushed}; second load sent "
                      f"{_size(second.get('bytes_sent'))}{share}, {_size(second.get('weights_cached'))} from its cache")
     return lines
 

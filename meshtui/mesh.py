@@ -18,7 +18,7 @@ from meshtui import capacity
 from meshtui import events as ev
 from meshtui.capacity import HEAD_NAME, ProbedHost
 from meshtui.engine.client import EngineDied, EngineProcess
-from meshtui.engine.protocol import SPECULATIVE_MODES, Generate
+from meshtui.engine.protocol import Generate
 from meshtui.engineslot import EngineSlot
 from meshtui.errors import EngineError, InventoryError, MeshError, PlanError, raise_first
 from meshtui.gguf_facts import ModelFacts, read_model_facts
@@ -35,7 +35,7 @@ from meshtui.provision import connect_node, measure_rtt_forever, start_stage
 from meshtui.recovery import drop_node, find_failed_stage, wait_for_failed_stage
 from meshtui.rejoin import RejoinPolicy
 from meshtui.rejoinwatch import RejoinWatch
-from meshtui.replyloop import ReplyLoop, Route, collect_reply
+from meshtui.replyloop import ReplyLoop, Route, check_speculative, collect_reply
 from meshtui.report import predict, probe_head
 from meshtui.runtime import local_runtime_bundle
 from meshtui.stage import Stage, StageReport
@@ -50,11 +50,6 @@ __all__ = ["Mesh", "Node", "Recovery", "RejoinPolicy", "Reply", "StallPolicy"]
 DEFAULT_PARALLEL = 4  # replies decoded together unless --parallel says otherwise
 
 
-def _check_speculative(mode: str, name: str, error: type[MeshError]) -> None:
-    if mode not in SPECULATIVE_MODES:
-        raise error(f"{name}: expected one of {', '.join(SPECULATIVE_MODES)}, not {mode!r}")
-
-
 class Mesh:
     def __init__(self, inventory: Inventory, *, accept_new: bool = False,
                  listener: ev.Listener = lambda event: None, output_on_head: bool = True,
@@ -62,7 +57,7 @@ class Mesh:
                  parallel: int = DEFAULT_PARALLEL, speculative: str = "auto") -> None:
         if parallel < 1:
             raise InventoryError(f"--parallel: expected at least 1, not {parallel}")
-        _check_speculative(speculative, "--speculative", InventoryError)
+        check_speculative(speculative, "--speculative", InventoryError)
         if speculative == "draft" and inventory.model.draft is None:
             raise InventoryError(f"{inventory.source}: --speculative draft needs a draft model: set [model] draft "
                                  "to a builtin name or a GGUF path")
@@ -276,7 +271,6 @@ class Mesh:
                            messages=tuple(messages) if messages is not None else None, raw=raw,
                            max_tokens=max_tokens, temperature=temperature, seed=seed,
                            speculative=speculative or self.speculative, **(sampling or {}))
-        _check_speculative(command.speculative, "speculative", EngineError)
         async with contextlib.aclosing(self._replies.stream(command, source)) as events:
             async for event in events:
                 yield event

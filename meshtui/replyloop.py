@@ -14,13 +14,19 @@ from dataclasses import dataclass, field, replace
 
 from meshtui import events as ev
 from meshtui.engine.client import EngineDied, EngineProcess
-from meshtui.engine.protocol import Generate, Started, Token
+from meshtui.engine.protocol import SPECULATIVE_MODES, Generate, Started, Token
 from meshtui.errors import EngineError, MeshError
 from meshtui.inflight import InFlight
 from meshtui.node import Node
 from meshtui.planner import Plan
 from meshtui.streaming import Reply, ReplyFold, StepMeasures, stage_latencies
 from meshtui.tunnels import StageTunnel
+
+
+def check_speculative(mode: str, name: str, error: type[MeshError]) -> None:
+    """A speculation mode (`--speculative`, or a reply's own) is one the engine knows."""
+    if mode not in SPECULATIVE_MODES:
+        raise error(f"{name}: expected one of {', '.join(SPECULATIVE_MODES)}, not {mode!r}")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class ReplyLoop:
     async def stream(self, command: Generate, source: str) -> AsyncGenerator[ev.Event, None]:
         """The reply's events, the reply counted in flight from its first to its last; when it cannot finish it
         raises after telling ReplyFailed (or "interrupted" when its consumer leaves before the end)."""
+        check_speculative(command.speculative, "speculative", EngineError)
         request_id = command.id
         self.flights.begin(request_id, source)
         ended = False

@@ -1,4 +1,4 @@
-"""The OpenAI wire format's common parts, decided purely: errors, the model served, stop sequences, usage.
+"""The OpenAI wire format's common parts, decided purely: errors, the model served, usage.
 
 No I/O here; `meshtui.api` reads the sockets and drives the mesh. Every rejection is an `ApiError` that
 already knows its HTTP status and its OpenAI error body. Requests are parsed in `api_requests`, responses
@@ -8,7 +8,7 @@ shaped in `api_shapes`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,34 +103,6 @@ def check_model(requested: Any, model: ServedModel) -> str:
     if not model.selects(requested):
         raise model_not_found(requested, model)
     return model.id
-
-
-class StopScanner:
-    """Cuts generated text at the first stop sequence; holds back only what could still begin one."""
-
-    def __init__(self, stops: Iterable[str]) -> None:
-        self.stops = tuple(stops)
-        self.held = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        """The text that is safe to send now; sets `stopped` when a stop sequence has appeared."""
-        if self.stopped:
-            return ""
-        buffer = self.held + text
-        cuts = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            self.stopped = True
-            self.held = ""
-            return buffer[:min(cuts)]
-        keep = next((k for k in range(min(len(buffer), max((len(s) for s in self.stops), default=0)), 0, -1)
-                     if any(s.startswith(buffer[-k:]) for s in self.stops)), 0)
-        self.held = buffer[len(buffer) - keep:] if keep else ""
-        return buffer[:len(buffer) - keep]
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return held
 
 
 def finish_reason(stop_reason: str, stopped_by_sequence: bool) -> str:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 from meshtui import events as ev
 from meshtui.api_http import Exchange, end_events, start_events, write_event, write_json
-from meshtui.api_openai import ApiError, StopScanner, finish_reason
+from meshtui.api_openai import ApiError, finish_reason
 from meshtui.api_requests import GenerationRequest
 from meshtui.api_shapes import Choice, chunk, completion, logprobs_of, usage_chunk
+from meshtui.engine.stops import StopText
 from meshtui.errors import EngineError, MeshError
 from meshtui.replies import ReplyQueue
 
@@ -145,7 +146,7 @@ async def _take(gen: GenerationRequest, x: Exchange, progress: _Progress, index:
 async def _choice(index: int, gen: GenerationRequest, requests: ReplyQueue, seed: int,
                   queue: asyncio.Queue[_Item]) -> None:
     """One choice's reply, as items on `queue`; leaving (done, stopped, cancelled) ends the reply."""
-    scanner = StopScanner(gen.stop)
+    scanner = StopText(gen.stop)
     pending: list[ev.TokenGenerated] = []
     try:
         async with contextlib.aclosing(requests.stream(source="api", **gen.mesh_params(seed))) as events:

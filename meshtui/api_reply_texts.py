@@ -8,7 +8,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from meshtui import events as ev
 from meshtui.api_http import Exchange
-from meshtui.api_openai import StopScanner, finish_reason
+from meshtui.api_openai import finish_reason
+from meshtui.engine.stops import StopText
 from meshtui.errors import EngineError
 
 
@@ -19,7 +20,7 @@ async def reply_started(events: AsyncIterator[ev.Event]) -> ev.ReplyStarted:
     raise EngineError("the engine ended the reply before starting it")
 
 
-async def texts_of(events: AsyncIterator[ev.Event], scanner: StopScanner,
+async def texts_of(events: AsyncIterator[ev.Event], scanner: StopText,
                    x: Exchange) -> AsyncGenerator[str, None]:
     """The reply's text as it can be sent, cut at a stop sequence; counts tokens, sets the finish reason."""
     async for event in events:

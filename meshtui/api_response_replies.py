@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from meshtui.api_http import Exchange, start_events, write_json
-from meshtui.api_openai import StopScanner
 from meshtui.api_replies import Failure
 from meshtui.api_reply_texts import reply_started, texts_of
 from meshtui.api_requests import GenerationRequest
@@ -29,6 +28,7 @@ from meshtui.api_responses import (
     status_of,
     text_part,
 )
+from meshtui.engine.stops import StopText
 from meshtui.errors import MeshError
 from meshtui.replies import ReplyQueue
 
@@ -68,7 +68,7 @@ async def answer_response(req: ResponsesRequest, gen: GenerationRequest, store: 
         except MeshError as err:
             raise failure(err, "input") from err
         x.prompt_tokens = started.prompt_tokens
-        async with contextlib.aclosing(texts_of(events, StopScanner(gen.stop), x)) as texts:
+        async with contextlib.aclosing(texts_of(events, StopText(gen.stop), x)) as texts:
             if not gen.stream:
                 try:
                     pieces = [piece async for piece in texts]

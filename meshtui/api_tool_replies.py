@@ -13,13 +13,13 @@ import time
 from typing import Any
 
 from meshtui.api_http import Exchange, end_events, start_events, write_event, write_json
-from meshtui.api_openai import StopScanner
 from meshtui.api_replies import Failure
 from meshtui.api_reply_texts import reply_started, texts_of
 from meshtui.api_requests import GenerationRequest
 from meshtui.api_shapes import Choice, chat_completion, chunk, usage_chunk
 from meshtui.api_tool_calls import CallScanner, partial_response
 from meshtui.api_tools import ToolReply, ToolUse, new_call_id, read_reply
+from meshtui.engine.stops import StopText
 from meshtui.errors import MeshError
 from meshtui.replies import ReplyQueue
 
@@ -94,7 +94,7 @@ async def answer_with_tools(gen: GenerationRequest, use: ToolUse, requests: Repl
         except MeshError as err:
             raise failure(err, "messages") from err
         x.prompt_tokens = started.prompt_tokens
-        async with contextlib.aclosing(texts_of(events, StopScanner(gen.stop), x)) as texts:
+        async with contextlib.aclosing(texts_of(events, StopText(gen.stop), x)) as texts:
             if not gen.stream:
                 try:
                     async for piece in texts:

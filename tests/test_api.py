@@ -21,7 +21,8 @@ from helpers import REPO
 
 from meshtui import events as ev
 from meshtui.api import ApiRequestRecord, ApiServer
-from meshtui.api_openai import ServedModel, StopScanner, model_slug
+from meshtui.api_openai import ServedModel, model_slug
+from meshtui.engine.stops import StopText
 from meshtui.inventory import ModelSpec
 from meshtui.lab import EmbeddedLab
 from meshtui.mesh import Mesh
@@ -377,11 +378,11 @@ async def test_client_hanging_up_cancels_the_reply(served: Served) -> None:
 
 
 async def test_stop_scanner_holds_back_only_a_possible_stop() -> None:
-    scanner = StopScanner(["\n\n", "END"])
+    scanner = StopText(["\n\n", "END"])
     assert scanner.feed("Hello E") == "Hello "
     assert scanner.feed("ND of it") == ""
     assert scanner.stopped
-    plain = StopScanner([])
+    plain = StopText([])
     assert plain.feed("abc") == "abc" and plain.flush() == ""
 
 

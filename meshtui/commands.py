@@ -189,7 +189,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "seconds": finished.seconds,
             "load_seconds": state.load_seconds,
             "load_bytes_sent": state.load_bytes_sent,
-            "load_by_host": {name: load.to_json() for name, load in mesh.host_loads.items()},
+            "load_by_host": dict(state.load_by_host),
             "recoveries": [r.to_json() for r in state.recoveries],
             "prediction": prediction.to_json() if prediction else None,
             "speculative": finished.speculative.to_json() if finished.speculative else None,

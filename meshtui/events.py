@@ -73,6 +73,7 @@ class ModelLoaded(Event):
     seconds: float
     bytes_sent: int
     placement: dict[str, list[int]] = field(default_factory=dict)
+    by_host: dict[str, dict[str, Any]] = field(default_factory=dict)  # each host's load as reported (bytes, cache)
 
 
 @dataclass(frozen=True)

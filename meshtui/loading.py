@@ -154,7 +154,7 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     bytes_sent = sum(load.sent_bytes for load in hosts.values())
     for load in hosts.values():
         sink.emit(load_progressed(load))
-    sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement)))
+    sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement), {n: load.to_json() for n, load in hosts.items()}))
     return Loaded(seconds, bytes_sent, placement, hosts)
 
 

@@ -77,6 +77,7 @@ def test_headless_json_reports_the_replys_speculation() -> None:
     spec = result["speculative"]
     assert spec["mode"] == "ngram" and spec["verify_steps"] > 0 and 0 < spec["accepted"] <= spec["drafted"]
     assert spec["tokens_per_step"] > 1.0
+    assert list(result["load_by_host"]) == ["lab1"] and result["load_by_host"]["lab1"]["bytes_sent"] > 0
     assert result["tokens"][:8] == reference_lookup(SMOLLM2, COPY_PROMPT, 16, draft_tokens=10)["tokens"][:8]
 
 

@@ -33,7 +33,8 @@ def up_events() -> list[ev.Event]:
                    ev.TransferProgressed(host, "push", 10, None), ev.HostPhaseChanged(host, "launch"),
                    ev.AgentLaunched(host, "/run/s.sock", 77, ("CPU",)), ev.RoundTripMeasured(host, 0.4)]
     events += [ev.HostPhaseChanged(n, "load") for n in ("h1", "h2", "head")]
-    events.append(ev.ModelLoaded(1.5, 99, {"head": [0, 1], "h1": [10], "h2": [20, 30]}))
+    events.append(ev.ModelLoaded(1.5, 99, {"head": [0, 1], "h1": [10], "h2": [20, 30]},
+                                 {"h1": {"bytes_sent": 60}, "h2": {"bytes_sent": 39}}))
     events += [ev.HostPhaseChanged(n, "ready") for n in ("head", "h1", "h2")]
     events.append(ev.MeshReady())
     return events
@@ -53,6 +54,7 @@ def test_bringing_the_mesh_up_gives_each_node_its_layers_transfers_and_round_tri
     assert dict(h2.transfers) == {"push": (10, 10)}  # a total said once is kept
     assert dict(state.placement) == {"head": (0, 1), "h1": (10,), "h2": (20, 30)}
     assert (state.load_seconds, state.load_bytes_sent) == (1.5, 99)
+    assert dict(state.load_by_host) == {"h1": {"bytes_sent": 60}, "h2": {"bytes_sent": 39}}
 
 
 def test_a_lost_stage_makes_the_mesh_unready_until_it_recovered() -> None:

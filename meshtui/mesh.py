@@ -375,7 +375,7 @@ class Mesh:
     # -- reporting -------------------------------------------------------------------------------
     def predict(self) -> Prediction | None:
         """Predicted decode speed of the current plan from probed bandwidth and measured round trips."""
-        return predict(self.plan, self.model, self.nodes)
+        return predict(self.state, self.model)
 
     # -- teardown --------------------------------------------------------------------------------
     async def close(self) -> None:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from meshtui.gguf_facts import ModelFacts
-from meshtui.node import Node
-from meshtui.planner import Plan
 from meshtui.predict import Prediction, predict_decode
 from meshtui.runtime import agent_source_path, load_file_module
 from meshtui.state import MeshState
 
 
-def predict(plan: Plan | None, model: ModelFacts | None, nodes: Sequence[Node]) -> Prediction | None:
-    """Predicted decode speed of the plan from probed bandwidth and measured round trips."""
-    if plan is None or model is None:
+def predict(state: MeshState, model: ModelFacts | None) -> Prediction | None:
+    """Predicted decode speed of the plan from probed bandwidth and measured round trips, as the events told."""
+    if state.plan is None or model is None:
         return None
-    bandwidth = {n.name: (n.facts.mem_bandwidth if n.facts else None) for n in nodes}
-    return predict_decode(plan, model, bandwidth, {n.name: n.rtt_ms for n in nodes})
+    bandwidth = {n.name: (n.facts.get("mem_bandwidth") if n.facts else None) for n in state.nodes}
+    return predict_decode(state.plan, model, bandwidth, {n.name: n.rtt_ms for n in state.nodes})
 
 
 def summary(state: MeshState) -> list[dict[str, Any]]:

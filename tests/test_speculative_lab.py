@@ -78,6 +78,9 @@ def test_headless_json_reports_the_replys_speculation() -> None:
     assert spec["mode"] == "ngram" and spec["verify_steps"] > 0 and 0 < spec["accepted"] <= spec["drafted"]
     assert spec["tokens_per_step"] > 1.0
     assert list(result["load_by_host"]) == ["lab1"] and result["load_by_host"]["lab1"]["bytes_sent"] > 0
+    rtt = {n["name"]: n["network_rtt_ms"] for n in result["nodes"]}
+    predicted = {n["name"]: n["network_ms"] for n in result["prediction"]["nodes"]}
+    assert predicted == {"head": 0.0, "lab1": rtt["lab1"]} and rtt["lab1"] > 0  # the prediction reads the state
     assert result["tokens"][:8] == reference_lookup(SMOLLM2, COPY_PROMPT, 16, draft_tokens=10)["tokens"][:8]
 
 

@@ -244,6 +244,11 @@ async def test_soak_with_jitter_and_a_busy_host_drops_no_stage(
                                                 seed=replies)
                     replies += 1
                     tokens += len(reply.token_ids)
+                # A stall probe may still be out when the last reply ends ("stalled" until the agent answers):
+                # give it the time a probe takes to settle, then read what the mesh holds.
+                deadline = time.monotonic() + 10
+                while any(n.status == "stalled" for n in mesh.nodes) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
                 recoveries = list(mesh.recoveries)
                 statuses = {n.name: n.status for n in mesh.nodes}
             finally:

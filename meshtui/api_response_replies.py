@@ -9,7 +9,6 @@ max_output_tokens cut it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 from meshtui.api_http import Exchange, start_events, write_json
 from meshtui.api_replies import Failure
-from meshtui.api_reply_texts import reply_started, texts_of
+from meshtui.api_reply_texts import reply_texts
 from meshtui.api_requests import GenerationRequest
 from meshtui.api_responses import (
     ResponseIds,
@@ -28,7 +27,6 @@ from meshtui.api_responses import (
     status_of,
     text_part,
 )
-from meshtui.engine.stops import StopText
 from meshtui.errors import MeshError
 from meshtui.replies import ReplyQueue
 
@@ -60,43 +58,36 @@ async def answer_response(req: ResponsesRequest, gen: GenerationRequest, store: 
         return response_object(req, ids, gen.model, req.chat, status=status, text=text,
                                usage=usage)
 
-    x.asked = time.perf_counter()
     pieces: list[str] = []
-    async with contextlib.aclosing(requests.stream(source="api", **gen.mesh_params(seed))) as events:
-        try:
-            started = await reply_started(events)
-        except MeshError as err:
-            raise failure(err, "input") from err
-        x.prompt_tokens = started.prompt_tokens
-        async with contextlib.aclosing(texts_of(events, StopText(gen.stop), x)) as texts:
-            if not gen.stream:
-                try:
-                    pieces = [piece async for piece in texts]
-                except MeshError as err:
-                    raise failure(err, "input") from err
-                text = "".join(pieces)
-                _keep(store, req, ids, text)
-                x.status = 200
-                await write_json(writer, 200, response(status_of(x.finish_reason), text))
-                return
-            x.status = 200
-            await start_events(writer)
-            out = EventWriter(writer)
-            where = {"item_id": ids.message, "output_index": 0, "content_index": 0}
-            await out.send("response.created", response=response("in_progress"))
-            await out.send("response.in_progress", response=response("in_progress"))
-            await out.send("response.output_item.added", output_index=0,
-                           item=message_item(ids, None, "in_progress"))
-            await out.send("response.content_part.added", **where, part=text_part(""))
+    async with reply_texts(requests, gen.mesh_params(seed), gen.stop, x, failure, "input") as texts:
+        if not gen.stream:
             try:
-                async for piece in texts:
-                    pieces.append(piece)
-                    await out.send("response.output_text.delta", **where, delta=piece, logprobs=[])
-            except MeshError as err:  # the status is sent already: the error goes in the stream
-                refused = failure(err, "input")
-                x.detail = refused.message
-                await out.send("error", code=refused.code, message=refused.message, param=refused.param)
-                return
+                pieces += [piece async for piece in texts]
+            except MeshError as err:
+                raise failure(err, "input") from err
+            text = "".join(pieces)
+            _keep(store, req, ids, text)
+            x.status = 200
+            await write_json(writer, 200, response(status_of(x.finish_reason), text))
+            return
+        x.status = 200
+        await start_events(writer)
+        out = EventWriter(writer)
+        where = {"item_id": ids.message, "output_index": 0, "content_index": 0}
+        await out.send("response.created", response=response("in_progress"))
+        await out.send("response.in_progress", response=response("in_progress"))
+        await out.send("response.output_item.added", output_index=0,
+                       item=message_item(ids, None, "in_progress"))
+        await out.send("response.content_part.added", **where, part=text_part(""))
+        try:
+            async for piece in texts:
+                pieces.append(piece)
+                await out.send("response.output_text.delta", **where, delta=piece, logprobs=[])
+        except MeshError as err:  # the status is sent already: the error goes in the stream
+            refused = failure(err, "input")
+            x.detail = refused.message
+            await out.send("error", code=refused.code, message=refused.message, param=refused.param)
+            return
     text = "".join(pieces)
     status = status_of(x.finish_reason)
     _keep(store, req, ids, text)

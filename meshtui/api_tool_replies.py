@@ -7,19 +7,17 @@ writes it: its id and name once the name is whole, then its arguments' text piec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from typing import Any
 
 from meshtui.api_http import Exchange, end_events, start_events, write_event, write_json
 from meshtui.api_replies import Failure
-from meshtui.api_reply_texts import reply_started, texts_of
+from meshtui.api_reply_texts import reply_texts
 from meshtui.api_requests import GenerationRequest
 from meshtui.api_shapes import Choice, chat_completion, chunk, usage_chunk
 from meshtui.api_tool_calls import CallScanner, partial_response
 from meshtui.api_tools import ToolReply, ToolUse, new_call_id, read_reply
-from meshtui.engine.stops import StopText
 from meshtui.errors import MeshError
 from meshtui.replies import ReplyQueue
 
@@ -87,40 +85,33 @@ async def answer_with_tools(gen: GenerationRequest, use: ToolUse, requests: Repl
     params = gen.mesh_params(seed)
     if use.constrained:
         params["sampling"] = {**params.get("sampling", {}), "grammar": use.grammar()}
-    x.asked = time.perf_counter()
-    async with contextlib.aclosing(requests.stream(source="api", **params)) as events:
-        try:
-            started = await reply_started(events)
-        except MeshError as err:
-            raise failure(err, "messages") from err
-        x.prompt_tokens = started.prompt_tokens
-        async with contextlib.aclosing(texts_of(events, StopText(gen.stop), x)) as texts:
-            if not gen.stream:
-                try:
-                    async for piece in texts:
-                        reader.text += piece
-                except MeshError as err:
-                    raise failure(err, "messages") from err
-                reply, _ = reader.finish()
-                assert x.finish_reason is not None
-                x.finish_reason = tool_finish(reply, x.finish_reason)
-                body = chat_completion(gen, reply_id, created, [Choice(0, "", x.finish_reason)], x.usage())
-                body["choices"][0]["message"] = tool_message(reply)
-                x.status = 200
-                await write_json(writer, 200, body)
-                return
-            x.status = 200
-            await start_events(writer)
-            await write_event(writer, chunk(gen, reply_id, created, 0, "", role=True))
+    async with reply_texts(requests, params, gen.stop, x, failure, "messages") as texts:
+        if not gen.stream:
             try:
                 async for piece in texts:
-                    for delta in reader.feed(piece):
-                        await write_event(writer, _delta_chunk(gen, reply_id, created, delta))
-            except MeshError as err:  # the status is sent already: the error goes in the stream
-                refused = failure(err, "messages")
-                x.detail = refused.message
-                await write_event(writer, refused.body())
-                return
+                    reader.text += piece
+            except MeshError as err:
+                raise failure(err, "messages") from err
+            reply, _ = reader.finish()
+            assert x.finish_reason is not None
+            x.finish_reason = tool_finish(reply, x.finish_reason)
+            body = chat_completion(gen, reply_id, created, [Choice(0, "", x.finish_reason)], x.usage())
+            body["choices"][0]["message"] = tool_message(reply)
+            x.status = 200
+            await write_json(writer, 200, body)
+            return
+        x.status = 200
+        await start_events(writer)
+        await write_event(writer, chunk(gen, reply_id, created, 0, "", role=True))
+        try:
+            async for piece in texts:
+                for delta in reader.feed(piece):
+                    await write_event(writer, _delta_chunk(gen, reply_id, created, delta))
+        except MeshError as err:  # the status is sent already: the error goes in the stream
+            refused = failure(err, "messages")
+            x.detail = refused.message
+            await write_event(writer, refused.body())
+            return
     reply, rest = reader.finish()
     for delta in rest:
         await write_event(writer, _delta_chunk(gen, reply_id, created, delta))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,26 @@ def inventory_with_python(lab: Any, tmp_path: Path, host_name: str, python: str,
     path = tmp_path / "inventory.toml"
     path.write_text(text)
     return path
+
+
+NEAR_TIE = 0.5  # nats between the two likeliest tokens: close enough for other kernels to tip the choice
+
+
+def parting(together: Sequence[Any], alone: Sequence[Any], margins: Sequence[float]) -> str | None:
+    """Why a greedy reply decoded beside others is not its request's reply alone; None when it is, or when it
+    parts from it only at a near tie (alone's two likeliest tokens within NEAR_TIE nats there; `margins[i]`: at
+    alone's token i). With a KV cache per sequence a step splits into one graph per run of ascending sequence ids
+    and equal token counts, and a sequence's attention over one row takes ggml's F16 dot product where over
+    several it takes tinyBLAS in F32: a prompt or a verify step read in other pieces than alone rounds apart
+    (logprobs up to 0.33 nats measured), so the replies agree "exactly where the kernels allow"."""
+    for i, (mine, theirs) in enumerate(zip(together, alone, strict=False)):
+        if mine != theirs:
+            if margins[i] < NEAR_TIE:
+                return None
+            return (f"token {i} is {mine!r}, alone {theirs!r}, where alone's two likeliest were "
+                    f"{margins[i]:.3f} nats apart")
+    if len(together) < len(alone) and margins[len(together)] < NEAR_TIE:
+        return None  # it ended where alone went on, at a near tie
+    if len(together) != len(alone):
+        return f"{len(together)} tokens, alone {len(alone)}"
+    return None

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 import pytest_asyncio
-from helpers import REPO
+from helpers import REPO, parting
 
 from meshtui import events as ev
 from meshtui.api import ApiRequestRecord, ApiServer
@@ -228,19 +228,43 @@ CONCURRENT = [
 ]
 
 
-async def _streamed(client: openai.AsyncOpenAI, request: dict[str, Any]) -> tuple[str, str | None, Any]:
-    """A streamed chat reply: its text, its finish reason and its usage."""
+@dataclass
+class Streamed:
+    """A streamed chat reply; tokens and margins (its two likeliest tokens' logprobs apart) when greedy."""
+
+    text: str
+    reason: str | None
+    usage: Any
+    tokens: list[str]
+    margins: list[float]
+
+
+async def _streamed(client: openai.AsyncOpenAI, request: dict[str, Any]) -> Streamed:
+    greedy = request["temperature"] == 0
     stream = await client.chat.completions.create(model="meshtui", stream=True,
-                                                  stream_options={"include_usage": True}, **request)
+                                                  stream_options={"include_usage": True},
+                                                  **({"logprobs": True, "top_logprobs": 2} if greedy else {}),
+                                                  **request)
     chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    return text, reasons[-1] if reasons else None, chunks[-1].usage
+    scored = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+    margins = [e.top_logprobs[0].logprob - e.top_logprobs[1].logprob for e in scored]
+    return Streamed(text, reasons[-1] if reasons else None, chunks[-1].usage, [e.token for e in scored], margins)
 
 
-async def _alone(served: Served, request: dict[str, Any]) -> str:
+async def _alone(served: Served, request: dict[str, Any]) -> Streamed:
     async with served.client() as client:
-        return (await _streamed(client, request))[0]
+        return await _streamed(client, request)
+
+
+def _as_if_alone(together: Streamed, alone: Streamed) -> None:
+    """The same reply, or one that parts from it only at a near tie (helpers.parting)."""
+    assert alone.tokens and len(alone.margins) == len(alone.tokens)
+    why = parting(together.tokens, alone.tokens, alone.margins)
+    assert why is None, f"{together.text!r} vs alone {alone.text!r}: {why}"
+    if together.tokens == alone.tokens:
+        assert together.text == alone.text
 
 
 async def test_eight_streaming_requests_at_once_all_complete_as_if_alone(served: Served) -> None:
@@ -249,12 +273,12 @@ async def test_eight_streaming_requests_at_once_all_complete_as_if_alone(served:
     started = len([e for e in served.events if isinstance(e, ev.ReplyStarted)])
     async with served.client() as client:
         replies = await asyncio.gather(*(_streamed(client, r) for r in CONCURRENT))
-    for request, solo, (text, reason, usage) in zip(CONCURRENT, alone, replies, strict=True):
-        assert text and reason in ("stop", "length")
-        assert usage.completion_tokens <= request["max_tokens"] and usage.prompt_tokens > 0
-        assert (usage.model_extra or {})["time_to_first_token_seconds"] > 0
+    for request, solo, reply in zip(CONCURRENT, alone, replies, strict=True):
+        assert reply.text and reply.reason in ("stop", "length")
+        assert reply.usage.completion_tokens <= request["max_tokens"] and reply.usage.prompt_tokens > 0
+        assert (reply.usage.model_extra or {})["time_to_first_token_seconds"] > 0
         if solo is not None:
-            assert text == solo, request
+            _as_if_alone(reply, solo)
     mesh_replies = [e for e in served.events if isinstance(e, ev.ReplyStarted)][started:]
     assert len(mesh_replies) == 8 and {e.source for e in mesh_replies} == {"api"}
     assert served.server.requests.in_flight == () and served.server.requests.waiting == 0
@@ -282,14 +306,16 @@ async def test_a_request_cancelled_mid_way_leaves_the_others_unchanged(served: S
         quitter = asyncio.create_task(hang_up_after_three_pieces())
         replies = await asyncio.gather(*(_streamed(client, r) for r in greedy))
         await quitter
-    assert [text for text, _, _ in replies] == alone
+    for reply, solo in zip(replies, alone, strict=True):
+        _as_if_alone(reply, solo)
     deadline = time.monotonic() + 20
     while served.server.requests.in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert served.server.requests.in_flight == ()  # its sequence was freed: nothing is left in flight
     cancelled = [e for e in served.events if isinstance(e, ev.ReplyFinished) and e.stop_reason == "cancelled"]
     assert cancelled and len(cancelled[-1].token_ids) < 300
-    assert await _alone(served, greedy[0]) == alone[0]  # and the mesh serves the next one as before
+    again = await _alone(served, greedy[0])  # and the mesh serves the next one as before: alone, exactly
+    assert (again.text, again.tokens) == (alone[0].text, alone[0].tokens)
 
 
 async def test_auth_model_and_context_errors(served: Served) -> None:

@@ -148,6 +148,11 @@ class Engine:
         ctx_params.n_ctx = int(cmd.context) * parallel  # `context` is each sequence's
         ctx_params.n_batch = ctx_params.n_ubatch = int(cmd.batch)
         ctx_params.n_seq_max = parallel
+        # A KV cache of its own for each sequence (llama.cpp's default; its server unifies them). Measured on the
+        # head: replies decoded together then agree with each alone exactly (their attention runs the kernels
+        # it runs alone), where one unified cache let logprobs drift 0.1 nats (attention over several rows takes
+        # ggml's tinyBLAS, in F32, one row the F16 dot product) for no throughput gained in the lab bench.
+        ctx_params.kv_unified = False
         # One thread count for every step: llama.cpp takes n_threads_batch for any batch of more than one token
         # (a verify step, replies decoded together), and os.cpu_count() there oversubscribed a shared machine.
         ctx_params.n_threads = ctx_params.n_threads_batch = threads

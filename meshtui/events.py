@@ -98,6 +98,7 @@ class TokenGenerated(Event):
     text: str
     logprob: float | None = None  # when the request asked for logprobs (the engine's Token carries them)
     top_logprobs: tuple[tuple[str, float], ...] = ()
+    step: int = -1  # the engine's decode step that produced it: tokens of one step were decoded together
 
 
 @dataclass(frozen=True)

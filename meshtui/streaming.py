@@ -75,7 +75,7 @@ class ReplyFold:
             step = event
         self._first_of_attempt = self._first_of_attempt and event.token_id < 0
         return ev.TokenGenerated(self.request_id, event.index, event.token_id, event.text, event.logprob,
-                                 event.top_logprobs), step
+                                 event.top_logprobs, event.decode_call), step
 
     def other(self, event: ReplyEvent) -> ev.Event | None:
         """A non-token engine event: the reply's start (told once, not again after a recovery), its end."""

@@ -12,6 +12,7 @@ the RPC stages follow through the next graph, nothing extra on hosts).
 from __future__ import annotations
 
 import codecs
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -66,7 +67,7 @@ class Decoder:
         self.batch_size = batch
         self.send = send
         self.draft_model = draft_model
-        self.free_seqs: deque[int] = deque(range(parallel))
+        self.free_seqs: list[int] = list(range(parallel))  # a heap: the lowest id first
         self.waiting: deque[tuple[Generate, list[int]]] = deque()
         self.slots: list[Slot] = []
         self.cancelled: set[int] = set()
@@ -121,7 +122,7 @@ class Decoder:
                 self._llama.llama_sampler_free(sampler)
                 self.send(Done(request.id, "length", tuple(resume), "", 0.0, len(prompt)))
                 continue
-            seq_id = self.free_seqs.popleft()
+            seq_id = heapq.heappop(self.free_seqs)
             self._llama.llama_memory_seq_rm(self.ctx.memory, seq_id, -1, -1)
             for token in resume:  # the repeat penalty sees the reply so far, as it did the first time
                 self._llama.llama_sampler_accept(sampler, token)
@@ -176,32 +177,39 @@ class Decoder:
         if not self.slots:
             return
         n = 0
-        verifying: list[tuple[Slot, int]] = []  # (slot, batch index of its latest token)
-        sampling: list[tuple[Slot, int]] = []  # (slot, batch index of its prompt's last token)
-        for slot in self.slots:
+        runs: list[tuple[Slot, list[int], bool | None]] = []  # (slot, its tokens this step, prompt ends: None verifies)
+        for slot in self.slots:  # decoding sequences first: a token each, and drafts where there is room
             if slot.last is None:
                 continue
             slot.drafts = self._draft(slot, self.batch_size - n - 1)
-            verifying.append((slot, n))
-            for i, token in enumerate([slot.last, *slot.drafts]):
-                self._put(n, token, slot.n_past + i, slot.seq_id, True)
-                n += 1
-        for slot in self.slots:
+            runs.append((slot, [slot.last, *slot.drafts], None))
+            n += 1 + len(slot.drafts)
+        for slot in self.slots:  # then prompts, a chunk each while there is room
             if slot.last is not None or n >= self.batch_size:
                 continue
             run = slot.feeds[0]
             take, rest = run[:self.batch_size - n], run[self.batch_size - n:]
-            final = not rest and len(slot.feeds) == 1
-            for i, token in enumerate(take):
-                self._put(n, token, slot.n_past + i, slot.seq_id, final and i == len(take) - 1)
-                n += 1
-            slot.n_past += len(take)
+            runs.append((slot, take, not rest and len(slot.feeds) == 1))
+            n += len(take)
             if rest:
                 slot.feeds[0] = rest
             else:
                 slot.feeds.popleft()
-            if final:
-                sampling.append((slot, n - 1))
+        # In ascending sequence ids: llama.cpp, with a KV cache per sequence, splits a batch into one graph (a round
+        # trip to every stage) per run of consecutive ascending ids; the lowest free id is taken, so they stay so.
+        verifying: list[tuple[Slot, int]] = []  # (slot, batch index of its latest token)
+        sampling: list[tuple[Slot, int]] = []  # (slot, batch index of its prompt's last token)
+        n = 0
+        for slot, tokens, final in sorted(runs, key=lambda r: r[0].seq_id):
+            if final is None:
+                verifying.append((slot, n))
+            for i, token in enumerate(tokens):
+                self._put(n, token, slot.n_past + i, slot.seq_id, final is None or (final and i == len(tokens) - 1))
+                n += 1
+            if final is not None:
+                slot.n_past += len(tokens)
+                if final:
+                    sampling.append((slot, n - 1))
         self._batch.n_tokens = n
         started = time.perf_counter()
         status = self._llama.llama_decode(self.ctx.ctx, self._batch)
@@ -304,4 +312,4 @@ class Decoder:
             self.draft_model.forget(slot.seq_id)
         self._llama.llama_sampler_free(slot.sampler)
         self.slots.remove(slot)
-        self.free_seqs.append(slot.seq_id)
+        heapq.heappush(self.free_seqs, slot.seq_id)

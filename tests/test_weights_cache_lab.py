@@ -151,8 +151,7 @@ async def test_a_full_cache_evicts_the_least_recently_used_and_still_loads(
     inventory_file.write_text(lab.inventory_toml('name = "smollm2"', {"h1": {"cache_limit": limit}}))
     empty_caches(lab)
     # h1's cache is full of another model's tensors, last used long ago.
-    folder = cache_of(lab, "h1")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = user_folder(lab, "h1", cache_of(lab, "h1"))
     owner = folder.stat()
     old = [folder / f"{0xfeed0000 + i:016x}" for i in range(8)]
     for i, path in enumerate(old):
@@ -176,6 +175,22 @@ async def test_a_full_cache_evicts_the_least_recently_used_and_still_loads(
     assert warm["h1"].sent_bytes < 0.01 * warm["h1"].placed_bytes, h1.name
 
 
+def user_folder(lab, host_name: str, folder: Path) -> Path:
+    """`folder` in a host's home, made where missing as its user's own (the test runs as root; the agent does not,
+    and must still write beside it: a fresh lab has no ~/.cache yet)."""
+    import pwd
+
+    host = lab.host(host_name)
+    user = pwd.getpwnam(host.user)
+    path = host.home
+    for part in folder.relative_to(host.home).parts:
+        path = path / part
+        if not path.is_dir():
+            path.mkdir()
+            os.chown(path, user.pw_uid, user.pw_gid)
+    return folder
+
+
 def give_file(lab, host_name: str, source: Path, relative: str) -> Path:
     """Copy `source` into a host's home as its user's own file."""
     import pwd
@@ -183,11 +198,9 @@ def give_file(lab, host_name: str, source: Path, relative: str) -> Path:
 
     host = lab.host(host_name)
     user = pwd.getpwnam(host.user)
-    target = host.home / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = user_folder(lab, host_name, (host.home / relative).parent) / Path(relative).name
     shutil.copyfile(source, target)
-    for path in (target.parent, target):
-        os.chown(path, user.pw_uid, user.pw_gid)
+    os.chown(target, user.pw_uid, user.pw_gid)
     return target
 
 

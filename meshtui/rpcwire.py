@@ -7,6 +7,7 @@ A stage's time for a token runs from its first frame of that token to its GET_TE
 
 from __future__ import annotations
 
+import statistics
 import struct
 import time
 from collections import deque
@@ -28,6 +29,7 @@ _SHAPE = struct.Struct("<4I4I")
 _SHAPE_AT = 20
 _SHAPE_END = _SHAPE_AT + _SHAPE.size
 SET_TENSOR_HEADER = RPC_TENSOR_SIZE + 1 + 8  # | rpc_tensor | cache_flag | offset | data |
+STEP_SIZES = 64  # recent rounds whose bytes say what a usual step sends
 
 
 async def rpc_hello(path: str, timeout: float = 10.0) -> tuple[int, int, int]:
@@ -88,6 +90,7 @@ class RpcMeter:
         self._down_first: bool = False  # the current reply's first payload byte says hit or miss
         self.rounds: deque[Round] = deque(maxlen=max_rounds)
         self.rounds_since_reset = 0
+        self._sizes: deque[int] = deque(maxlen=STEP_SIZES)  # recent rounds' bytes sent, kept across resets
         self._pending: deque[int] = deque()
         self._awaiting: deque[float] = deque()  # when each answered command still unanswered was fully sent
         self._up_header = bytearray()
@@ -134,6 +137,15 @@ class RpcMeter:
         The stall watchdog's clock: a live stage answers every command it was sent, a frozen one never does.
         """
         return self._awaiting[0] if self._awaiting else None
+
+    def step_scale(self) -> float:
+        """How many usual steps' work the round under way is, at least 1: its bytes sent over the median of recent
+        rounds'. What a stage sends grows with the step's positions (activations, positions, mask rows), and so
+        does its compute: a long prompt's chunk of 512 positions is a hundred decode steps' bytes."""
+        if self._round_start is None or not self._sizes:
+            return 1.0
+        usual = statistics.median(self._sizes)
+        return max(1.0, self._round_up / usual) if usual > 0 else 1.0
 
     def feed_up(self, data: bytes, now: float | None = None) -> bool:
         """Count client-to-server bytes; True when they complete a command the server will answer.
@@ -241,6 +253,7 @@ class RpcMeter:
         if self._round_has_graph and self._round_start is not None:
             self.rounds.append(Round(self._round_start, end, self._round_up, self._round_down, self._round_frames))
             self.rounds_since_reset += 1
+            self._sizes.append(self._round_up)
         self._round_start = None
         self._round_up = self._round_down = self._round_frames = 0
         self._round_has_graph = False

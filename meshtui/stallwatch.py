@@ -54,7 +54,8 @@ class StallWatch:
                         self._stall_ended(node)
                     continue
                 deadline = (policy.load_deadline if self.loading()
-                            else policy.step_deadline(list(self.step_times(node.name))[-STEP_HISTORY:]))
+                            else policy.step_deadline(list(self.step_times(node.name))[-STEP_HISTORY:],
+                                                      stage.tunnel.meter.step_scale()))
                 probe = self._probes.get(node.name)
                 clock = StageClock(waiting_since, deadline, probing=probe is not None and not probe.done(),
                                    last_pong=self._last_pong.get(node.name))

@@ -6,7 +6,9 @@ of its own recent step times; a frozen process (SIGSTOP, swap, a hung driver) or
 SSH keepalives take tens of seconds to notice a link and never notice a frozen process. So:
 
 1. A step is *overdue* past a deadline derived from the stage's own recent step times (`factor` x p95, never
-   under `floor`); during a model load the deadline is `load_deadline` (a large tensor takes seconds).
+   under `floor`), times how many usual steps' work the step under way is (its bytes sent over a usual step's:
+   a long prompt's chunk is hundreds of positions); during a model load the deadline is `load_deadline` (a
+   large tensor takes seconds).
 2. An overdue stage is *stalled*: the head asks its agent for a pong over the same SSH connection, with a timeout
    derived from the host's measured round trip. The agent answers pings from its main thread, so a stage that is
    merely slow (busy, a GC pause, a cold cache) answers at once and is left alone; the probe repeats every
@@ -39,11 +41,12 @@ class StallPolicy:
     ceiling: float = 300.0  # pongs but no answer to its step for this long: lost all the same
     tick: float = 0.05  # how often the watchdog looks
 
-    def step_deadline(self, recent_step_ms: Sequence[float]) -> float:
+    def step_deadline(self, recent_step_ms: Sequence[float], scale: float = 1.0) -> float:
+        """`scale`: how many usual steps' work the step under way is (`RpcMeter.step_scale`, at least 1)."""
         worst = p95(recent_step_ms)
         if worst is None:
-            return max(self.floor, self.first_step)
-        return max(self.floor, self.factor * worst / 1000.0)
+            return max(self.floor, self.first_step) * scale
+        return max(self.floor, self.factor * worst / 1000.0) * scale
 
     def probe_timeout(self, rtt_ms: float | None) -> float:
         return max(self.probe_floor, self.probe_rtt_factor * (rtt_ms or 0.0) / 1000.0)

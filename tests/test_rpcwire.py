@@ -85,6 +85,23 @@ def test_reset_forgets_a_partial_round() -> None:
     assert [r.ms for r in meter.rounds] == [1000.0]  # ...the round starts at the first bytes after it
 
 
+def test_step_scale_is_the_round_under_ways_bytes_over_the_usual_rounds_and_outlives_a_reset() -> None:
+    meter = RpcMeter()
+    assert meter.step_scale() == 1.0  # nothing seen yet
+    usual_up, usual_down = token_exchange(2, 64)
+    for i in range(5):
+        feed(meter, usual_up, usual_down, float(i), i + 0.5, [])
+    assert meter.step_scale() == 1.0  # no round under way
+    meter.reset_rounds()  # a new reply: its rounds are counted afresh, what a usual step sends is kept
+    big_up, big_down = token_exchange(40, 64)  # a step with 20 times the activations
+    meter.feed_up(big_up, 9.0)
+    assert meter.step_scale() == len(big_up) / len(usual_up)
+    meter.feed_down(big_down, 9.5)
+    assert meter.step_scale() == 1.0
+    meter.feed_up(usual_up[:-10], 10.0)  # a usual step under way, partly sent: never under 1
+    assert meter.step_scale() == 1.0
+
+
 @given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
 def test_feed_up_says_when_a_command_the_server_answers_is_complete(cuts: list[int]) -> None:
     # Two decode steps, then a zero-payload answered command (GET_ALLOC_SIZE-like, number 13).

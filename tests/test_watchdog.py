@@ -20,6 +20,12 @@ def test_the_step_deadline_follows_the_stages_own_p95_with_a_floor() -> None:
     assert POLICY.step_deadline([100.0] * 18 + [900.0, 900.0]) == 3.6
 
 
+def test_a_step_of_many_usual_steps_work_gets_as_many_deadlines() -> None:
+    assert POLICY.step_deadline([5.0] * 50, scale=120.0) == 30.0  # a prompt chunk: 120 decode steps' bytes
+    assert POLICY.step_deadline([100.0] * 20, scale=2.5) == 1.0
+    assert POLICY.step_deadline([], scale=3.0) == 6.0
+
+
 def test_the_probe_timeout_grows_with_the_hosts_round_trip() -> None:
     assert POLICY.probe_timeout(None) == 0.5
     assert POLICY.probe_timeout(2.0) == 0.5

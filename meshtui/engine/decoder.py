@@ -1,12 +1,16 @@
-"""The engine's step loop: every sequence in flight advances in one `llama_decode` per step.
+"""The engine's step loop: the sequences in flight advance together, one `llama_decode` a step.
 
-A step's batch holds, for each sequence that is decoding, its latest token plus the tokens drafted after it
-(all with logits), and chunks of the prompts still being read (logits only where a prompt ends), up to the
-batch size. One step costs one round trip per stage whatever it holds, which is what drafting and batching
-both exploit. After the step each decoding sequence samples at its positions with its own sampler chain and
-keeps the drafts while they equal what it sampled (exact for any sampler: the tokens are the ones a plain run
-would sample from the same logits); the rejected positions leave the KV cache (`llama_memory_seq_rm`, which
-the RPC stages follow through the next graph, nothing extra on hosts).
+A step's batch holds runs of one length (`Decoder._runs`), up to the batch size: for a sequence that is decoding,
+its latest token plus the tokens drafted after it (all with logits); for one being read, a chunk of its prompt
+(logits only where the prompt ends). Every sequence whose next run has the step's length joins it, so replies
+decoding one token at a time all advance in every plain step, and a joining prompt or a verify of other length
+takes a step of its own: one graph a step, one round trip per stage whatever it holds (what drafting and
+batching both exploit), and each run decoded whole, as it would be alone.
+
+After the step each decoding sequence samples at its positions with its own sampler chain and keeps the drafts
+while they equal what it sampled (exact for any sampler: the tokens are the ones a plain run would sample from
+the same logits); the rejected positions leave the KV cache (`llama_memory_seq_rm`, which the RPC stages follow
+through the next graph, nothing extra on hosts).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class Slot:
     max_tokens: int
     sampler: Any
     mode: str  # "auto", "ngram", "draft" or "off"
-    feeds: deque[list[int]]  # runs still to decode before the next sample, one run per step (split if long)
+    feeds: deque[list[int]]  # runs still to read before the next sample, a chunk a step (split if long)
     generated: list[int]
     started: float
     n_past: int = 0  # positions of this sequence in the KV cache
@@ -53,6 +57,8 @@ class Slot:
     accepted: int = 0
     verify_steps: int = 0
     last_step: int = -1
+    drafted_at: int = -1  # the n_past `drafts` were chosen at (-1: none chosen yet)
+    last_ran: int = -1  # the step that last took a run of this sequence (-1: none yet, first in line)
 
 
 class Decoder:
@@ -176,31 +182,10 @@ class Decoder:
         self._admit()
         if not self.slots:
             return
-        n = 0
-        runs: list[tuple[Slot, list[int], bool | None]] = []  # (slot, its tokens this step, prompt ends: None verifies)
-        for slot in self.slots:  # decoding sequences first: a token each, and drafts where there is room
-            if slot.last is None:
-                continue
-            slot.drafts = self._draft(slot, self.batch_size - n - 1)
-            runs.append((slot, [slot.last, *slot.drafts], None))
-            n += 1 + len(slot.drafts)
-        for slot in self.slots:  # then prompts, a chunk each while there is room
-            if slot.last is not None or n >= self.batch_size:
-                continue
-            run = slot.feeds[0]
-            take, rest = run[:self.batch_size - n], run[self.batch_size - n:]
-            runs.append((slot, take, not rest and len(slot.feeds) == 1))
-            n += len(take)
-            if rest:
-                slot.feeds[0] = rest
-            else:
-                slot.feeds.popleft()
-        # In ascending sequence ids: llama.cpp, with a KV cache per sequence, splits a batch into one graph (a round
-        # trip to every stage) per run of consecutive ascending ids; the lowest free id is taken, so they stay so.
         verifying: list[tuple[Slot, int]] = []  # (slot, batch index of its latest token)
         sampling: list[tuple[Slot, int]] = []  # (slot, batch index of its prompt's last token)
         n = 0
-        for slot, tokens, final in sorted(runs, key=lambda r: r[0].seq_id):
+        for slot, tokens, final in self._runs():
             if final is None:
                 verifying.append((slot, n))
             for i, token in enumerate(tokens):
@@ -226,6 +211,42 @@ class Decoder:
                 self._finish(slot, end)
         for slot, index in verifying:
             self._verify(slot, index, step, ms)
+
+    def _runs(self) -> list[tuple[Slot, list[int], bool | None]]:
+        """This step's runs, in ascending sequence ids: (slot, its tokens, whether its prompt ends; None: it
+        verifies its latest token and drafts). One run length a step, the length of the sequence that waited
+        longest (decoding before reading at a tie), with every other sequence whose run has it, as the batch
+        holds. With a KV cache per sequence llama.cpp splits a batch into one graph (a round trip to every
+        stage) per run of consecutive ascending ids and per equal token count, so runs of several lengths would
+        cost as many graphs in one step; and a run split across graphs rounds apart from the run whole (attention
+        over one row takes other kernels than over several). Whole runs are decoded as each would be alone."""
+        wanted: list[tuple[Slot, list[int], bool | None]] = []
+        for slot in self.slots:
+            if slot.last is not None:  # decoding: its latest token and the drafts chosen for this position
+                if slot.drafted_at != slot.n_past:
+                    slot.drafts = self._draft(slot, self.batch_size - 1)
+                    slot.drafted_at = slot.n_past
+                wanted.append((slot, [slot.last, *slot.drafts], None))
+            else:  # reading: its next chunk, as much of the batch as it may fill
+                chunk = slot.feeds[0][:self.batch_size]
+                wanted.append((slot, chunk, len(chunk) == len(slot.feeds[0]) and len(slot.feeds) == 1))
+        first = min(wanted, key=lambda w: (w[0].last_ran, w[2] is not None, w[0].seq_id))
+        length, room = len(first[1]), self.batch_size - len(first[1])
+        runs = [first]
+        for other in wanted:
+            if other is not first and len(other[1]) == length and room >= length:
+                runs.append(other)
+                room -= length
+        for slot, tokens, _ in runs:
+            slot.last_ran = self.steps
+            if slot.last is None:
+                if len(tokens) < len(slot.feeds[0]):
+                    slot.feeds[0] = slot.feeds[0][len(tokens):]
+                else:
+                    slot.feeds.popleft()
+        # In ascending ids: llama.cpp's split takes consecutive ascending ids into one graph; the lowest free id
+        # is taken, so they stay consecutive.
+        return sorted(runs, key=lambda r: r[0].seq_id)
 
     def _verify(self, slot: Slot, index: int, step: int, ms: float) -> None:
         produced: list[int] = []

@@ -17,7 +17,13 @@ from helpers import meshtui, meshtui_json
 from meshtui.bench import parse_concurrency, parse_rtt, parse_speculative, render_sweep_table
 from meshtui.bench.links import link_targets, ssh_config_through
 from meshtui.bench.plot import render_sweep_svg
-from meshtui.bench.sweeps import speculation_support, speculation_totals, speedups
+from meshtui.bench.sweeps import (
+    all_decoding_rate,
+    end_to_end_rate,
+    speculation_support,
+    speculation_totals,
+    speedups,
+)
 from meshtui.bench.timing import ReplyTiming, token_agreement
 from meshtui.errors import InventoryError
 from meshtui.inventory import HeadSpec, HostSpec, Inventory, ModelSpec, SSHSpec
@@ -102,6 +108,7 @@ def test_sweep_table_and_plot_from_fixed_numbers() -> None:
         "skipped": [], "rtt_sweep": rows,
         "concurrency_sweep": [
             {"rtt_ms": 0, "concurrency": 1, "max_in_flight": 1, "aggregate_decode_tokens_per_second": 40.0,
+             "all_decoding_tokens_per_second": 40.0, "end_to_end_tokens_per_second": 35.0,
              "per_request_decode_tokens_per_second": 40.0, "ttft_seconds": {"mean": 0.05, "max": 0.05},
              "agreement_with_alone": [same]},
             {"rtt_ms": 0, "concurrency": 4, "max_in_flight": 4, "aggregate_decode_tokens_per_second": 120.0,
@@ -120,11 +127,15 @@ def test_sweep_table_and_plot_from_fixed_numbers() -> None:
         "     2     2.50         20.0         60.0         20.0         19.0            3.00x            0.95x",
         "token agreement with off: 3 of 4 replies identical; auto copy at 2 ms parted at token 2",
         "",
-        "decode tok/s against requests sent at once (at once: the most streaming at the same time; late: one more "
-        "request sent while the others decode, idle: the same request alone)",
-        "rtt ms requests at once  aggregate  per request  TTFT ms  TTFT max  agree  late TTFT ms  idle TTFT ms",
-        "     0        1       1       40.0         40.0       50        50    1/1             -             -",
-        "     0        4       4      120.0         30.0       80       100    3/4            90            40",
+        "decode tok/s against requests sent at once (at once: the most streaming at the same time; all decoding: "
+        "while every request decoded; end to end: every token over the time from sending to the last token; late: "
+        "one more request sent while the others decode, idle: the same request alone)",
+        "rtt ms requests at once  aggregate  all decoding  end to end  per request  TTFT ms  TTFT max  agree  "
+        "late TTFT ms  idle TTFT ms",
+        "     0        1       1       40.0          40.0        35.0         40.0       50        50    1/1  "
+        "           -             -",
+        "     0        4       4      120.0             -           -         30.0       80       100    3/4  "
+        "          90            40",
     ]
     assert speedups(rows) == [
         {"rtt_ms": 0, "prompts": "copy", "speculative": "auto", "over_off": 2.0},
@@ -192,3 +203,13 @@ def test_speculation_reports_are_summed_with_each_replys_own_steps() -> None:
     assert speculation_totals([copied, plain]) == {"drafted": 40, "accepted": 20, "verify_steps": 8, "acceptance": 0.5,
                                                    "tokens_per_step": 2.0}  # 40 tokens in 10 + 10 steps
     assert speculation_totals([ReplyTiming("c", 0.0, token_ids=[1, 2])]) is None
+
+
+def test_all_decoding_counts_the_window_every_request_decoded_and_end_to_end_counts_from_sending() -> None:
+    a = ReplyTiming("a", requested_at=0.0, token_ids=list(range(6)), token_times=[0.2, 1.2, 1.4, 1.6, 1.8, 2.0])
+    b = ReplyTiming("b", requested_at=0.0, token_ids=list(range(4)), token_times=[1.0, 1.2, 1.4, 1.6])
+    # b's prompt was read while a decoded: the window is 1.0 to 1.6, holding a's 1.2, 1.4, 1.6 and b's 1.2 to 1.6.
+    assert all_decoding_rate([a, b]) == pytest.approx(6 / 0.6)
+    assert end_to_end_rate([a, b]) == pytest.approx(10 / 2.0)
+    assert all_decoding_rate([a, ReplyTiming("c", requested_at=0.0)]) is None  # one never answered
+    assert all_decoding_rate([a, ReplyTiming("d", requested_at=0.0, token_ids=[1], token_times=[2.5])]) is None

@@ -154,9 +154,11 @@ def render_rtt_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def render_concurrency_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    lines = ["decode tok/s against requests sent at once (at once: the most streaming at the same time; late: one "
-             "more request sent while the others decode, idle: the same request alone)",
-             f"{'rtt ms':>6} {'requests':>8} {'at once':>7} {'aggregate':>10} {'per request':>12} "
+    lines = ["decode tok/s against requests sent at once (at once: the most streaming at the same time; all "
+             "decoding: while every request decoded; end to end: every token over the time from sending to the "
+             "last token; late: one more request sent while the others decode, idle: the same request alone)",
+             f"{'rtt ms':>6} {'requests':>8} {'at once':>7} {'aggregate':>10} {'all decoding':>13} "
+             f"{'end to end':>11} {'per request':>12} "
              f"{'TTFT ms':>8} {'TTFT max':>9} {'agree':>6} {'late TTFT ms':>13} {'idle TTFT ms':>13}"]
     for r in rows:
         ttft = r.get("ttft_seconds") or {}
@@ -165,6 +167,8 @@ def render_concurrency_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         agree = f"{sum(1 for a in agreement if a['identical'])}/{len(agreement)}"
         lines.append(f"{r['rtt_ms']:>6g} {r['concurrency']:>8} {r['max_in_flight']:>7} "
                      f"{num(r['aggregate_decode_tokens_per_second']):>10} "
+                     f"{num(r.get('all_decoding_tokens_per_second')):>13} "
+                     f"{num(r.get('end_to_end_tokens_per_second')):>11} "
                      f"{num(r['per_request_decode_tokens_per_second']):>12} {_ms(ttft.get('mean')):>8} "
                      f"{_ms(ttft.get('max')):>9} {agree:>6} {_ms(late.get('ttft_seconds')):>13} "
                      f"{_ms(late.get('idle_ttft_seconds')):>13}")

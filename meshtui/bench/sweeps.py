@@ -247,6 +247,29 @@ async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int
     return list(replies), most
 
 
+def all_decoding_rate(replies: Sequence[ReplyTiming]) -> float | None:
+    """Tokens a second while every request was decoding: from the last first token to the first last token. The
+    aggregate rate's span also holds the steps that read later prompts, which a scheduler that answers short
+    prompts first puts between the first replies' tokens; this window holds only replies decoding together."""
+    times = [r.token_times for r in replies]
+    if not times or not all(times):
+        return None
+    start, end = max(t[0] for t in times), min(t[-1] for t in times)
+    if end <= start:
+        return None
+    return sum(1 for t in times for x in t if start < x <= end) / (end - start)
+
+
+def end_to_end_rate(replies: Sequence[ReplyTiming]) -> float | None:
+    """Every token generated over the time from the first request sent to the last token: what the requests got
+    together, prompts read included."""
+    lasts = [r.token_times[-1] for r in replies if r.token_times]
+    if not lasts:
+        return None
+    wall = max(lasts) - min(r.requested_at for r in replies)
+    return sum(len(r.token_ids) for r in replies) / wall if wall > 0 else None
+
+
 async def _forget(mode: SweepMode) -> None:
     """A short unrelated reply, so the next prompt finds no prefix of its own in the KV cache (llama.cpp reuses the
     previous reply's): times to first token then compare like with like."""
@@ -290,6 +313,8 @@ async def _concurrency_sweep(mode: SweepMode, links: LinkProcess, options: Sweep
                 "wall_seconds": time.perf_counter() - started,
                 "generated_tokens": sum(len(r.token_ids) for r in replies),
                 "aggregate_decode_tokens_per_second": decode_tokens / span if span > 0 else None,
+                "all_decoding_tokens_per_second": all_decoding_rate(replies),
+                "end_to_end_tokens_per_second": end_to_end_rate(replies),
                 "per_request_decode_tokens_per_second": statistics.fmean(per_request) if per_request else None,
                 "ttft_seconds": {"mean": statistics.fmean(ttfts), "max": max(ttfts)} if ttfts else None,
                 "agreement_with_alone": [token_agreement(alone[r.prompt], r.token_ids) for r in replies],
@@ -297,7 +322,9 @@ async def _concurrency_sweep(mode: SweepMode, links: LinkProcess, options: Sweep
                 "replies": [r.to_json() for r in replies],
             })
             ctx.progress(f"rtt {rtt:g} ms, {count} concurrent: aggregate "
-                         f"{rows[-1]['aggregate_decode_tokens_per_second'] or 0:.1f} tok/s, at most {most} at once")
+                         f"{rows[-1]['aggregate_decode_tokens_per_second'] or 0:.1f} tok/s, all decoding "
+                         f"{rows[-1]['all_decoding_tokens_per_second'] or 0:.1f}, end to end "
+                         f"{rows[-1]['end_to_end_tokens_per_second'] or 0:.1f}, at most {most} at once")
     return rows
 
 

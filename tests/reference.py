@@ -21,40 +21,31 @@ from pathlib import Path
 from typing import Any
 
 
+def _run(*args: str) -> dict[str, Any]:
+    """This script run in its own process with `args`: the JSON of its last line."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
 def reference_greedy(model: Path, prompt: str, max_tokens: int, context: int = 512) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, __file__, str(model), prompt, str(max_tokens), str(context)],
-        capture_output=True, text=True, check=True, timeout=300,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return _run(str(model), prompt, str(max_tokens), str(context))
 
 
 def reference_lookup(model: Path, prompt: str, max_tokens: int, draft_tokens: int,
                      context: int = 512) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--lookup", str(draft_tokens), str(model), prompt, str(max_tokens), str(context)],
-        capture_output=True, text=True, check=True, timeout=300,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return _run("--lookup", str(draft_tokens), str(model), prompt, str(max_tokens), str(context))
 
 
 def reference_chat(model: Path, messages: list[dict[str, str]], max_tokens: int,
                    context: int = 512) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--chat", str(model), json.dumps(messages), str(max_tokens), str(context)],
-        capture_output=True, text=True, check=True, timeout=300,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return _run("--chat", str(model), json.dumps(messages), str(max_tokens), str(context))
 
 
 def reference_logprobs(model: Path, prompt: str, max_tokens: int, top: int,
                        context: int = 512) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--logprobs", str(top), str(model), prompt, str(max_tokens), str(context)],
-        capture_output=True, text=True, check=True, timeout=300,
-    ).stdout
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return result
+    return _run("--logprobs", str(top), str(model), prompt, str(max_tokens), str(context))
 
 
 def _logprobs_main() -> None:

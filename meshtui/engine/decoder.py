@@ -214,12 +214,10 @@ class Decoder:
 
     def _runs(self) -> list[tuple[Slot, list[int], bool | None]]:
         """This step's runs, in ascending sequence ids: (slot, its tokens, whether its prompt ends; None: it
-        verifies its latest token and drafts). One run length a step, the length of the sequence that waited
-        longest (decoding before reading at a tie), with every other sequence whose run has it, as the batch
-        holds. With a KV cache per sequence llama.cpp splits a batch into one graph (a round trip to every
-        stage) per run of consecutive ascending ids and per equal token count, so runs of several lengths would
-        cost as many graphs in one step; and a run split across graphs rounds apart from the run whole (attention
-        over one row takes other kernels than over several). Whole runs are decoded as each would be alone."""
+        verifies its latest token and drafts). One run length a step (the module's docstring says why): that of
+        the sequence that waited longest (decoding before reading at a tie), with every other sequence whose run
+        has it, as the batch holds. With a KV cache per sequence llama.cpp would split runs of several lengths
+        into as many graphs, and a run split across graphs rounds apart from the run whole."""
         wanted: list[tuple[Slot, list[int], bool | None]] = []
         for slot in self.slots:
             if slot.last is not None:  # decoding: its latest token and the drafts chosen for this position

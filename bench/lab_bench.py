@@ -270,7 +270,8 @@ def headline(label: str, report: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench", help="output folder (default out/bench)")
-    parser.add_argument("--models", default="smollm2,synthetic", help="comma-separated: smollm2, synthetic")
+    parser.add_argument("--models", default="smollm2,synthetic",
+                        help="comma-separated: smollm2, synthetic, or paths of .gguf files")
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, help="tokens per prompt (default 64 for smollm2, 24 synthetic)")
     via = parser.add_mutually_exclusive_group()
@@ -302,8 +303,10 @@ def main() -> int:
         parser.error("--tcp-via-relays needs socat (apt-get install socat)")
     labels = [m.strip() for m in args.models.split(",") if m.strip()]
     for label in labels:
-        if label not in MODELS:
-            parser.error(f"unknown model {label!r} (known: {', '.join(MODELS)})")
+        if label not in MODELS and not label.endswith(".gguf"):
+            parser.error(f"unknown model {label!r} (known: {', '.join(MODELS)}, or a .gguf file's path)")
+        if label.endswith(".gguf") and not Path(label).is_file():
+            parser.error(f"{label}: no such file")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     netns.cleanup_stale()
@@ -313,7 +316,8 @@ def main() -> int:
             for host in lab.hosts:
                 lab.cap_bandwidth(host, args.rate)
         for index, label in enumerate(labels):
-            model_line, default_tokens = MODELS[label]
+            model_line, default_tokens = MODELS.get(label) or (f"path = {json.dumps(str(Path(label).resolve()))}", 64)
+            label = Path(label).stem if label.endswith(".gguf") else label
             if model_line is None:
                 print("preparing the synthetic model (about 2.3 GB, cached in ~/.cache/meshtui/models)",
                       file=sys.stderr, flush=True)

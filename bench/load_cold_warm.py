@@ -7,7 +7,7 @@ pushes them), then to all at once into a file on each host's disk (as the push w
 setup, timed as `ssh host true`, taken off. Prints JSON: cold and warm seconds,
 bytes sent per host, and the transfer rates side by side. Run as root:
 
-    sudo .venv/bin/python bench/load_cold_warm.py [--model smollm2|large] [--hosts 2] [--rounds 2]
+    sudo .venv/bin/python bench/load_cold_warm.py [--model smollm2|large] [--hosts 2] [--rounds 2] [--rate 1gbit]
 """
 
 from __future__ import annotations
@@ -104,8 +104,11 @@ async def main() -> None:
     parser.add_argument("--model", choices=("smollm2", "large"), default="smollm2")
     parser.add_argument("--hosts", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="cold/warm pairs; each number is the best of them")
+    parser.add_argument("--rate", help="cap every host's cable with tc tbf, e.g. 1gbit: a link slower than the CPU")
     args = parser.parse_args()
     with Lab(n_hosts=args.hosts) as lab:
+        for host in lab.hosts if args.rate else []:
+            lab.cap_bandwidth(host, args.rate)
         inventory = Path(tempfile.mkdtemp(prefix="meshtui-load-bench-")) / "inventory.toml"
         inventory.write_text(lab.inventory_toml(model_line(args.model)))
         runs: list[dict[str, Any]] = []
@@ -127,7 +130,7 @@ async def main() -> None:
         total = sum(row["bytes_sent"] for row in runs[0]["cold"]["hosts"].values())
         transfer = max(best_cold - best_warm, 1e-9)
         print(json.dumps({
-            "model": args.model, "hosts": args.hosts, "bytes_sent_cold": total,
+            "model": args.model, "hosts": args.hosts, "rate": args.rate, "bytes_sent_cold": total,
             "cold_seconds": round(best_cold, 3), "warm_seconds": round(best_warm, 3),
             "warm_bytes_sent": {n: row["bytes_sent"] for n, row in runs[0]["warm"]["hosts"].items()},
             "transfer_MB_per_s": round(total / transfer / 1e6, 1),

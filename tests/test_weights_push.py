@@ -9,6 +9,8 @@ import os
 import struct
 from pathlib import Path
 
+import pytest
+
 from meshtui.pushweights import Offer, host_offers
 from meshtui.runtime import agent_source_path, load_file_module
 from meshtui.tensorhashes import head_hasher, tensor_hashes
@@ -109,10 +111,29 @@ def test_the_agent_stores_entries_whose_bytes_have_their_hash_and_keeps_them_whe
 
 
 def test_the_agent_refuses_an_entry_it_did_not_ask_for(tmp_path: Path) -> None:
-    import pytest
-
     body = os.urandom(100)
     stream = io.BufferedReader(io.BytesIO(pushed([(fnv1a(body), body)])))
     with pytest.raises(ValueError, match="was not asked for"):
         agent.store_pushed(CountingHash(), str(tmp_path), stream, {})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overlap_limit", [None, 4000])
+def test_entries_of_any_sizes_in_a_row_are_each_stored_whole_and_a_write_error_ends_the_push(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap_limit: int | None) -> None:
+    """The agent reads the next entry while it checks and writes the last one, in two buffers it reuses (entries
+    over its limit one at a time, in one buffer): entries that grow and shrink in turn must each be written with
+    exactly their own bytes."""
+    if overlap_limit is not None:
+        monkeypatch.setattr(agent, "OVERLAP_LIMIT", overlap_limit)
+    bodies = [os.urandom(n) for n in (5000, 300, 9000, 9000, 1, 7000)]
+    wanted = {f"{fnv1a(b):016x}": len(b) for b in bodies}
+    stream = pushed([(fnv1a(b), b) for b in bodies])
+    done = agent.store_pushed(CountingHash(), str(tmp_path), io.BufferedReader(io.BytesIO(stream)), wanted)
+    assert done == {"stored": 6, "stored_bytes": sum(len(b) for b in bodies), "rejected": 0}
+    assert all((tmp_path / f"{fnv1a(b):016x}").read_bytes() == b for b in bodies)
+
+    missing = tmp_path / "not-a-folder"
+    with pytest.raises(FileNotFoundError):
+        agent.store_pushed(CountingHash(), str(missing), io.BufferedReader(io.BytesIO(stream)), wanted)
+    assert not missing.exists()

@@ -17,13 +17,8 @@ from helpers import meshtui, meshtui_json
 from meshtui.bench import parse_concurrency, parse_rtt, parse_speculative, render_sweep_table
 from meshtui.bench.links import link_targets, ssh_config_through
 from meshtui.bench.plot import render_sweep_svg
-from meshtui.bench.sweeps import (
-    all_decoding_rate,
-    end_to_end_rate,
-    speculation_support,
-    speculation_totals,
-    speedups,
-)
+from meshtui.bench.rates import all_decoding_rate, end_to_end_rate, speculation_totals, speedups
+from meshtui.bench.sweeps import speculation_support
 from meshtui.bench.timing import ReplyTiming, token_agreement
 from meshtui.errors import InventoryError
 from meshtui.inventory import HeadSpec, HostSpec, Inventory, ModelSpec, SSHSpec

@@ -26,6 +26,14 @@ from meshtui.bench.compare import bench_header, can_hold, check_counts, check_tc
 from meshtui.bench.links import slow_links
 from meshtui.bench.modes import WARMUP_TOKENS, BenchContext, MeshMode, TcpMode
 from meshtui.bench.prompts import COPY_PROMPTS, FREE_PROMPTS, PROMPT_SETS
+from meshtui.bench.rates import (
+    all_decoding_rate,
+    decode_rate,
+    end_to_end_rate,
+    speculation_totals,
+    speedups,
+    tokens_per_round_trip,
+)
 from meshtui.bench.tcpstats import check_reachable
 from meshtui.bench.timing import ReplyTiming, timed_reply, token_agreement, warm_page_cache
 from meshtui.errors import InventoryError
@@ -131,46 +139,6 @@ def sweep_modes(ctx: BenchContext, inventory: Inventory, wanted: Sequence[str], 
     return [SweepMode(shared, m, {"speculative": m} if support == "stream" else {}) for m in wanted]
 
 
-def _decode_rate(replies: Sequence[ReplyTiming]) -> float | None:
-    tokens = sum(r.decode_tokens for r in replies)
-    seconds = sum(r.decode_seconds for r in replies)
-    return tokens / seconds if seconds > 0 else None
-
-
-def _tokens_per_round_trip(replies: Sequence[ReplyTiming]) -> float | None:
-    """Tokens generated per round trip of the busiest stage, prefill's included (1 or less without speculation)."""
-    trips = [r.round_trips for r in replies]
-    if not trips or any(t is None or t == 0 for t in trips):
-        return None
-    return sum(len(r.token_ids) for r in replies) / sum(t or 0 for t in trips)
-
-
-def speculation_totals(replies: Sequence[ReplyTiming]) -> dict[str, Any] | None:
-    """The replies' speculation reports summed: drafted, accepted, verify steps; acceptance and tokens per step
-    (the steps each reply took, from its own tokens per step)."""
-    reported = [(r, r.speculative) for r in replies if r.speculative]
-    if not reported:
-        return None
-    totals = {key: sum(int(rep.get(key) or 0) for _, rep in reported)
-              for key in ("drafted", "accepted", "verify_steps")}
-    counted: list[tuple[int, float]] = []
-    for reply, report in reported:
-        steps_taken = _steps(len(reply.token_ids), report)
-        if steps_taken:
-            counted.append((len(reply.token_ids), steps_taken))
-    steps = sum(s for _, s in counted)
-    return {**totals, "acceptance": totals["accepted"] / totals["drafted"] if totals["drafted"] else None,
-            "tokens_per_step": sum(tokens for tokens, _ in counted) / steps if steps else None}
-
-
-def _steps(tokens: int, report: dict[str, Any]) -> float | None:
-    """The decode steps a reply took: as reported, else from its tokens per step."""
-    if report.get("decode_steps"):
-        return float(report["decode_steps"])
-    rate = report.get("tokens_per_step")
-    return tokens / float(rate) if rate else None
-
-
 async def _rtt_sweep(modes: Sequence[SweepTarget], links: LinkProcess, options: SweepOptions,
                      ctx: BenchContext) -> list[dict[str, Any]]:
     for mode in modes:  # one chat reply each, untimed: the chat template's first prefill stays out
@@ -191,12 +159,12 @@ async def _rtt_sweep(modes: Sequence[SweepTarget], links: LinkProcess, options: 
                 row: dict[str, Any] = {
                     "rtt_ms": rtt, "prompts": set_name, "path": mode.path, "speculative": mode.speculative,
                     "stage_ping_ms": pings[mode.key],
-                    "decode_tokens_per_second": _decode_rate(got),
+                    "decode_tokens_per_second": decode_rate(got),
                     "ttft_seconds": statistics.fmean(r.ttft for r in got if r.ttft is not None)
                     if any(r.ttft is not None for r in got) else None,
                     "generated_tokens": sum(len(r.token_ids) for r in got),
                     "speculation": speculation_totals(got),
-                    "tokens_per_round_trip": _tokens_per_round_trip(got),
+                    "tokens_per_round_trip": tokens_per_round_trip(got),
                     "replies": [r.to_json() for r in got],
                 }
                 if reference is not None and mode.key != "off":
@@ -245,29 +213,6 @@ async def _concurrent(queue: ReplyQueue, prompts: Sequence[str], max_tokens: int
     tasks = [one(i, p) for i, p in enumerate(prompts)] + ([arriving(late)] if late is not None else [])
     replies = await asyncio.gather(*tasks)
     return list(replies), most
-
-
-def all_decoding_rate(replies: Sequence[ReplyTiming]) -> float | None:
-    """Tokens a second while every request was decoding: from the last first token to the first last token. The
-    aggregate rate's span also holds the steps that read later prompts, which a scheduler that answers short
-    prompts first puts between the first replies' tokens; this window holds only replies decoding together."""
-    times = [r.token_times for r in replies]
-    if not times or not all(times):
-        return None
-    start, end = max(t[0] for t in times), min(t[-1] for t in times)
-    if end <= start:
-        return None
-    return sum(1 for t in times for x in t if start < x <= end) / (end - start)
-
-
-def end_to_end_rate(replies: Sequence[ReplyTiming]) -> float | None:
-    """Every token generated over the time from the first request sent to the last token: what the requests got
-    together, prompts read included."""
-    lasts = [r.token_times[-1] for r in replies if r.token_times]
-    if not lasts:
-        return None
-    wall = max(lasts) - min(r.requested_at for r in replies)
-    return sum(len(r.token_ids) for r in replies) / wall if wall > 0 else None
 
 
 async def _forget(mode: SweepMode) -> None:
@@ -393,23 +338,3 @@ async def run_sweeps(inventory: Inventory, options: SweepOptions, *, accept_new:
                 await mesh.close()
     report["speedups"] = speedups(report["rtt_sweep"])
     return report
-
-
-def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each speculation mode's decode speed over "off" on the same mesh, and "off" over the plain TCP stages,
-    per round trip and prompt set (same run)."""
-    def rate(path: str, mode: str) -> dict[tuple[float, str], float]:
-        return {(r["rtt_ms"], r["prompts"]): r["decode_tokens_per_second"] for r in rows
-                if r.get("path", "ssh") == path and r["speculative"] == mode and r["decode_tokens_per_second"]}
-
-    off = rate("ssh", "off")
-    result = []
-    for row in rows:
-        key, got = (row["rtt_ms"], row["prompts"]), row["decode_tokens_per_second"]
-        if row.get("path", "ssh") == "ssh" and row["speculative"] != "off" and off.get(key) and got:
-            result.append({"rtt_ms": row["rtt_ms"], "prompts": row["prompts"], "speculative": row["speculative"],
-                           "over_off": got / off[key]})
-        if row.get("path") == "tcp" and off.get(key) and got:
-            result.append({"rtt_ms": row["rtt_ms"], "prompts": row["prompts"], "speculative": "off",
-                           "ssh_over_tcp": off[key] / got})
-    return result

@@ -137,3 +137,20 @@ def test_entries_of_any_sizes_in_a_row_are_each_stored_whole_and_a_write_error_e
     with pytest.raises(FileNotFoundError):
         agent.store_pushed(CountingHash(), str(missing), io.BufferedReader(io.BytesIO(stream)), wanted)
     assert not missing.exists()
+
+
+def test_the_agent_widens_the_pipe_it_reads_a_push_from_and_leaves_anything_else(tmp_path: Path) -> None:
+    import fcntl
+
+    get_size = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+    read_end, write_end = os.pipe()
+    try:
+        with os.fdopen(read_end, "rb") as stream:
+            before = fcntl.fcntl(stream.fileno(), get_size)
+            agent.widen_pipe(stream)
+            assert (before, fcntl.fcntl(stream.fileno(), get_size)) == (65536, 1024 * 1024)
+    finally:
+        os.close(write_end)
+    with (tmp_path / "file").open("wb+") as not_a_pipe:
+        agent.widen_pipe(not_a_pipe)  # a file (or a socket) is left as it is, without an error
+    agent.widen_pipe(io.BytesIO(b""))  # no descriptor at all

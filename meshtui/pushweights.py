@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 
@@ -142,14 +142,16 @@ async def _stream(process: asyncssh.SSHClientProcess[bytes], model_path: Path, m
                   meter: PushMeter) -> None:
     if not missing:
         return
-    with model_path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+    with model_path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, \
+            memoryview(mapped) as view:
         for offer in missing:
             header = HEADER.pack(offer.hash, offer.size)
             process.stdin.write(header)
             meter.bytes_sent += len(header)
             for start in range(offer.offset, offer.offset + offer.size, CHUNK):
                 end = min(start + CHUNK, offer.offset + offer.size)
-                process.stdin.write(view[start:end])
+                # A view, not a slice of the map: asyncssh copies what it is given once, a slice is one more copy.
+                process.stdin.write(cast(bytes, view[start:end]))
                 await process.stdin.drain()
                 meter.bytes_sent += end - start
                 meter.pushed_bytes += end - start

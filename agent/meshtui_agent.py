@@ -713,9 +713,10 @@ def store_pushed(hash_bytes, folder, stream, wanted):
             try:
                 if not failed:
                     store_entry(hash_bytes, folder, name, size, digest, buffer, done)
-            except OSError as err:
+            except Exception as err:  # anything: the reader must never wait on a writer that is gone
                 failed.append(err)
-            free.put(buffer)
+            finally:
+                free.put(buffer)
 
     writer = threading.Thread(target=check_and_write, name="put-writer", daemon=True)
     writer.start()
@@ -805,7 +806,7 @@ def put(args):
     proto.send(event="missing", entries=missing)
     try:
         done = store_pushed(hash_bytes, folder, stream, {name: size for name, size in missing})
-    except (ValueError, OSError) as err:
+    except (ValueError, TypeError, OSError) as err:
         proto.send(event="error", reason=str(err))
         return 3
     proto.send(event="stored", **done)

@@ -154,3 +154,27 @@ def test_the_agent_widens_the_pipe_it_reads_a_push_from_and_leaves_anything_else
     with (tmp_path / "file").open("wb+") as not_a_pipe:
         agent.widen_pipe(not_a_pipe)  # a file (or a socket) is left as it is, without an error
     agent.widen_pipe(io.BytesIO(b""))  # no descriptor at all
+
+
+def test_a_writer_that_fails_in_any_way_ends_the_push_instead_of_hanging_it(tmp_path: Path) -> None:
+    import threading
+
+    def broken_hash(address: int, length: int) -> int:
+        raise TypeError("not a hash")
+
+    bodies = [os.urandom(100) for _ in range(5)]
+    wanted = {f"{fnv1a(b):016x}": len(b) for b in bodies}
+    stream = io.BufferedReader(io.BytesIO(pushed([(fnv1a(b), b) for b in bodies])))
+    outcome: list[BaseException] = []
+
+    def push() -> None:
+        try:
+            agent.store_pushed(broken_hash, str(tmp_path), stream, wanted)
+        except BaseException as err:  # noqa: BLE001 (the test reads whatever ended it)
+            outcome.append(err)
+
+    thread = threading.Thread(target=push, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the push hung on a writer that had died"
+    assert [type(e) for e in outcome] == [TypeError] and list(tmp_path.iterdir()) == []

@@ -267,6 +267,14 @@ def headline(label: str, report: dict[str, Any]) -> str:
             if ratio is not None else f"{label}: decode tok/s {speeds}")
 
 
+def model_choice(given: str) -> tuple[str, tuple[str | None, int]]:
+    """A `--models` entry as (its name in the report, (its inventory line, or None for the synthetic model; its
+    default tokens per prompt)): a builtin name, or a GGUF file's path, named by its stem."""
+    if given in MODELS:
+        return given, MODELS[given]
+    return Path(given).stem, (f"path = {json.dumps(str(Path(given).resolve()))}", 64)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench", help="output folder (default out/bench)")
@@ -305,7 +313,7 @@ def main() -> int:
     for label in labels:
         if label not in MODELS and not label.endswith(".gguf"):
             parser.error(f"unknown model {label!r} (known: {', '.join(MODELS)}, or a .gguf file's path)")
-        if label.endswith(".gguf") and not Path(label).is_file():
+        if label not in MODELS and not Path(label).is_file():
             parser.error(f"{label}: no such file")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -315,9 +323,7 @@ def main() -> int:
         if args.rate:
             for host in lab.hosts:
                 lab.cap_bandwidth(host, args.rate)
-        for index, label in enumerate(labels):
-            model_line, default_tokens = MODELS.get(label) or (f"path = {json.dumps(str(Path(label).resolve()))}", 64)
-            label = Path(label).stem if label.endswith(".gguf") else label
+        for index, (label, (model_line, default_tokens)) in enumerate(model_choice(m) for m in labels):
             if model_line is None:
                 print("preparing the synthetic model (about 2.3 GB, cached in ~/.cache/meshtui/models)",
                       file=sys.stderr, flush=True)

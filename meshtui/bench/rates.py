@@ -34,7 +34,7 @@ def speculation_totals(replies: Sequence[ReplyTiming]) -> dict[str, Any] | None:
               for key in ("drafted", "accepted", "verify_steps")}
     counted: list[tuple[int, float]] = []
     for reply, report in reported:
-        steps_taken = steps_taken_by(len(reply.token_ids), report)
+        steps_taken = _steps_taken(len(reply.token_ids), report)
         if steps_taken:
             counted.append((len(reply.token_ids), steps_taken))
     steps = sum(s for _, s in counted)
@@ -42,7 +42,7 @@ def speculation_totals(replies: Sequence[ReplyTiming]) -> dict[str, Any] | None:
             "tokens_per_step": sum(tokens for tokens, _ in counted) / steps if steps else None}
 
 
-def steps_taken_by(tokens: int, report: dict[str, Any]) -> float | None:
+def _steps_taken(tokens: int, report: dict[str, Any]) -> float | None:
     """The decode steps a reply took: as reported, else from its tokens per step."""
     if report.get("decode_steps"):
         return float(report["decode_steps"])

@@ -56,6 +56,10 @@ UNIX_SOCKET_SYMBOL = "ggml_backend_rpc_unix_socket_support"
 # meshtui's weights-cache patch: weight tensors from a threshold (64 KiB) are offered by content hash, and the
 # server checks each cache entry against its hash before using it. A runtime without it serves with no cache.
 VERIFIED_CACHE_SYMBOL = "ggml_backend_rpc_verified_cache_threshold"
+# meshtui's repack patch: a CPU server keeps quantized weights in the CPU backend's repacked layouts, as llama.cpp
+# does in one process (native/patches/ggml-rpc-weights-repack.patch); absent from runtimes built before it.
+REPACK_SYMBOL = "ggml_backend_rpc_set_weight_repack"
+REPACKED_COUNT_SYMBOL = "ggml_backend_rpc_repacked_weights"
 CONTENT_HASH_SYMBOL = "ggml_backend_rpc_content_hash"  # the hash entries are named by (same patch)
 CACHE_LIMIT = 16 * 1024 ** 3  # bytes of cached tensors kept per host (all models share them); LRU out beyond
 CACHE_TRIM_SECONDS = 2.0  # how often a serving agent trims its cache back under the limit
@@ -271,6 +275,11 @@ class Runtime:
         if hasattr(rpc, VERIFIED_CACHE_SYMBOL):
             getattr(rpc, VERIFIED_CACHE_SYMBOL).restype = ctypes.c_size_t
             self.cache_threshold = int(getattr(rpc, VERIFIED_CACHE_SYMBOL)())
+        self.repack = hasattr(rpc, REPACK_SYMBOL) and hasattr(rpc, REPACKED_COUNT_SYMBOL)
+        if self.repack:
+            getattr(rpc, REPACK_SYMBOL).restype = None
+            getattr(rpc, REPACK_SYMBOL).argtypes = [ctypes.c_int]
+            getattr(rpc, REPACKED_COUNT_SYMBOL).restype = ctypes.c_uint64
         rpc.ggml_backend_rpc_start_server.restype = None
         rpc.ggml_backend_rpc_start_server.argtypes = [
             ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
@@ -504,6 +513,13 @@ def serve(args):
     endpoint = ("unix:" + socket_path).encode()
     handles = (ctypes.c_void_p * len(wanted))(*[d["handle"] for d in wanted])
     threads = args.threads or os.cpu_count() or 1
+    weight_repack = None  # a runtime without the repack patch
+    if runtime.repack:
+        weight_repack = not args.no_repack
+        getattr(runtime.rpc, REPACK_SYMBOL)(1 if weight_repack else 0)
+
+    def repacked():
+        return int(getattr(runtime.rpc, REPACKED_COUNT_SYMBOL)()) if runtime.repack else 0
 
     def run_server():
         cache = cache_dir.encode() if cache_dir is not None else None
@@ -519,7 +535,7 @@ def serve(args):
     pidfile = write_pidfile(socket_path)
     proto.send(event="ready", socket=socket_path, pid=os.getpid(), threads=threads, cache_dir=cache_dir,
                cache_limit=args.cache_limit, cache_threshold=runtime.cache_threshold,
-               runtime=runtime.kind, backends=runtime.backends,
+               runtime=runtime.kind, backends=runtime.backends, weight_repack=weight_repack,
                devices=[{k: v for k, v in d.items() if k != "handle"} for d in wanted])
     try:
         # The SSH channel is our lifeline: EOF on stdin means the head is gone.
@@ -527,6 +543,8 @@ def serve(args):
             words = line.split()
             if words and words[0] == "ping":
                 proto.send(event="pong", seq=words[1] if len(words) > 1 else "")
+            elif words and words[0] == "stats":
+                proto.send(event="stats", seq=words[1] if len(words) > 1 else "", repacked_weights=repacked())
             elif words and words[0] == "seed":
                 proto.send(event="seeded", **answer_seed(runtime, cache_dir, line[len("seed"):]))
     finally:
@@ -958,6 +976,7 @@ def main(argv=None):
     p_serve.add_argument("--cache", default=None)
     p_serve.add_argument("--cache-limit", type=int, default=CACHE_LIMIT)
     p_serve.add_argument("--gpu", action="store_true")
+    p_serve.add_argument("--no-repack", action="store_true", help="keep weights in ggml's plain layouts")
     p_put = sub.add_parser("put")
     p_put.add_argument("--runtime", required=True)
     p_put.add_argument("--cache", required=True)

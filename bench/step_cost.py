@@ -189,7 +189,7 @@ FREE_PROMPTS = ("The history of the bicycle", "Rivers of South America", "How br
                 "The life of bees")
 
 
-async def mesh_steps(reps: int) -> dict[str, Any]:
+async def mesh_steps(reps: int, model: Path | None = None) -> dict[str, Any]:
     """Steps over the embedded 3-host lab: per step the engine's decode time and each stage's round trip and bytes
     (from its tunnel's meter, one round per stage per step)."""
     from meshtui.engine.protocol import Generate, Token
@@ -199,8 +199,10 @@ async def mesh_steps(reps: int) -> dict[str, Any]:
 
     lab = EmbeddedLab(3)
     await lab.start()
-    mesh = Mesh(lab.inventory(ModelSpec(path=None, name="smollm2", context=1024)), parallel=8, speculative="off")
-    result: dict[str, Any] = {"load_average": os.getloadavg()}
+    spec = ModelSpec(path=model.resolve() if model else None, name=None if model else "smollm2", context=1024)
+    mesh = Mesh(lab.inventory(spec), parallel=8, speculative="off")
+    result: dict[str, Any] = {"load_average": os.getloadavg(), "model": model.name if model else "smollm2",
+                              "weight_repack": os.environ.get("MESHTUI_WEIGHT_REPACK", "1") != "0"}
     try:
         await mesh.up()
         plan = mesh.plan
@@ -208,6 +210,7 @@ async def mesh_steps(reps: int) -> dict[str, Any]:
         engine = mesh.engine
         tunnels = {a.name: mesh.stages[a.name].tunnel for a in plan.remote}
         result["plan"] = {a.name: [a.start, a.end] for a in plan.assignments if a.n_layers}
+        result["repacked"] = {name: load.repacked for name, load in mesh.host_loads.items()}
         next_id = iter(range(1_000_000, 2_000_000))
 
         async def run(requests: list[Generate]) -> list[dict[str, Any]]:
@@ -261,7 +264,8 @@ async def mesh_steps(reps: int) -> dict[str, Any]:
 def summarise_mesh(result: dict[str, Any]) -> None:
     stages = sorted(result["plan"])
     remote = [name for name in stages if name != "head"]
-    print(f"mesh (embedded lab, plan {result['plan']}), medians over decode-only steps; load {result['load_average']}")
+    print(f"mesh (embedded lab, {result.get('model')}, plan {result['plan']}, weights repacked "
+          f"{result.get('repacked')}), medians over decode-only steps; load {result['load_average']}")
     print("| step | steps | decode ms | " + " | ".join(f"{n} ms / bytes up" for n in remote) + " | head ms |")
     print("|---|---|---|" + "---|" * len(remote) + "---|")
 
@@ -313,9 +317,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--mesh", action="store_true", help="over the embedded 3-host lab instead")
+    parser.add_argument("--model", type=Path, help="with --mesh: this GGUF instead of SmolLM2 (e.g. a Q4_0 copy)")
     args = parser.parse_args()
     if args.mesh:
-        result = asyncio.run(mesh_steps(max(args.reps, 24)))
+        result = asyncio.run(mesh_steps(max(args.reps, 24), args.model))
         summarise_mesh(result)
     else:
         result = in_process(args.reps)

@@ -28,7 +28,14 @@ from meshtui.remoteio import (
     run_capped,
     stop_remote,
 )
-from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, RuntimeBundle, agent_source_path, file_digests
+from meshtui.runtime import (
+    AGENT_FILE,
+    REMOTE_ROOT,
+    RuntimeBundle,
+    agent_source_path,
+    file_digests,
+    weight_repack_wanted,
+)
 from meshtui.text import one_line, printable
 
 # The agent's error codes (agent/meshtui_agent.py has the same names; a test checks they match).
@@ -216,6 +223,7 @@ class Agent:
         self.pid = 0
         self.devices: list[dict[str, Any]] = []
         self.backends: list[str] = []
+        self.weight_repack: bool | None = None  # the agent's server repacks weights (None: its runtime cannot)
         self.runtime_dir = ""  # the runtime it runs from, as a shell word ('"$HOME"/...'): `put` runs from it too
         self.cache_dir: str | None = None  # its weights cache on the host (None: this runtime keeps none)
         self.cache_limit: int | None = None
@@ -223,7 +231,7 @@ class Agent:
         self.exited = asyncio.Event()
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pongs: dict[str, asyncio.Future[float]] = {}
-        self._seeds: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}  # "seed" and "stats", by seq
         self._seq = itertools.count()
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
 
@@ -249,10 +257,10 @@ class Agent:
                     future = self._pongs.pop(str(msg.get("seq")), None)
                     if future and not future.done():
                         future.set_result(time.perf_counter())
-                elif event == "seeded":
-                    seeded = self._seeds.pop(str(msg.get("seq")), None)
-                    if seeded and not seeded.done():
-                        seeded.set_result(msg)
+                elif event in ("seeded", "stats"):
+                    reply = self._replies.pop(str(msg.get("seq")), None)
+                    if reply and not reply.done():
+                        reply.set_result(msg)
         except (OSError, asyncssh.Error) as err:
             self.on_log(f"agent channel error: {one_line(err)}")
         finally:
@@ -262,9 +270,9 @@ class Agent:
             for future in self._pongs.values():
                 if not future.done():
                     future.cancel()
-            for seeded in self._seeds.values():
-                if not seeded.done():
-                    seeded.cancel()
+            for reply in self._replies.values():
+                if not reply.done():
+                    reply.cancel()
 
     async def _read_stderr(self) -> None:
         with contextlib.suppress(OSError, asyncssh.Error):
@@ -307,6 +315,8 @@ class Agent:
         self.devices = [{str(k)[:64]: printable(v) if isinstance(v, str) else v for k, v in d.items()}
                         for d in devices]
         self.backends = [printable(b[:64]) for b in backends]
+        repack = msg.get("weight_repack")
+        self.weight_repack = repack if isinstance(repack, bool) else None
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds through the same SSH connection the stage traffic uses."""
@@ -321,9 +331,28 @@ class Agent:
         """Ask the agent to put these byte ranges of its own copy of the model into its cache, named by hash."""
         seq = str(next(self._seq))
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._seeds[seq] = future
+        self._replies[seq] = future
         self.process.stdin.write("seed " + json.dumps({"seq": seq, "model": model_path, "regions": regions}) + "\n")
         return await asyncio.wait_for(future, timeout)
+
+    async def repacked_weights(self, timeout: float = 5.0) -> int | None:
+        """How many weight tensors the agent's server holds in the CPU backend's repacked layouts now; None from a
+        runtime without meshtui's repack patch."""
+        if self.weight_repack is None or not self.alive:
+            return None
+        seq = str(next(self._seq))
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[seq] = future
+        try:
+            self.process.stdin.write(f"stats {seq}\n")
+        except (OSError, asyncssh.Error):
+            future.cancel()
+        done, _ = await asyncio.wait({future}, timeout=timeout)
+        self._replies.pop(seq, None)
+        if not done or future.cancelled():
+            return None
+        count = future.result().get("repacked_weights")
+        return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
 
     @property
     def alive(self) -> bool:
@@ -373,6 +402,8 @@ async def launch_agent(
         command += " --gpu"
     if host.cache_limit is not None:
         command += f" --cache-limit {int(host.cache_limit)}"
+    if not weight_repack_wanted():
+        command += " --no-repack"
     try:
         process = await conn.create_process(command, encoding="utf-8", errors="replace")
     except (OSError, asyncssh.Error) as err:

@@ -150,7 +150,8 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     finally:
         progress.cancel()
     seconds = time.perf_counter() - started
-    hosts = host_loads(tunnels, starts, pushes, planned, seconds)
+    repacked = await repacked_weights(stages, list(tunnels), sink)
+    hosts = host_loads(tunnels, starts, pushes, planned, seconds, repacked)
     bytes_sent = sum(load.sent_bytes for load in hosts.values())
     for load in hosts.values():
         sink.emit(load_progressed(load))
@@ -200,11 +201,29 @@ async def push_missing_weights(request: LoadRequest, stages: Mapping[str, Stage]
 
 
 def host_loads(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCounts],
-               pushes: Mapping[str, PushMeter], planned: Mapping[str, int], seconds: float) -> dict[str, HostLoad]:
+               pushes: Mapping[str, PushMeter], planned: Mapping[str, int], seconds: float,
+               repacked: Mapping[str, int | None] | None = None) -> dict[str, HostLoad]:
     """Each host's load since `starts`: weights placed (pushed, sent or found in its cache), bytes on the wire."""
     return {name: HostLoad(name, seconds, MeterCounts.of(t.meter).since(starts.get(name, MeterCounts())),
-                           planned.get(name), pushes[name].counts() if name in pushes else PushCounts())
+                           planned.get(name), pushes[name].counts() if name in pushes else PushCounts(),
+                           (repacked or {}).get(name))
             for name, t in tunnels.items()}
+
+
+async def repacked_weights(stages: Mapping[str, Stage], names: Sequence[str], sink: NodeSink) -> dict[str, int | None]:
+    """Ask each host's agent how many weight tensors its stage now holds in the CPU's repacked layouts (the fast
+    kernels llama.cpp uses in one process; native/patches/ggml-rpc-weights-repack.patch), and say so in its log."""
+    agents = {name: stages[name].agent for name in names if name in stages}
+    counts = await asyncio.gather(*(a.repacked_weights() if a is not None else _none() for a in agents.values()))
+    result = dict(zip(agents, counts, strict=True))
+    for name, count in result.items():
+        if count:
+            sink.log(name, f"{count} weight tensors in this CPU's repacked layouts", "info")
+    return result
+
+
+async def _none() -> None:
+    return None
 
 
 async def _report_load_progress(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCounts],

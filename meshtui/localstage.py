@@ -21,7 +21,14 @@ from pathlib import Path
 from meshtui.errors import EngineError
 from meshtui.integrity import Problem, make_private_dir, runtime_problems
 from meshtui.procs import wait_or_kill
-from meshtui.runtime import AGENT_FILE, RuntimeBundle, agent_source_path, file_digests, load_file_module
+from meshtui.runtime import (
+    AGENT_FILE,
+    RuntimeBundle,
+    agent_source_path,
+    file_digests,
+    load_file_module,
+    weight_repack_wanted,
+)
 from meshtui.unixsock import unix_endpoint
 
 
@@ -89,6 +96,8 @@ class LocalStage:
         argv = [sys.executable, str(runtime / AGENT_FILE), "serve", "--runtime", str(runtime)]
         if self.threads:
             argv += ["--threads", str(self.threads)]
+        if not weight_repack_wanted():
+            argv.append("--no-repack")
         self.proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},

@@ -130,6 +130,13 @@ class RuntimeBundle:
         return sum(path.stat().st_size for _, path in self.files)
 
 
+def weight_repack_wanted() -> bool:
+    """Whether stages keep quantized weights in their CPU's repacked layouts (native/patches/
+    ggml-rpc-weights-repack.patch), as llama.cpp does in one process. MESHTUI_WEIGHT_REPACK=0 keeps ggml's plain
+    layouts: the bench's A/B, and a way out should a model use a weight in a way those layouts do not allow."""
+    return os.environ.get("MESHTUI_WEIGHT_REPACK", "1").strip() != "0"
+
+
 def local_runtime_bundle(kind: str | None = None) -> RuntimeBundle:
     """The runtime to push: `kind` ("auto", "portable", "head-build"), else $MESHTUI_RUNTIME, else "auto"."""
     wanted = kind or os.environ.get(RUNTIME_ENV) or "auto"

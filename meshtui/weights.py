@@ -64,6 +64,7 @@ class HostLoad:
     counts: MeterCounts  # the tunnel's, since the load began
     planned_bytes: int | None = None  # the plan's bytes for this host's layers, when known
     push: PushCounts = PushCounts()
+    repacked: int | None = None  # weight tensors its stage holds in the CPU's repacked layouts (None: unknown)
 
     @property
     def placed_bytes(self) -> int:
@@ -101,6 +102,7 @@ class HostLoad:
             "weights_cached": self.counts.weights_cached,
             "tensors_offered": self.counts.hash_offers,
             "tensors_cached": self.counts.hash_hits,
+            "weights_repacked": self.repacked,
         }
 
 

@@ -77,6 +77,8 @@ PATCHES = HERE / "patches"  # applied to vendor/llama.cpp/ggml of the sdist by e
 UNIX_SOCKET_SYMBOL = "ggml_backend_rpc_unix_socket_support"
 # meshtui's weights-cache patch: tensors from 64 KiB offered by hash, cache entries verified before use.
 VERIFIED_CACHE_SYMBOL = "ggml_backend_rpc_verified_cache_threshold"
+# meshtui's repack patch: CPU servers keep quantized weights in the CPU backend's repacked layouts.
+REPACK_SYMBOL = "ggml_backend_rpc_set_weight_repack"
 
 
 class BuildError(RuntimeError):
@@ -323,6 +325,7 @@ def inspect_library(path: Path) -> dict[str, object]:
         "exports_backend": "ggml_backend_init" in symbols and "ggml_backend_score" in symbols,
         "unix_socket_patch": UNIX_SOCKET_SYMBOL in symbols,
         "verified_cache_patch": VERIFIED_CACHE_SYMBOL in symbols,
+        "repack_patch": REPACK_SYMBOL in symbols,
     }
 
 
@@ -341,6 +344,8 @@ def check_libraries(libdir: Path) -> dict[str, dict[str, object]]:
             problems.append(f"{name} lacks {UNIX_SOCKET_SYMBOL} (native/patches/ was not applied)")
         if name.startswith("libggml-rpc") and not info["verified_cache_patch"]:
             problems.append(f"{name} lacks {VERIFIED_CACHE_SYMBOL} (native/patches/ was not applied)")
+        if name.startswith("libggml-rpc") and not info["repack_patch"]:
+            problems.append(f"{name} lacks {REPACK_SYMBOL} (native/patches/ was not applied)")
     if problems:
         raise BuildError("the runtime is not portable: " + "; ".join(problems))
     return report
@@ -400,6 +405,7 @@ def build(version: str, sdist_arg: Path | None, variants: list[str] | None, cach
                 "patches": patches,
                 "rpc_unix_socket": True,
                 "rpc_verified_cache": True,
+                "rpc_weight_repack": True,
                 "arch": platform.machine(),
                 "min_glibc": glibc[-1] if glibc else None,
                 "core_libs": ["libggml-base.so.0", "libggml.so.0"],

@@ -218,3 +218,48 @@ def synthetic_model(
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return target
+
+
+QUANT_TYPES = ("q4_0", "q8_0", "f16")
+_QUANTIZE = """
+import ctypes, sys
+import llama_cpp
+source, target, ftype = sys.argv[1:]
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + ftype.upper())
+params.allow_requantize = True
+params.nthread = 1
+sys.exit(llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params)))
+"""
+
+
+def requantized(source: Path, ftype: str, cache_dir: Path | None = None) -> Path:
+    """`source` requantized to `ftype` (one of QUANT_TYPES) by llama.cpp's own `llama_model_quantize`, cached under
+    ~/.cache/meshtui/models/. From SmolLM2's Q4_1 it gives the same model in a type whose CPU kernels differ:
+    Q4_0 has repacked layouts (matrix-matrix kernels), Q4_1 does not."""
+    import subprocess
+    import sys
+
+    if ftype not in QUANT_TYPES:
+        raise ValueError(f"ftype {ftype!r} is not one of {', '.join(QUANT_TYPES)}")
+    import llama_cpp
+
+    stat = source.stat()
+    material = json.dumps([source.name, stat.st_size, ftype, llama_cpp.__version__])
+    digest = hashlib.sha256(material.encode()).hexdigest()[:16]
+    directory = cache_dir if cache_dir is not None else CACHE_DIR
+    target = directory / f"{source.stem}-{ftype}-{digest}.gguf"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # in a process of its own: ggml aborts its process on a bad file
+        subprocess.run([sys.executable, "-c", _QUANTIZE, str(source), tmp_name, ftype], check=True,
+                       capture_output=True, timeout=600)
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return target

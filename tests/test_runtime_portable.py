@@ -179,6 +179,7 @@ def test_every_build_of_the_pinned_source_carries_the_unix_socket_patch() -> Non
     head_rpc = ctypes.CDLL(str(runtime.llama_cpp_lib_dir() / "libggml-rpc.so.0"))
     assert hasattr(head_rpc, "ggml_backend_rpc_unix_socket_support")
     assert hasattr(head_rpc, "ggml_backend_rpc_verified_cache_threshold")
+    assert hasattr(head_rpc, "ggml_backend_rpc_set_weight_repack")
     native = hostbuild._native_builder()
     assert native.pointer_name("0.3.36") == runtime.portable_pointer_name("0.3.36")
     tarball, _ = hostbuild.source_tarball()
@@ -189,6 +190,7 @@ def test_every_build_of_the_pinned_source_carries_the_unix_socket_patch() -> Non
     assert "socket(AF_UNIX, SOCK_STREAM, 0)" in transport
     assert "int ggml_backend_rpc_unix_socket_support(void);" in header
     assert "size_t ggml_backend_rpc_verified_cache_threshold(void);" in header
+    assert "void ggml_backend_rpc_set_weight_repack(int enable);" in header
     assert not any(name.endswith((".orig", ".rej")) for name in names)
 
 
@@ -203,7 +205,11 @@ def test_agent_still_serves_the_head_build_layout(tmp_path: Path) -> None:
         ready = json.loads(agent.stdout.readline())
         assert ready["event"] == "ready" and ready["runtime"] == "head-build"
         assert "variant" not in ready["devices"][0]
+        assert ready["weight_repack"] is True  # the head's build carries the repack patch too
         assert asyncio.run(rpc_hello(ready["socket"])) == (7, 0, 0)
+        agent.stdin.write("stats 7\n")
+        agent.stdin.flush()
+        assert json.loads(agent.stdout.readline()) == {"event": "stats", "seq": "7", "repacked_weights": 0}
         agent.stdin.close()
         assert agent.wait(timeout=10) == 0
     finally:

@@ -65,7 +65,8 @@ def test_a_warm_load_reads_as_weights_in_place_with_little_sent() -> None:
     assert load_done(load.placed_bytes, load.placed_bytes + 1) == "40.1 MiB"
     assert load.to_json() == {"seconds": 2.0, "bytes_sent": 200 * KiB, "weights_sent": 150 * KiB,
                               "bytes_pushed": 0, "weights_pushed": 0, "tensors_pushed": 0, "push_seconds": 0.0,
-                              "weights_cached": 40 * 1024 * KiB, "tensors_offered": 270, "tensors_cached": 268}
+                              "weights_cached": 40 * 1024 * KiB, "tensors_offered": 270, "tensors_cached": 268,
+                              "weights_repacked": None}
 
 
 def test_progress_before_anything_arrived_has_no_rate_or_eta() -> None:

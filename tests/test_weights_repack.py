@@ -1,0 +1,122 @@
+"""CPU stages keep quantized weights in their CPU's repacked layouts, as llama.cpp does in one process.
+
+ggml's RPC server allocates every buffer with the CPU backend's default type, so without meshtui's patch
+(native/patches/ggml-rpc-weights-repack.patch) a stage runs a Q4_0 model on the plain kernels where llama.cpp in
+one process uses the repacked ones (about half the prompt rate, docs/performance.md). SmolLM2 requantized to Q4_0
+by llama.cpp's own quantizer is the model: Q4_0 has repacked layouts on x86 CPUs with AVX2, Q4_1 has none.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader
+from helpers import SMOLLM2
+from reference import reference_logprobs
+from synth import requantized
+
+from meshtui import events as ev
+from meshtui.inventory import ModelSpec
+from meshtui.lab import EmbeddedLab
+from meshtui.mesh import Mesh
+
+pytestmark = [pytest.mark.slow]
+
+CONTEXT = 512
+PROMPT = "The three primary colors are"
+MAX_TOKENS = 16
+
+
+def cpu_has_avx2() -> bool:
+    try:
+        return " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
+
+
+def repackable(model: Path, layers: list[int]) -> int:
+    """The matrices of these blocks ggml-cpu repacks on an AVX2 CPU: Q4_0, two dimensions, rows in eights."""
+    count = 0
+    for tensor in GGUFReader(model).tensors:
+        block = re.match(r"blk\.(\d+)\.\w+\.weight$", tensor.name)
+        if (block and int(block.group(1)) in layers and tensor.tensor_type == GGMLQuantizationType.Q4_0
+                and len(tensor.shape) == 2 and int(tensor.shape[1]) % 8 == 0):
+            count += 1
+    return count
+
+
+Counts = dict[str, tuple[int | None, int]]
+
+
+async def reply_on_mesh(model: Path) -> tuple[list[float], Counts, dict[str, bool | None]]:
+    """The logprobs of the greedy tokens of PROMPT on a 2-host embedded lab; per host, (weights repacked,
+    repackable in its layers); per host, what its agent said about repacking when it started."""
+    events: list[ev.Event] = []
+    lab = EmbeddedLab(n_hosts=2)
+    await lab.start()
+    mesh = Mesh(lab.inventory(ModelSpec(path=model, name=None, context=CONTEXT)), speculative="off",
+                listener=events.append)
+    try:
+        await mesh.up()
+        assert mesh.plan is not None
+        reply = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=MAX_TOKENS, temperature=0.0,
+                                    speculative="off", sampling={"logprobs": 1})
+        counts = {name: (load.repacked, repackable(model, mesh.plan.layers_of(name)))
+                  for name, load in mesh.host_loads.items()}
+        said = {name: stage.agent.weight_repack if stage.agent else None for name, stage in mesh.stages.items()}
+    finally:
+        await mesh.close()
+        await lab.close()
+    tokens = [e for e in events if isinstance(e, ev.TokenGenerated)]
+    assert [t.token_id for t in tokens] == list(reply.token_ids) and len(tokens) == MAX_TOKENS
+    return [t.logprob for t in tokens if t.logprob is not None], counts, said
+
+
+@pytest.fixture(scope="module")
+def q4_0_model() -> Path:
+    return requantized(SMOLLM2, "q4_0")
+
+
+async def test_a_q4_0_stage_holds_its_weights_repacked_and_answers_as_one_process(
+        q4_0_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2: ggml-cpu has no repacked Q4_0 layout for it")
+    monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")  # the head's own kernels on the stages: exact equality
+    logprobs, counts, said = await reply_on_mesh(q4_0_model)
+    assert said == {"lab1": True, "lab2": True}
+    assert set(counts) == {"lab1", "lab2"}
+    for name, (repacked, expected) in counts.items():
+        assert expected > 0 and repacked == expected, (name, counts)
+    # llama-cpp-python in one process repacks the same weights: the same numbers, to float32 rounding (measured
+    # 1.7e-7; with the plain layouts on the stages they part by 0.1, next test)
+    reference = reference_logprobs(q4_0_model, PROMPT, MAX_TOKENS, top=1, context=CONTEXT)["logprobs"]
+    assert logprobs == pytest.approx(reference["token_logprobs"], abs=1e-5)
+
+
+async def test_with_repacking_off_no_weight_is_repacked_and_the_reply_still_completes(
+        q4_0_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHTUI_WEIGHT_REPACK", "0")
+    monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")
+    logprobs, counts, said = await reply_on_mesh(q4_0_model)
+    assert said == {"lab1": False, "lab2": False}
+    assert {name: repacked for name, (repacked, _) in counts.items()} == {"lab1": 0, "lab2": 0}
+    assert len(logprobs) == MAX_TOKENS
+    if cpu_has_avx2():  # the plain kernels: not what one process computes (which is why the patch exists)
+        reference = reference_logprobs(q4_0_model, PROMPT, MAX_TOKENS, top=1, context=CONTEXT)["logprobs"]
+        assert max(abs(a - b) for a, b in zip(logprobs, reference["token_logprobs"], strict=True)) > 1e-3
+
+
+async def test_the_builtin_q4_1_model_has_nothing_to_repack() -> None:
+    lab = EmbeddedLab(n_hosts=1)
+    await lab.start()
+    mesh = Mesh(lab.inventory(ModelSpec(path=None, name="smollm2", context=CONTEXT)), speculative="off")
+    try:
+        await mesh.up()
+        repacked = {name: load.repacked for name, load in mesh.host_loads.items()}
+        assert repackable(SMOLLM2, list(range(64))) == 0
+    finally:
+        await mesh.close()
+        await lab.close()
+    assert repacked == {"lab1": 0}

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from lab import netns  # noqa: E402  (tests/ is not a package)
 from synth import LARGE_SHAPE, synthetic_model  # noqa: E402
 
-from meshtui.runtime import local_runtime_bundle  # noqa: E402
+from meshtui.runtime import local_runtime_bundle, weight_repack_wanted  # noqa: E402
 
 STAGE_SCRIPT = Path(__file__).resolve().parent / "tcp_stage.py"
 STAGE_PORT = 50052
@@ -86,6 +86,7 @@ def tcp_stages(lab: netns.Lab, log_dir: Path, port: int) -> Iterator[dict[str, s
             proc = lab.popen_in(host, [
                 "runuser", "-u", host.user, "--", str(netns.SYSTEM_PYTHON), str(folder / STAGE_SCRIPT.name),
                 "--runtime", str(folder), "--host", host.address, "--port", str(port), "--threads", "1",
+                *([] if weight_repack_wanted() else ["--no-repack"]),
             ], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
             log.close()
             procs.append(proc)

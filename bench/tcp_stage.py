@@ -53,6 +53,7 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default=None, help="RPC cache folder (default: none, like rpc-server without -c)")
+    parser.add_argument("--no-repack", action="store_true", help="keep weights in ggml's plain layouts, as the agent's")
     args = parser.parse_args()
 
     sys.stdout.flush()
@@ -64,6 +65,9 @@ def main():
         out.write(json.dumps({"event": "error", "reason": "no CPU device in the ggml runtime"}) + "\n")
         return 3
     devices = (ctypes.c_void_p * 1)(cpu)
+    if hasattr(rpc, "ggml_backend_rpc_set_weight_repack"):  # the same layouts as the agents' stages
+        rpc.ggml_backend_rpc_set_weight_repack.argtypes = [ctypes.c_int]
+        rpc.ggml_backend_rpc_set_weight_repack(0 if args.no_repack else 1)
     endpoint = f"{args.host}:{args.port}".encode()
     cache = None
     if args.cache:

@@ -220,7 +220,7 @@ def synthetic_model(
     return target
 
 
-QUANT_TYPES = ("q4_0", "q8_0", "f16")
+QUANT_TYPES = ("q4_0", "q4_k_m", "q8_0", "f16")
 _QUANTIZE = """
 import ctypes, sys
 import llama_cpp

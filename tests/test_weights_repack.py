@@ -3,7 +3,8 @@
 ggml's RPC server allocates every buffer with the CPU backend's default type, so without meshtui's patch
 (native/patches/ggml-rpc-weights-repack.patch) a stage runs a Q4_0 model on the plain kernels where llama.cpp in
 one process uses the repacked ones (about half the prompt rate, docs/performance.md). SmolLM2 requantized to Q4_0
-by llama.cpp's own quantizer is the model: Q4_0 has repacked layouts on x86 CPUs with AVX2, Q4_1 has none.
+by llama.cpp's own quantizer is the model: Q4_0 and Q4_K have repacked layouts on x86 CPUs with AVX2, Q4_1 has
+none. (Q4_K_M of SmolLM2 has Q4_K only in 16 of its ffn_down matrices: its other rows are not multiples of 256.)
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ def cpu_has_avx2() -> bool:
         return False
 
 
+# what ggml-cpu's ggml_repack_get_optimal_repack_type takes on an x86 CPU with AVX2 (Q2_K needs AVX-512)
+AVX2_REPACKED = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.IQ4_NL,
+                 GGMLQuantizationType.MXFP4}
+
+
 def repackable(model: Path, layers: list[int]) -> int:
-    """The matrices of these blocks ggml-cpu repacks on an AVX2 CPU: Q4_0, two dimensions, rows in eights."""
+    """The matrices of these blocks ggml-cpu repacks on an AVX2 CPU: a type above, two dimensions, rows in 8s."""
     count = 0
     for tensor in GGUFReader(model).tensors:
         block = re.match(r"blk\.(\d+)\.\w+\.weight$", tensor.name)
-        if (block and int(block.group(1)) in layers and tensor.tensor_type == GGMLQuantizationType.Q4_0
+        if (block and int(block.group(1)) in layers and tensor.tensor_type in AVX2_REPACKED
                 and len(tensor.shape) == 2 and int(tensor.shape[1]) % 8 == 0):
             count += 1
     return count
@@ -79,19 +85,21 @@ def q4_0_model() -> Path:
     return requantized(SMOLLM2, "q4_0")
 
 
-async def test_a_q4_0_stage_holds_its_weights_repacked_and_answers_as_one_process(
-        q4_0_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("ftype", ["q4_0", "q4_k_m"])
+async def test_a_stage_holds_its_weights_repacked_and_answers_as_one_process(
+        ftype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if not cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2: ggml-cpu has no repacked Q4_0 layout for it")
+        pytest.skip("this CPU has no AVX2: ggml-cpu has no repacked Q4_0 or Q4_K layout for it")
+    model = requantized(SMOLLM2, ftype)
     monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")  # the head's own kernels on the stages: exact equality
-    logprobs, counts, said = await reply_on_mesh(q4_0_model)
+    logprobs, counts, said = await reply_on_mesh(model)
     assert said == {"lab1": True, "lab2": True}
     assert set(counts) == {"lab1", "lab2"}
     for name, (repacked, expected) in counts.items():
         assert expected > 0 and repacked == expected, (name, counts)
     # llama-cpp-python in one process repacks the same weights: the same numbers, to float32 rounding (measured
     # 1.7e-7; with the plain layouts on the stages they part by 0.1, next test)
-    reference = reference_logprobs(q4_0_model, PROMPT, MAX_TOKENS, top=1, context=CONTEXT)["logprobs"]
+    reference = reference_logprobs(model, PROMPT, MAX_TOKENS, top=1, context=CONTEXT)["logprobs"]
     assert logprobs == pytest.approx(reference["token_logprobs"], abs=1e-5)
 
 

@@ -1,8 +1,8 @@
 """The content hash of each of a model's tensors, computed once per file and kept in the head's cache folder.
 
-Hosts' weight caches name entries by ggml's content hash (64-bit FNV-1a) of a tensor's bytes; to offer a host
-tensors by hash before the engine loads, the head needs those hashes. Hashing a model reads all of it (about
-1 GB/s here), so the hashes are recorded under the file's identity (device, inode, size, mtime_ns): a file
+Hosts' weight caches name entries by the patched ggml's content hash (XXH64) of a tensor's bytes; to offer a host
+tensors by hash before the engine loads, the head needs those hashes. Hashing a model reads all of it (from disk
+the first time), so the hashes are recorded under the file's identity (device, inode, size, mtime_ns): a file
 that is the same by all four is not read again, and one changed in any of them is hashed again.
 """
 
@@ -22,7 +22,7 @@ from meshtui.runtime import head_cache_dir, llama_cpp_lib_dir
 
 CONTENT_HASH_SYMBOL = "ggml_backend_rpc_content_hash"  # native/patches/ggml-rpc-weights-cache.patch
 THRESHOLD_SYMBOL = "ggml_backend_rpc_verified_cache_threshold"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: XXH64 (1 was ggml's FNV-1a: those records are hashed again)
 
 Region = tuple[int, int]  # (file offset, bytes)
 HashFn = Callable[[int, int], int]  # (address, bytes) -> content hash

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from helpers import xxh64
+
 from meshtui.runtime import agent_source_path, load_file_module
 from meshtui.units import load_done, load_transfer
 from meshtui.weights import HostLoad, MeterCounts, load_progressed
@@ -75,12 +77,6 @@ def test_progress_before_anything_arrived_has_no_rate_or_eta() -> None:
     assert MeterCounts(10, 5, 3, 2, 1).since(MeterCounts(4, 1, 1, 1, 0)) == MeterCounts(6, 4, 2, 1, 1)
 
 
-def fnv1a(data: bytes) -> int:
-    value = 0xCBF29CE484222325
-    for byte in data:
-        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return value
-
 
 def test_seeding_names_each_region_by_the_hash_of_its_own_bytes(tmp_path: Path) -> None:
     import ctypes
@@ -91,14 +87,14 @@ def test_seeding_names_each_region_by_the_hash_of_its_own_bytes(tmp_path: Path) 
     cache.mkdir()
 
     def hash_bytes(address: int, length: int) -> int:
-        return fnv1a(ctypes.string_at(address, length))
+        return xxh64(ctypes.string_at(address, length))
 
     regions = [[0, 2048], [2048, 1024], [100, 10], [10000, 1000]]  # too small; past the end of the file
     answer = agent.seed_cache(hash_bytes, str(cache), 1024, {"model": str(model), "regions": regions})
     assert answer == {"seeded": 2, "seeded_bytes": 3072, "present": 0, "present_bytes": 0, "skipped": 2}
     data = model.read_bytes()
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == {
-        f"{fnv1a(data[:2048]):016x}": data[:2048], f"{fnv1a(data[2048:3072]):016x}": data[2048:3072]}
+        f"{xxh64(data[:2048]):016x}": data[:2048], f"{xxh64(data[2048:3072]):016x}": data[2048:3072]}
     again = agent.seed_cache(hash_bytes, str(cache), 1024, {"model": str(model), "regions": regions[:2]})
     assert again == {"seeded": 0, "seeded_bytes": 0, "present": 2, "present_bytes": 3072, "skipped": 0}
 

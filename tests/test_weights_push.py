@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from helpers import xxh64
 
 from meshtui.pushweights import Offer, host_offers
 from meshtui.runtime import agent_source_path, load_file_module
@@ -18,29 +19,25 @@ from meshtui.tensorhashes import head_hasher, tensor_hashes
 agent = load_file_module(agent_source_path(), "meshtui_agent_push_test")
 
 
-def fnv1a(data: bytes) -> int:
-    value = 0xCBF29CE484222325
-    for byte in data:
-        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return value
-
 
 class CountingHash:
-    """ggml's hash in Python, counting the regions it was asked to hash."""
+    """The content hash in Python, counting the regions it was asked to hash."""
 
     def __init__(self) -> None:
         self.calls = 0
 
     def __call__(self, address: int, length: int) -> int:
         self.calls += 1
-        return fnv1a(ctypes.string_at(address, length))
+        return xxh64(ctypes.string_at(address, length))
 
 
-def test_the_heads_hash_is_ggmls_content_hash() -> None:
+def test_the_heads_hash_is_the_patched_ggmls_content_hash_xxh64() -> None:
     hasher = head_hasher()
     assert hasher is not None and hasher.threshold == 64 * 1024
-    data = ctypes.create_string_buffer(bytes(range(256)) * 3, 768)
-    assert hasher.hash_fn(ctypes.addressof(data), 768) == fnv1a(bytes(range(256)) * 3)
+    assert (xxh64(b""), xxh64(b"abc")) == (0xEF46DB3751D8E999, 0x44BC2CF5AD770999)  # the specification's vectors
+    for body in (b"", b"abc", bytes(range(256)) * 3, os.urandom(4099)):  # every tail: 8, 4 and 1-byte steps
+        data = ctypes.create_string_buffer(body, max(len(body), 1))
+        assert hasher.hash_fn(ctypes.addressof(data), len(body)) == xxh64(body)
 
 
 def test_hashes_are_read_from_the_record_the_second_time_and_a_changed_file_is_hashed_again(tmp_path: Path) -> None:
@@ -53,7 +50,7 @@ def test_hashes_are_read_from_the_record_the_second_time_and_a_changed_file_is_h
 
     first = tensor_hashes(model, regions, counting, records)
     assert first.hashed == 3 and counting.calls == 3
-    assert first.by_region == {(o, n): fnv1a(data[o:o + n]) for o, n in regions}
+    assert first.by_region == {(o, n): xxh64(data[o:o + n]) for o, n in regions}
 
     second = tensor_hashes(model, regions, counting, records)
     assert second == first.__class__(first.by_region, 0)
@@ -61,7 +58,7 @@ def test_hashes_are_read_from_the_record_the_second_time_and_a_changed_file_is_h
 
     # A region not asked for before is hashed alone, and recorded with the others.
     more = tensor_hashes(model, [*regions, (0, 8192)], counting, records)
-    assert more.hashed == 1 and more.by_region[(0, 8192)] == fnv1a(data)
+    assert more.hashed == 1 and more.by_region[(0, 8192)] == xxh64(data)
     assert tensor_hashes(model, [(0, 8192)], counting, records).hashed == 0
 
     # The same name with other bytes (a new mtime): every region is hashed again.
@@ -72,7 +69,7 @@ def test_hashes_are_read_from_the_record_the_second_time_and_a_changed_file_is_h
     os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     again = tensor_hashes(model, regions, counting, records)
     assert again.hashed == 3
-    assert again.by_region[(0, 4096)] == fnv1a(bytes(changed[:4096])) != first.by_region[(0, 4096)]
+    assert again.by_region[(0, 4096)] == xxh64(bytes(changed[:4096])) != first.by_region[(0, 4096)]
     assert len(list(records.iterdir())) == 1  # one record per file, no temporary left behind
 
 
@@ -91,19 +88,19 @@ def test_the_agent_stores_entries_whose_bytes_have_their_hash_and_keeps_them_whe
     cache = tmp_path / "cache"
     cache.mkdir()
     good, bad, late = os.urandom(3000), os.urandom(2000), os.urandom(4000)
-    (cache / f"{fnv1a(late):016x}").write_bytes(late[:1000])  # cut short by an earlier write: not an entry
-    offers = [[f"{fnv1a(b):016x}", len(b)] for b in (good, bad, late)]
+    (cache / f"{xxh64(late):016x}").write_bytes(late[:1000])  # cut short by an earlier write: not an entry
+    offers = [[f"{xxh64(b):016x}", len(b)] for b in (good, bad, late)]
     missing = agent.missing_entries(str(cache), offers)
     assert missing == offers
     wanted = {name: size for name, size in missing}
 
     # The second entry's bytes are altered on the way; the stream is cut in the middle of the third.
     altered = bytes([bad[0] ^ 1]) + bad[1:]
-    stream = pushed([(fnv1a(good), good), (fnv1a(bad), altered), (fnv1a(late), late)])[:-1500]
+    stream = pushed([(xxh64(good), good), (xxh64(bad), altered), (xxh64(late), late)])[:-1500]
     done = agent.store_pushed(CountingHash(), str(cache), io.BufferedReader(io.BytesIO(stream)), wanted)
     assert done == {"stored": 1, "stored_bytes": 3000, "rejected": 1}
-    assert (cache / f"{fnv1a(good):016x}").read_bytes() == good
-    assert not (cache / f"{fnv1a(bad):016x}").exists()
+    assert (cache / f"{xxh64(good):016x}").read_bytes() == good
+    assert not (cache / f"{xxh64(bad):016x}").exists()
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
 
     # Started again: only what did not arrive whole is asked for.
@@ -112,7 +109,7 @@ def test_the_agent_stores_entries_whose_bytes_have_their_hash_and_keeps_them_whe
 
 def test_the_agent_refuses_an_entry_it_did_not_ask_for(tmp_path: Path) -> None:
     body = os.urandom(100)
-    stream = io.BufferedReader(io.BytesIO(pushed([(fnv1a(body), body)])))
+    stream = io.BufferedReader(io.BytesIO(pushed([(xxh64(body), body)])))
     with pytest.raises(ValueError, match="was not asked for"):
         agent.store_pushed(CountingHash(), str(tmp_path), stream, {})
     assert list(tmp_path.iterdir()) == []
@@ -127,11 +124,11 @@ def test_entries_of_any_sizes_in_a_row_are_each_stored_whole_and_a_write_error_e
     if overlap_limit is not None:
         monkeypatch.setattr(agent, "OVERLAP_LIMIT", overlap_limit)
     bodies = [os.urandom(n) for n in (5000, 300, 9000, 9000, 1, 7000)]
-    wanted = {f"{fnv1a(b):016x}": len(b) for b in bodies}
-    stream = pushed([(fnv1a(b), b) for b in bodies])
+    wanted = {f"{xxh64(b):016x}": len(b) for b in bodies}
+    stream = pushed([(xxh64(b), b) for b in bodies])
     done = agent.store_pushed(CountingHash(), str(tmp_path), io.BufferedReader(io.BytesIO(stream)), wanted)
     assert done == {"stored": 6, "stored_bytes": sum(len(b) for b in bodies), "rejected": 0}
-    assert all((tmp_path / f"{fnv1a(b):016x}").read_bytes() == b for b in bodies)
+    assert all((tmp_path / f"{xxh64(b):016x}").read_bytes() == b for b in bodies)
 
     missing = tmp_path / "not-a-folder"
     with pytest.raises(FileNotFoundError):
@@ -163,8 +160,8 @@ def test_a_writer_that_fails_in_any_way_ends_the_push_instead_of_hanging_it(tmp_
         raise TypeError("not a hash")
 
     bodies = [os.urandom(100) for _ in range(5)]
-    wanted = {f"{fnv1a(b):016x}": len(b) for b in bodies}
-    stream = io.BufferedReader(io.BytesIO(pushed([(fnv1a(b), b) for b in bodies])))
+    wanted = {f"{xxh64(b):016x}": len(b) for b in bodies}
+    stream = io.BufferedReader(io.BytesIO(pushed([(xxh64(b), b) for b in bodies])))
     outcome: list[BaseException] = []
 
     def push() -> None:

@@ -43,10 +43,11 @@ AVX2_REPACKED = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_K, GGMLQuant
 
 
 def repackable(model: Path, layers: list[int]) -> int:
-    """The matrices of these blocks ggml-cpu repacks on an AVX2 CPU: a type above, two dimensions, rows in 8s."""
+    """The matrices of these blocks the patched server repacks on an AVX2 CPU: attention and feed-forward ones (by
+    name), of a type above, two dimensions, rows in eights."""
     count = 0
     for tensor in GGUFReader(model).tensors:
-        block = re.match(r"blk\.(\d+)\.\w+\.weight$", tensor.name)
+        block = re.match(r"blk\.(\d+)\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down)(_shexp)?)\.weight$", tensor.name)
         if (block and int(block.group(1)) in layers and tensor.tensor_type in AVX2_REPACKED
                 and len(tensor.shape) == 2 and int(tensor.shape[1]) % 8 == 0):
             count += 1

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -192,14 +193,8 @@ def synthetic_model(
     digest = hashlib.sha256(key_material.encode()).hexdigest()[:16]
     directory = cache_dir if cache_dir is not None else CACHE_DIR
     target = directory / f"synthetic-llama-{n_layer}L-{n_embd}E-{dtype}-{digest}.gguf"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_synthetic_llama(
-            Path(tmp_name),
+    return _cached(target, lambda tmp: write_synthetic_llama(
+            tmp,
             n_layer=n_layer,
             n_embd=n_embd,
             n_head=n_head,
@@ -211,7 +206,18 @@ def synthetic_model(
             source_tokenizer=source,
             name=name,
             chat_template=chat_template,
-        )
+        ))
+
+
+def _cached(target: Path, write: Callable[[Path], object]) -> Path:
+    """`target`, written once by `write(temporary path)` in its folder and renamed into place."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp_name))
         os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600; lab users other than root read it too
         os.replace(tmp_name, target)  # atomic: a concurrent reader sees no file or the whole file
     finally:
@@ -248,18 +254,7 @@ def requantized(source: Path, ftype: str, cache_dir: Path | None = None) -> Path
     material = json.dumps([source.name, stat.st_size, ftype, llama_cpp.__version__])
     digest = hashlib.sha256(material.encode()).hexdigest()[:16]
     directory = cache_dir if cache_dir is not None else CACHE_DIR
-    target = directory / f"{source.stem}-{ftype}-{digest}.gguf"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        # in a process of its own: ggml aborts its process on a bad file
-        subprocess.run([sys.executable, "-c", _QUANTIZE, str(source), tmp_name, ftype], check=True,
-                       capture_output=True, timeout=600)
-        os.replace(tmp_name, target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return target
+    # in a process of its own: ggml aborts its process on a bad file
+    return _cached(directory / f"{source.stem}-{ftype}-{digest}.gguf", lambda tmp: subprocess.run(
+        [sys.executable, "-c", _QUANTIZE, str(source), str(tmp), ftype], check=True, capture_output=True,
+        timeout=600))

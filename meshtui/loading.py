@@ -16,12 +16,12 @@ from pathlib import Path
 import asyncssh
 
 from meshtui import events as ev
+from meshtui.agentproc import Agent
 from meshtui.capacity import HEAD_NAME
 from meshtui.engine.client import EngineProcess
 from meshtui.engine.protocol import Load
 from meshtui.errors import EngineError, HostError
 from meshtui.gguf_facts import ModelFacts, tensor_regions
-from meshtui.hosts import Agent
 from meshtui.localstage import LocalStage
 from meshtui.node import Node, NodeSink
 from meshtui.placement import check_placement, engine_split, placement_by_node

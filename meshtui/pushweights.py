@@ -23,8 +23,8 @@ from typing import Any, cast
 
 import asyncssh
 
+from meshtui.agentproc import Agent
 from meshtui.errors import HostError
-from meshtui.hosts import Agent
 from meshtui.text import one_line
 from meshtui.weights import PushCounts
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import asyncssh
 
+from meshtui.agentproc import Agent, launch_agent
 from meshtui.errors import HostError
 from meshtui.failures import agent_exit_cause
 from meshtui.hostbuild import build_on_host
-from meshtui.hosts import AGENT_CANNOT_LOAD, Agent, HostFacts, launch_agent, probe_host, push_runtime
+from meshtui.hosts import AGENT_CANNOT_LOAD, HostFacts, probe_host, push_runtime
 from meshtui.inventory import HostSpec, SSHSpec
 from meshtui.rpcwire import rpc_hello
 from meshtui.runtime import RuntimeBundle

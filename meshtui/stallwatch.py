@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import asyncssh
 
 from meshtui import events as ev
-from meshtui.hosts import Agent
+from meshtui.agentproc import Agent
 from meshtui.node import Node, NodeSink
 from meshtui.stage import Stage
 from meshtui.watchdog import StageClock, StallPolicy, Verdict, judge

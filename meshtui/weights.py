@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from meshtui import events as ev
+from meshtui.agentproc import Agent
 from meshtui.errors import MeshError
 from meshtui.gguf_facts import ModelFacts, tensor_regions
-from meshtui.hosts import Agent
 from meshtui.rpcwire import RpcMeter
 from meshtui.text import one_line
 from meshtui.units import format_size

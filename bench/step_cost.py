@@ -192,7 +192,7 @@ FREE_PROMPTS = ("The history of the bicycle", "Rivers of South America", "How br
 async def mesh_steps(reps: int, model: Path | None = None) -> dict[str, Any]:
     """Steps over the embedded 3-host lab: per step the engine's decode time and each stage's round trip and bytes
     (from its tunnel's meter, one round per stage per step)."""
-    from meshtui.engine.protocol import Generate, Token
+    from meshtui.engine.protocol import Generate, Started, Token
     from meshtui.inventory import ModelSpec
     from meshtui.lab import EmbeddedLab
     from meshtui.mesh import Mesh
@@ -255,6 +255,18 @@ async def mesh_steps(reps: int, model: Path | None = None) -> dict[str, Any]:
         for k in (1, 2, 4, 6, 9):
             steps = await run([generate(COPY_PROMPT, speculative="ngram", draft_length=k)])
             result["verify"][k] = steps[2:]
+        # a long prompt read alone: the time from the request to its first token, and the prompt's tokens
+        result["prefill"] = []
+        for _ in range(5):
+            started, prompt_tokens, first = time.perf_counter(), 0, None
+            async for event in engine.generate(Generate(id=next(next_id), prompt=" ".join([COPY_PROMPT] * 6),
+                                                        raw=True, max_tokens=1, temperature=0.0,
+                                                        speculative="off")):
+                if isinstance(event, Started):
+                    prompt_tokens = event.prompt_tokens
+                elif isinstance(event, Token) and first is None:
+                    first = (time.perf_counter() - started) * 1e3
+            result["prefill"].append({"tokens": prompt_tokens, "ms": first})
     finally:
         await mesh.close()
         await lab.close()
@@ -280,6 +292,10 @@ def summarise_mesh(result: dict[str, Any]) -> None:
         head = statistics.median(s["decode_ms"] - sum(s[n]["ms"] for n in remote) for s in steps)
         print(f"| {label} | {len(steps)} | {decode:.2f} | " + " | ".join(cells) + f" | {head:.2f} |")
 
+    if result.get("prefill"):
+        ms = statistics.median(p["ms"] for p in result["prefill"])
+        tokens = result["prefill"][0]["tokens"]
+        print(f"prefill of {tokens} tokens alone: median {ms:.1f} ms ({tokens / ms * 1e3:.0f} tokens/s)")
     for n, steps in result["decode"].items():
         row(f"decode {n} seq", steps)
     for k, steps in result["verify"].items():

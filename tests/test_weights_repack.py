@@ -9,7 +9,12 @@ none. (Q4_K_M of SmolLM2 has Q4_K only in 16 of its ffn_down matrices: its other
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
+import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -21,9 +26,10 @@ from synth import requantized
 from meshtui import events as ev
 from meshtui.inventory import ModelSpec
 from meshtui.lab import EmbeddedLab
+from meshtui.localstage import LocalStage
 from meshtui.mesh import Mesh
-
-pytestmark = [pytest.mark.slow]
+from meshtui.rpcwire import CMD_HELLO, CONN_CAPS_SIZE
+from meshtui.runtime import local_runtime_bundle
 
 CONTEXT = 512
 PROMPT = "The three primary colors are"
@@ -86,12 +92,14 @@ def q4_0_model() -> Path:
     return requantized(SMOLLM2, "q4_0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["q4_0", "q4_k_m"])
 async def test_a_stage_holds_its_weights_repacked_and_answers_as_one_process(
         ftype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if not cpu_has_avx2():
         pytest.skip("this CPU has no AVX2: ggml-cpu has no repacked Q4_0 or Q4_K layout for it")
     model = requantized(SMOLLM2, ftype)
+    monkeypatch.delenv("MESHTUI_WEIGHT_REPACK", raising=False)
     monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")  # the head's own kernels on the stages: exact equality
     logprobs, counts, said = await reply_on_mesh(model)
     assert said == {"lab1": True, "lab2": True}
@@ -104,6 +112,7 @@ async def test_a_stage_holds_its_weights_repacked_and_answers_as_one_process(
     assert logprobs == pytest.approx(reference["token_logprobs"], abs=1e-5)
 
 
+@pytest.mark.slow
 async def test_with_repacking_off_no_weight_is_repacked_and_the_reply_still_completes(
         q4_0_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHTUI_WEIGHT_REPACK", "0")
@@ -117,6 +126,7 @@ async def test_with_repacking_off_no_weight_is_repacked_and_the_reply_still_comp
         assert max(abs(a - b) for a, b in zip(logprobs, reference["token_logprobs"], strict=True)) > 1e-3
 
 
+@pytest.mark.slow
 async def test_the_builtin_q4_1_model_has_nothing_to_repack() -> None:
     lab = EmbeddedLab(n_hosts=1)
     await lab.start()
@@ -129,3 +139,83 @@ async def test_the_builtin_q4_1_model_has_nothing_to_repack() -> None:
         await mesh.close()
         await lab.close()
     assert repacked == {"lab1": 0}
+
+
+# ---------------------------------------------------------------- the patched server on its own, over its wire
+
+RPC_TENSOR = struct.Struct("<QIQ4I4II16iI10QQQQ64si")  # ggml-rpc.cpp's rpc_tensor (packed, 296 bytes)
+ALLOC_BUFFER, BUFFER_GET_BASE, SET_TENSOR, GET_TENSOR = 0, 3, 6, 8
+Q4_0 = 2  # ggml_type: 32 values a block of 18 bytes
+SHAPE = (256, 64, 1, 1)
+STRIDES = (18, 144, 144 * 64, 144 * 64)
+NBYTES = 144 * 64
+
+
+def rpc_tensor(name: str, buffer: int, data: int) -> bytes:
+    return RPC_TENSOR.pack(1, Q4_0, buffer, *SHAPE, *STRIDES, 0, *[0] * 16, 0, *[0] * 10, 0, 0, data,
+                           name.encode(), 0)
+
+
+class RpcClient:
+    """Just enough of ggml's RPC client to set and read tensors by hand."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(20)
+        self.sock.connect(path)
+        assert len(self.call(CMD_HELLO, bytes(CONN_CAPS_SIZE))) >= 3
+
+    def call(self, cmd: int, payload: bytes, reply: bool = True) -> bytes:
+        self.sock.sendall(bytes([cmd]) + struct.pack("<Q", len(payload)) + payload)
+        if not reply:
+            return b""
+        (size,) = struct.unpack("<Q", self.recv(8))
+        return self.recv(size)
+
+    def recv(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError(f"the server closed the connection after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+
+async def stage_stats(stage: LocalStage) -> int:
+    assert stage.proc is not None and stage.proc.stdin is not None and stage.proc.stdout is not None
+    stage.proc.stdin.write(b"stats 1\n")
+    answer = json.loads(await asyncio.wait_for(stage.proc.stdout.readline(), 10))
+    assert answer["event"] == "stats"
+    return int(answer["repacked_weights"])
+
+
+async def test_the_server_repacks_only_matrix_weights_and_never_hands_repacked_bytes_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Q4_0 matrix named like an attention weight is repacked as it arrives; the same bytes named like an
+    embedding (read by rows, never multiplied) stay as sent; reading the repacked one back is refused (the client
+    would get bytes in a layout it never wrote), and the weights the connection held are forgotten with it."""
+    if not cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2: ggml-cpu has no repacked Q4_0 layout for it")
+    monkeypatch.delenv("MESHTUI_WEIGHT_REPACK", raising=False)
+    stage = LocalStage(local_runtime_bundle("head-build"), threads=1)
+    await stage.start()
+    try:
+        assert await stage_stats(stage) == 0
+        rpc = RpcClient(stage.socket_path)
+        buffer, _size = struct.unpack("<QQ", rpc.call(ALLOC_BUFFER, struct.pack("<IQ", 0, 1 << 20)))
+        (base,) = struct.unpack("<Q", rpc.call(BUFFER_GET_BASE, struct.pack("<Q", buffer)))
+        weights = os.urandom(NBYTES)
+        for name, data in (("blk.0.attn_q.weight", base), ("token_embd.weight", base + NBYTES)):
+            rpc.call(SET_TENSOR, rpc_tensor(name, buffer, data) + b"\0" + struct.pack("<Q", 0) + weights,
+                     reply=False)
+        plain = rpc.call(GET_TENSOR, rpc_tensor("token_embd.weight", buffer, base + NBYTES) +
+                         struct.pack("<QQ", 0, NBYTES))
+        assert plain == weights
+        assert await stage_stats(stage) == 1
+        with pytest.raises(ConnectionError):
+            rpc.call(GET_TENSOR, rpc_tensor("blk.0.attn_q.weight", buffer, base) + struct.pack("<QQ", 0, 64))
+        rpc.sock.close()
+        assert await stage_stats(stage) == 0
+    finally:
+        await stage.close()

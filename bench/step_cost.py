@@ -196,13 +196,14 @@ async def mesh_steps(reps: int, model: Path | None = None) -> dict[str, Any]:
     from meshtui.inventory import ModelSpec
     from meshtui.lab import EmbeddedLab
     from meshtui.mesh import Mesh
+    from meshtui.runtime import weight_repack_wanted
 
     lab = EmbeddedLab(3)
     await lab.start()
     spec = ModelSpec(path=model.resolve() if model else None, name=None if model else "smollm2", context=1024)
     mesh = Mesh(lab.inventory(spec), parallel=8, speculative="off")
     result: dict[str, Any] = {"load_average": os.getloadavg(), "model": model.name if model else "smollm2",
-                              "weight_repack": os.environ.get("MESHTUI_WEIGHT_REPACK", "1") != "0"}
+                              "weight_repack": weight_repack_wanted()}
     try:
         await mesh.up()
         plan = mesh.plan

@@ -142,12 +142,18 @@ class Agent:
         self.process.stdin.write(f"ping {seq}\n")
         return await asyncio.wait_for(future, timeout) - sent
 
-    async def seed(self, model_path: str, regions: list[tuple[int, int]], timeout: float = 600.0) -> dict[str, Any]:
-        """Ask the agent to put these byte ranges of its own copy of the model into its cache, named by hash."""
+    def _request(self, line: Callable[[str], str]) -> tuple[str, asyncio.Future[dict[str, Any]]]:
+        """Send the command `line(seq)` with a fresh seq; the future gets the agent's reply (cancelled if it exits)."""
         seq = str(next(self._seq))
+        self.process.stdin.write(line(seq))  # the reply is read only once the caller awaits: registered in time
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[seq] = future
-        self.process.stdin.write("seed " + json.dumps({"seq": seq, "model": model_path, "regions": regions}) + "\n")
+        return seq, future
+
+    async def seed(self, model_path: str, regions: list[tuple[int, int]], timeout: float = 600.0) -> dict[str, Any]:
+        """Ask the agent to put these byte ranges of its own copy of the model into its cache, named by hash."""
+        _, future = self._request(
+            lambda seq: "seed " + json.dumps({"seq": seq, "model": model_path, "regions": regions}) + "\n")
         return await asyncio.wait_for(future, timeout)
 
     async def repacked_weights(self, timeout: float = 5.0) -> int | None:
@@ -155,13 +161,10 @@ class Agent:
         runtime without meshtui's repack patch."""
         if self.weight_repack is None or not self.alive:
             return None
-        seq = str(next(self._seq))
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._replies[seq] = future
         try:
-            self.process.stdin.write(f"stats {seq}\n")
+            seq, future = self._request(lambda seq: f"stats {seq}\n")
         except (OSError, asyncssh.Error):
-            future.cancel()
+            return None
         done, _ = await asyncio.wait({future}, timeout=timeout)
         self._replies.pop(seq, None)
         if not done or future.cancelled():

@@ -22,13 +22,7 @@ from meshtui.remoteio import (
     run_capped,
     stop_remote,
 )
-from meshtui.runtime import (
-    AGENT_FILE,
-    REMOTE_ROOT,
-    RuntimeBundle,
-    agent_source_path,
-    file_digests,
-)
+from meshtui.runtime import AGENT_FILE, REMOTE_ROOT, RuntimeBundle, agent_source_path, file_digests
 from meshtui.text import one_line
 
 # The agent's error codes (agent/meshtui_agent.py has the same names; a test checks they match).

@@ -210,20 +210,17 @@ def host_loads(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCou
             for name, t in tunnels.items()}
 
 
-async def repacked_weights(stages: Mapping[str, Stage], names: Sequence[str], sink: NodeSink) -> dict[str, int | None]:
+async def repacked_weights(stages: Mapping[str, Stage], names: Sequence[str],
+                           sink: NodeSink) -> dict[str, int | None]:
     """Ask each host's agent how many weight tensors its stage now holds in the CPU's repacked layouts (the fast
     kernels llama.cpp uses in one process; native/patches/ggml-rpc-weights-repack.patch), and say so in its log."""
-    agents = {name: stages[name].agent for name in names if name in stages}
-    counts = await asyncio.gather(*(a.repacked_weights() if a is not None else _none() for a in agents.values()))
+    agents = {name: agent for name in names if name in stages and (agent := stages[name].agent) is not None}
+    counts = await asyncio.gather(*(agent.repacked_weights() for agent in agents.values()))
     result = dict(zip(agents, counts, strict=True))
     for name, count in result.items():
         if count:
             sink.log(name, f"{count} weight tensors in this CPU's repacked layouts", "info")
     return result
-
-
-async def _none() -> None:
-    return None
 
 
 async def _report_load_progress(tunnels: Mapping[str, StageTunnel], starts: Mapping[str, MeterCounts],

@@ -198,6 +198,10 @@ class Decoder:
         self._batch.n_tokens = n
         started = time.perf_counter()
         status = self._llama.llama_decode(self.ctx.ctx, self._batch)
+        if status == 0:
+            # llama_decode returns with the last commands to the stages possibly still in flight (ggml's RPC client
+            # sends them from a thread of its own); the step's time is until its results are here.
+            self._llama.llama_synchronize(self.ctx.ctx)
         ms = (time.perf_counter() - started) * 1000.0
         step = self.steps
         self.steps += 1

@@ -86,6 +86,7 @@ class Bench:
         started = time.thread_time()
         if self.lib.llama_decode(self.ctx.ctx, self.batch) != 0:
             raise RuntimeError("llama_decode failed")
+        self.lib.llama_synchronize(self.ctx.ctx)  # llama_decode may return before its results are in place
         return (time.thread_time() - started) * 1000.0
 
     def step(self, sequences: int, positions: int, all_logits: bool = True) -> float:
@@ -220,11 +221,13 @@ async def mesh_steps(reps: int, model: Path | None = None) -> dict[str, Any]:
                 tunnel.meter.reset_rounds()
             first = engine_steps_before = None
             tokens: dict[int, list[Token]] = {}
+            arrived: dict[int, float] = {}  # when a step's first token reached the orchestrator
 
             async def one(request: Generate) -> None:
                 async for event in engine.generate(request):
                     if isinstance(event, Token) and event.token_id >= 0:
                         tokens.setdefault(event.decode_call, []).append(event)
+                        arrived.setdefault(event.decode_call, time.perf_counter())
 
             await asyncio.gather(*(one(r) for r in requests))
             first = min(tokens)
@@ -233,6 +236,8 @@ async def mesh_steps(reps: int, model: Path | None = None) -> dict[str, Any]:
             for call, produced in sorted(tokens.items()):
                 row: dict[str, Any] = {"step": call - first, "requests": len({t.id for t in produced}),
                                        "tokens": len(produced), "decode_ms": produced[0].decode_ms}
+                if call - 1 in arrived:  # the whole step as the orchestrator sees it: decode, sampling, events
+                    row["wall_ms"] = (arrived[call] - arrived[call - 1]) * 1e3
                 for name, tunnel in tunnels.items():
                     assert tunnel is not None
                     rounds = list(tunnel.meter.rounds)
@@ -279,8 +284,9 @@ def summarise_mesh(result: dict[str, Any]) -> None:
     remote = [name for name in stages if name != "head"]
     print(f"mesh (embedded lab, {result.get('model')}, plan {result['plan']}, weights repacked "
           f"{result.get('repacked')}), medians over decode-only steps; load {result['load_average']}")
-    print("| step | steps | decode ms | " + " | ".join(f"{n} ms / bytes up" for n in remote) + " | head ms |")
-    print("|---|---|---|" + "---|" * len(remote) + "---|")
+    print("| step | steps | step wall ms | decode ms | " + " | ".join(f"{n} ms / bytes up" for n in remote) +
+          " | head ms |")
+    print("|---|---|---|---|" + "---|" * len(remote) + "---|")
 
     def row(label: str, steps: list[dict[str, Any]]) -> None:
         steps = [s for s in steps if all(n in s for n in remote)]
@@ -288,10 +294,12 @@ def summarise_mesh(result: dict[str, Any]) -> None:
             print(f"| {label} | 0 |")
             return
         decode = statistics.median(s["decode_ms"] for s in steps)
+        walls = [s["wall_ms"] for s in steps if "wall_ms" in s]
+        wall = f"{statistics.median(walls):.2f}" if walls else "-"
         cells = [f"{statistics.median(s[n]['ms'] for s in steps):.2f} / "
                  f"{statistics.median(s[n]['bytes_up'] for s in steps):.0f}" for n in remote]
         head = statistics.median(s["decode_ms"] - sum(s[n]["ms"] for n in remote) for s in steps)
-        print(f"| {label} | {len(steps)} | {decode:.2f} | " + " | ".join(cells) + f" | {head:.2f} |")
+        print(f"| {label} | {len(steps)} | {wall} | {decode:.2f} | " + " | ".join(cells) + f" | {head:.2f} |")
 
     if result.get("prefill"):
         ms = statistics.median(p["ms"] for p in result["prefill"])

@@ -302,7 +302,8 @@ async def test_killed_agent_mid_reply_the_reply_completes_identically(lab, tmp_p
     clean, finished, recoveries, summary, plan = await _reply_with_loss(lab, tmp_path, kill_h1_agent)
     assert finished is not None
     assert finished.text == clean.text and finished.token_ids == clean.token_ids
-    assert [(r.node, r.token_index) for r in recoveries] == [("h1", 9)]
+    # `lose` runs when the orchestrator sees token 8; the engine may have finished the next step by then
+    assert [r.node for r in recoveries] == ["h1"] and 9 <= recoveries[0].token_index <= 10, recoveries
     assert recoveries[0].seconds > 0
     # The cause, not the agent's last log line (that goes to the log).
     assert (summary["h1"]["status"], summary["h1"]["reason"]) == ("failed", "killed by signal 9")
@@ -320,7 +321,8 @@ async def test_host_link_down_mid_reply_the_reply_completes_identically(lab, tmp
         lab.link_up(lab.host("h2"))
     assert finished is not None
     assert finished.text == clean.text and finished.token_ids == clean.token_ids
-    assert [(r.node, r.token_index) for r in recoveries] == [("h2", 9)]
+    # the cable goes down a few milliseconds after token 8 (`ip link`): a step or two may finish before it does
+    assert [r.node for r in recoveries] == ["h2"] and 9 <= recoveries[0].token_index <= 11, recoveries
     # Keepalives are 1 s here: SSH or the step watchdog (tests/test_stalls_lab.py) notices first, by load.
     reason = summary["h2"]["reason"]
     assert summary["h2"]["status"] == "failed"

@@ -42,10 +42,17 @@ def _alive(pid: int) -> bool:
 
 
 def _start_head(inventory: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "meshtui", "up", str(inventory), "--headless", "--raw", "--temperature", "0",
-         "--prompt", "Tell me a very long story about", "--max-tokens", "2000"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A suite started in the background of a shell has SIGINT ignored, and a child inherits that (Python then
+    # leaves it ignored: no KeyboardInterrupt). A handler is not inherited: with one here, the head starts with
+    # SIGINT at its default, as it does from a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "meshtui", "up", str(inventory), "--headless", "--raw", "--temperature", "0",
+             "--prompt", "Tell me a very long story about", "--max-tokens", "2000"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])

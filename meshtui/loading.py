@@ -151,6 +151,10 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
         progress.cancel()
     seconds = time.perf_counter() - started
     repacked = await repacked_weights(stages, list(tunnels), sink)
+    if local_stage is not None and request.plan.output_on_head:
+        count = await local_stage.repacked_weights()
+        if count:
+            sink.log(HEAD_NAME, f"{count} weight tensors of its output stage in this CPU's repacked layouts", "info")
     hosts = host_loads(tunnels, starts, pushes, planned, seconds, repacked)
     bytes_sent = sum(load.sent_bytes for load in hosts.values())
     for load in hosts.values():

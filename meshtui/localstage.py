@@ -80,6 +80,7 @@ class LocalStage:
         self.threads = threads
         self.proc: asyncio.subprocess.Process | None = None
         self.socket_path = ""
+        self.weight_repack: bool | None = None  # its server repacks weights (None: its runtime cannot)
         self.stderr_tail: deque[str] = deque(maxlen=20)
         self._stderr_task: asyncio.Task[None] | None = None
 
@@ -115,6 +116,28 @@ class LocalStage:
             reason = message.get("reason") or (self.stderr_tail[-1] if self.stderr_tail else "no output")
             raise EngineError(f"the head's local output stage did not start: {reason}")
         self.socket_path = str(message["socket"])
+        repack = message.get("weight_repack")
+        self.weight_repack = repack if isinstance(repack, bool) else None
+
+    async def repacked_weights(self, timeout: float = 5.0) -> int | None:
+        """How many weight tensors the stage holds in the CPU backend's repacked layouts (the agent's `stats`);
+        None from a runtime without meshtui's repack patch, or a stage that does not answer."""
+        if self.weight_repack is None or not self.alive:
+            return None
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(b"stats 1\n")
+            while True:  # after `ready` the agent says nothing unasked: its next line is the answer
+                line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+                if not line:
+                    return None
+                message = json.loads(line)
+                if isinstance(message, dict) and message.get("event") == "stats":
+                    break
+        except (asyncio.TimeoutError, ValueError, OSError):
+            return None
+        count = message.get("repacked_weights")
+        return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
 
     async def _drain_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None

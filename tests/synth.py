@@ -230,19 +230,22 @@ QUANT_TYPES = ("q4_0", "q4_k_m", "q8_0", "f16")
 _QUANTIZE = """
 import ctypes, sys
 import llama_cpp
-source, target, ftype = sys.argv[1:]
+source, target, ftype, embedding = sys.argv[1:]
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + ftype.upper())
+if embedding:
+    params.token_embedding_type = {"q4_0": 2, "q8_0": 8}[embedding]  # ggml_type
 params.allow_requantize = True
 params.nthread = 1
 sys.exit(llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params)))
 """
 
 
-def requantized(source: Path, ftype: str, cache_dir: Path | None = None) -> Path:
+def requantized(source: Path, ftype: str, cache_dir: Path | None = None, embedding: str = "") -> Path:
     """`source` requantized to `ftype` (one of QUANT_TYPES) by llama.cpp's own `llama_model_quantize`, cached under
     ~/.cache/meshtui/models/. From SmolLM2's Q4_1 it gives the same model in a type whose CPU kernels differ:
-    Q4_0 has repacked layouts (matrix-matrix kernels), Q4_1 does not."""
+    Q4_0 has repacked layouts (matrix-matrix kernels), Q4_1 does not. `embedding` ("q4_0", "q8_0"): the token
+    embedding's type (SmolLM2's is also its output matrix: tied), instead of the one llama.cpp picks."""
     import subprocess
     import sys
 
@@ -251,10 +254,12 @@ def requantized(source: Path, ftype: str, cache_dir: Path | None = None) -> Path
     import llama_cpp
 
     stat = source.stat()
-    material = json.dumps([source.name, stat.st_size, ftype, llama_cpp.__version__])
+    facts: list[object] = [source.name, stat.st_size, ftype, llama_cpp.__version__]
+    material = json.dumps(facts + [embedding] if embedding else facts)
     digest = hashlib.sha256(material.encode()).hexdigest()[:16]
     directory = cache_dir if cache_dir is not None else CACHE_DIR
     # in a process of its own: ggml aborts its process on a bad file
-    return _cached(directory / f"{source.stem}-{ftype}-{digest}.gguf", lambda tmp: subprocess.run(
-        [sys.executable, "-c", _QUANTIZE, str(source), str(tmp), ftype], check=True, capture_output=True,
+    name = f"{source.stem}-{ftype}{'-embd_' + embedding if embedding else ''}-{digest}.gguf"
+    return _cached(directory / name, lambda tmp: subprocess.run(
+        [sys.executable, "-c", _QUANTIZE, str(source), str(tmp), ftype, embedding], check=True, capture_output=True,
         timeout=600))

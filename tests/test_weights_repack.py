@@ -63,9 +63,10 @@ def repackable(model: Path, layers: list[int]) -> int:
 Counts = dict[str, tuple[int | None, int]]
 
 
-async def reply_on_mesh(model: Path) -> tuple[list[float], Counts, dict[str, bool | None]]:
+async def reply_on_mesh(model: Path) -> tuple[list[float], Counts, dict[str, bool | None], int | None]:
     """The logprobs of the greedy tokens of PROMPT on a 2-host embedded lab; per host, (weights repacked,
-    repackable in its layers); per host, what its agent said about repacking when it started."""
+    repackable in its layers); per host, what its agent said about repacking when it started; the weights the
+    head's output stage holds repacked."""
     events: list[ev.Event] = []
     lab = EmbeddedLab(n_hosts=2)
     await lab.start()
@@ -79,12 +80,14 @@ async def reply_on_mesh(model: Path) -> tuple[list[float], Counts, dict[str, boo
         counts = {name: (load.repacked, repackable(model, mesh.plan.layers_of(name)))
                   for name, load in mesh.host_loads.items()}
         said = {name: stage.agent.weight_repack if stage.agent else None for name, stage in mesh.stages.items()}
+        assert mesh.local_stage is not None  # the plan keeps the output on the head
+        head = await mesh.local_stage.repacked_weights()
     finally:
         await mesh.close()
         await lab.close()
     tokens = [e for e in events if isinstance(e, ev.TokenGenerated)]
     assert [t.token_id for t in tokens] == list(reply.token_ids) and len(tokens) == MAX_TOKENS
-    return [t.logprob for t in tokens if t.logprob is not None], counts, said
+    return [t.logprob for t in tokens if t.logprob is not None], counts, said, head
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +104,12 @@ async def test_a_stage_holds_its_weights_repacked_and_answers_as_one_process(
     model = requantized(SMOLLM2, ftype)
     monkeypatch.delenv("MESHTUI_WEIGHT_REPACK", raising=False)
     monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")  # the head's own kernels on the stages: exact equality
-    logprobs, counts, said = await reply_on_mesh(model)
+    logprobs, counts, said, head = await reply_on_mesh(model)
     assert said == {"lab1": True, "lab2": True}
     assert set(counts) == {"lab1", "lab2"}
     for name, (repacked, expected) in counts.items():
         assert expected > 0 and repacked == expected, (name, counts)
+    assert head == 0  # the output matrix (tied: token_embd) is Q8_0 in both: no repacked layout on x86
     # llama-cpp-python in one process repacks the same weights: the same numbers, to float32 rounding (measured
     # 1.7e-7; with the plain layouts on the stages they part by 0.1, next test)
     reference = reference_logprobs(model, PROMPT, MAX_TOKENS, top=1, context=CONTEXT)["logprobs"]
@@ -117,13 +121,34 @@ async def test_with_repacking_off_no_weight_is_repacked_and_the_reply_still_comp
         q4_0_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHTUI_WEIGHT_REPACK", "0")
     monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")
-    logprobs, counts, said = await reply_on_mesh(q4_0_model)
+    logprobs, counts, said, head = await reply_on_mesh(q4_0_model)
     assert said == {"lab1": False, "lab2": False}
     assert {name: repacked for name, (repacked, _) in counts.items()} == {"lab1": 0, "lab2": 0}
+    assert head == 0
     assert len(logprobs) == MAX_TOKENS
     if cpu_has_avx2():  # the plain kernels: not what one process computes (which is why the patch exists)
         reference = reference_logprobs(q4_0_model, PROMPT, MAX_TOKENS, top=1, context=CONTEXT)["logprobs"]
         assert max(abs(a - b) for a, b in zip(logprobs, reference["token_logprobs"], strict=True)) > 1e-3
+
+
+@pytest.mark.slow
+async def test_the_head_output_stage_repacks_a_tied_output_matrix_as_one_process_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmolLM2 ties its output matrix to its token embedding (`token_embd.weight`). llama.cpp reads the embedding's
+    rows on the head's CPU (the input layer stays there) and gives the head's output stage its own copy, used only
+    as the output matrix, which llama.cpp in one process repacks ("repack tensor token_embd.weight"): so does the
+    stage. Here the embedding is Q4_0 (it is Q8_0 in the plain requantization, which x86 has no repacked layout
+    for)."""
+    if not cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2: ggml-cpu has no repacked Q4_0 layout for it")
+    model = requantized(SMOLLM2, "q4_0", embedding="q4_0")
+    monkeypatch.delenv("MESHTUI_WEIGHT_REPACK", raising=False)
+    monkeypatch.setenv("MESHTUI_RUNTIME", "head-build")
+    logprobs, counts, _, head = await reply_on_mesh(model)
+    assert head == 1
+    assert all(repacked == expected for repacked, expected in counts.values()), counts
+    reference = reference_logprobs(model, PROMPT, MAX_TOKENS, top=1, context=CONTEXT)["logprobs"]
+    assert logprobs == pytest.approx(reference["token_logprobs"], abs=1e-5)
 
 
 @pytest.mark.slow
@@ -149,6 +174,7 @@ Q4_0 = 2  # ggml_type: 32 values a block of 18 bytes
 SHAPE = (256, 64, 1, 1)
 STRIDES = (18, 144, 144 * 64, 144 * 64)
 NBYTES = 144 * 64
+PLAIN_NAME = "blk.0.ssm_conv1d.weight"  # a block's weight that is not in the server's list of matrices
 
 
 def rpc_tensor(name: str, buffer: int, data: int) -> bytes:
@@ -192,8 +218,8 @@ async def stage_stats(stage: LocalStage) -> int:
 
 async def test_the_server_repacks_only_matrix_weights_and_never_hands_repacked_bytes_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Q4_0 matrix named like an attention weight is repacked as it arrives; the same bytes named like an
-    embedding (read by rows, never multiplied) stay as sent; reading the repacked one back is refused (the client
+    """A Q4_0 matrix named like an attention weight is repacked as it arrives; the same bytes named like a weight
+    that is not only multiplied by (a convolution's) stay as sent; reading the repacked one back is refused (the client
     would get bytes in a layout it never wrote), and the weights the connection held are forgotten with it."""
     if not cpu_has_avx2():
         pytest.skip("this CPU has no AVX2: ggml-cpu has no repacked Q4_0 layout for it")
@@ -206,10 +232,10 @@ async def test_the_server_repacks_only_matrix_weights_and_never_hands_repacked_b
         buffer, _size = struct.unpack("<QQ", rpc.call(ALLOC_BUFFER, struct.pack("<IQ", 0, 1 << 20)))
         (base,) = struct.unpack("<Q", rpc.call(BUFFER_GET_BASE, struct.pack("<Q", buffer)))
         weights = os.urandom(NBYTES)
-        for name, data in (("blk.0.attn_q.weight", base), ("token_embd.weight", base + NBYTES)):
+        for name, data in (("blk.0.attn_q.weight", base), (PLAIN_NAME, base + NBYTES)):
             rpc.call(SET_TENSOR, rpc_tensor(name, buffer, data) + b"\0" + struct.pack("<Q", 0) + weights,
                      reply=False)
-        plain = rpc.call(GET_TENSOR, rpc_tensor("token_embd.weight", buffer, base + NBYTES) +
+        plain = rpc.call(GET_TENSOR, rpc_tensor(PLAIN_NAME, buffer, base + NBYTES) +
                          struct.pack("<QQ", 0, NBYTES))
         assert plain == weights
         assert await stage_stats(stage) == 1

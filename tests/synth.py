@@ -251,6 +251,8 @@ def requantized(source: Path, ftype: str, cache_dir: Path | None = None, embeddi
 
     if ftype not in QUANT_TYPES:
         raise ValueError(f"ftype {ftype!r} is not one of {', '.join(QUANT_TYPES)}")
+    if embedding not in ("", "q4_0", "q8_0"):
+        raise ValueError(f"embedding {embedding!r} is not q4_0 or q8_0")
     import llama_cpp
 
     stat = source.stat()

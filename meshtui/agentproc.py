@@ -16,7 +16,7 @@ from typing import Any
 import asyncssh
 
 from meshtui.errors import HostError
-from meshtui.hostfacts import count_field, socket_path_field
+from meshtui.hostfacts import count_field, repacked_weights_field, socket_path_field, weight_repack_field
 from meshtui.hosts import runtime_check, runtime_refusal
 from meshtui.inventory import HostSpec
 from meshtui.remoteio import read_lines
@@ -130,8 +130,7 @@ class Agent:
         self.devices = [{str(k)[:64]: printable(v) if isinstance(v, str) else v for k, v in d.items()}
                         for d in devices]
         self.backends = [printable(b[:64]) for b in backends]
-        repack = msg.get("weight_repack")
-        self.weight_repack = repack if isinstance(repack, bool) else None
+        self.weight_repack = weight_repack_field(msg)
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds through the same SSH connection the stage traffic uses."""
@@ -169,8 +168,7 @@ class Agent:
         self._replies.pop(seq, None)
         if not done or future.cancelled():
             return None
-        count = future.result().get("repacked_weights")
-        return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+        return repacked_weights_field(future.result())
 
     @property
     def alive(self) -> bool:

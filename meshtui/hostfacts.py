@@ -95,6 +95,20 @@ def count_field(data: dict[str, Any], key: str, low: int, high: int, *, optional
     return value
 
 
+def weight_repack_field(ready: dict[str, Any]) -> bool | None:
+    """Whether an agent's server repacks weights, from its `ready` (None: its runtime cannot)."""
+    value = ready.get("weight_repack")
+    return value if isinstance(value, bool) else None
+
+
+def repacked_weights_field(stats: dict[str, Any]) -> int | None:
+    """The weights an agent's server holds repacked, from its `stats` answer (None: not a count)."""
+    try:
+        return int(count_field(stats, "repacked_weights", 0, 1 << 40))
+    except ValueError:
+        return None
+
+
 def socket_path_field(data: dict[str, Any]) -> str:
     """The stage's Unix socket as the agent reported it: an absolute path that fits in sun_path, printable."""
     value = data.get("socket")

@@ -19,6 +19,7 @@ from collections import deque
 from pathlib import Path
 
 from meshtui.errors import EngineError
+from meshtui.hostfacts import repacked_weights_field, weight_repack_field
 from meshtui.integrity import Problem, make_private_dir, runtime_problems
 from meshtui.procs import wait_or_kill
 from meshtui.runtime import (
@@ -116,8 +117,7 @@ class LocalStage:
             reason = message.get("reason") or (self.stderr_tail[-1] if self.stderr_tail else "no output")
             raise EngineError(f"the head's local output stage did not start: {reason}")
         self.socket_path = str(message["socket"])
-        repack = message.get("weight_repack")
-        self.weight_repack = repack if isinstance(repack, bool) else None
+        self.weight_repack = weight_repack_field(message)
 
     async def repacked_weights(self, timeout: float = 5.0) -> int | None:
         """How many weight tensors the stage holds in the CPU backend's repacked layouts (the agent's `stats`);
@@ -136,8 +136,7 @@ class LocalStage:
                     break
         except (asyncio.TimeoutError, ValueError, OSError):
             return None
-        count = message.get("repacked_weights")
-        return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+        return repacked_weights_field(message)
 
     async def _drain_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None

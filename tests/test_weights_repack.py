@@ -9,8 +9,6 @@ none. (Q4_K_M of SmolLM2 has Q4_K only in 16 of its ffn_down matrices: its other
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import re
 import socket
@@ -208,14 +206,6 @@ class RpcClient:
         return data
 
 
-async def stage_stats(stage: LocalStage) -> int:
-    assert stage.proc is not None and stage.proc.stdin is not None and stage.proc.stdout is not None
-    stage.proc.stdin.write(b"stats 1\n")
-    answer = json.loads(await asyncio.wait_for(stage.proc.stdout.readline(), 10))
-    assert answer["event"] == "stats"
-    return int(answer["repacked_weights"])
-
-
 async def test_the_server_repacks_only_matrix_weights_and_never_hands_repacked_bytes_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A Q4_0 matrix named like an attention weight is repacked as it arrives; the same bytes named like a weight
@@ -227,7 +217,7 @@ async def test_the_server_repacks_only_matrix_weights_and_never_hands_repacked_b
     stage = LocalStage(local_runtime_bundle("head-build"), threads=1)
     await stage.start()
     try:
-        assert await stage_stats(stage) == 0
+        assert await stage.repacked_weights() == 0
         rpc = RpcClient(stage.socket_path)
         buffer, _size = struct.unpack("<QQ", rpc.call(ALLOC_BUFFER, struct.pack("<IQ", 0, 1 << 20)))
         (base,) = struct.unpack("<Q", rpc.call(BUFFER_GET_BASE, struct.pack("<Q", buffer)))
@@ -238,10 +228,10 @@ async def test_the_server_repacks_only_matrix_weights_and_never_hands_repacked_b
         plain = rpc.call(GET_TENSOR, rpc_tensor(PLAIN_NAME, buffer, base + NBYTES) +
                          struct.pack("<QQ", 0, NBYTES))
         assert plain == weights
-        assert await stage_stats(stage) == 1
+        assert await stage.repacked_weights() == 1
         with pytest.raises(ConnectionError):
             rpc.call(GET_TENSOR, rpc_tensor("blk.0.attn_q.weight", buffer, base) + struct.pack("<QQ", 0, 64))
         rpc.sock.close()
-        assert await stage_stats(stage) == 0
+        assert await stage.repacked_weights() == 0
     finally:
         await stage.close()

@@ -75,7 +75,7 @@ def install_stage(lab: netns.Lab, host: netns.LabHost) -> Path:
 
 
 @contextlib.contextmanager
-def tcp_stages(lab: netns.Lab, log_dir: Path, port: int) -> Iterator[dict[str, str]]:
+def tcp_stages(lab: netns.Lab, log_dir: Path, port: int, threads: int = 1) -> Iterator[dict[str, str]]:
     """One plain TCP stage server per lab host, as that host's user, on its lab address; all stopped after."""
     procs: list[subprocess.Popen[bytes]] = []
     endpoints: dict[str, str] = {}
@@ -85,7 +85,7 @@ def tcp_stages(lab: netns.Lab, log_dir: Path, port: int) -> Iterator[dict[str, s
             log = open(log_dir / f"tcp-stage-{host.name}.log", "ab")  # noqa: SIM115 - closed with the process
             proc = lab.popen_in(host, [
                 "runuser", "-u", host.user, "--", str(netns.SYSTEM_PYTHON), str(folder / STAGE_SCRIPT.name),
-                "--runtime", str(folder), "--host", host.address, "--port", str(port), "--threads", "1",
+                "--runtime", str(folder), "--host", host.address, "--port", str(port), "--threads", str(threads),
                 *([] if weight_repack_wanted() else ["--no-repack"]),
             ], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
             log.close()
@@ -224,12 +224,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-def write_inventory(lab: netns.Lab, model_line: str, path: Path) -> Path:
-    per_host = {h.name: {"threads": 1, "max_memory": NODE_MEMORY} for h in lab.hosts}
+def write_inventory(lab: netns.Lab, model_line: str, path: Path, threads: int = 1) -> Path:
+    per_host = {h.name: {"threads": threads, "max_memory": NODE_MEMORY} for h in lab.hosts}
     text = lab.inventory_toml(model_line, extra_host_keys=per_host)
     head = "[head]\ncompute = true\n"
     assert text.count(head) == 1, text
-    path.write_text(text.replace(head, f'{head}threads = 1\nmax_memory = "{NODE_MEMORY}"\n'))
+    path.write_text(text.replace(head, f'{head}threads = {threads}\nmax_memory = "{NODE_MEMORY}"\n'))
     return path
 
 
@@ -298,6 +298,9 @@ def main() -> int:
     parser.add_argument("--speculative", metavar="MODE,...", help="sweep: speculation modes, e.g. off,auto")
     parser.add_argument("--concurrency", metavar="N,...", help="sweep: requests at once, e.g. 1,2,4,8")
     parser.add_argument("--rate", metavar="RATE", help="cap every host's cable with tc tbf, e.g. 100mbit")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of the head and of every stage (default 1: a stage computes while the "
+                             "others wait, so on a small machine each stage may use all its cores)")
     parser.add_argument("--draft", metavar="PATH_OR_NAME", help="the inventory's [model] draft (--speculative draft)")
     args = parser.parse_args()
     sweep = [f"--{flag}={value}" for flag, value in (("rtt", args.rtt), ("speculative", args.speculative),
@@ -331,16 +334,16 @@ def main() -> int:
                 model_line = f'path = "{synthetic_model(**dataclasses.asdict(LARGE_SHAPE))}"'
             if args.draft:  # the inventory's `[model] draft`, for --speculative draft
                 model_line += f"\ndraft = {json.dumps(args.draft)}"
-            inventory = write_inventory(lab, model_line, lab.root / f"inventory-{label}.toml")
+            inventory = write_inventory(lab, model_line, lab.root / f"inventory-{label}.toml", args.threads)
             # A new port per run: ggml's server does not set SO_REUSEADDR.
             if sweep:  # the plain TCP stages behind the same relays, as the baseline at every round trip
-                with tcp_stages(lab, out, STAGE_PORT + index) as endpoints:
+                with tcp_stages(lab, out, STAGE_PORT + index, args.threads) as endpoints:
                     stages = ",".join(f"{name}={endpoint}" for name, endpoint in endpoints.items())
                     reports[label] = run_meshtui_bench(inventory, [*sweep, "--tcp-stages", stages],
                                                        out / f"{label}-sweep", args.prompts,
                                                        args.max_tokens or default_tokens)
                 continue
-            with tcp_stages(lab, out, STAGE_PORT + index) as endpoints, \
+            with tcp_stages(lab, out, STAGE_PORT + index, args.threads) as endpoints, \
                     tcp_proxy(endpoints, args.tcp_via_proxy) as proxied, \
                     openssh_forwards(lab, proxied, args.tcp_via_openssh) as forwarded, \
                     c_relays(lab, forwarded, args.tcp_via_relays) as reached:

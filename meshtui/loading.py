@@ -48,6 +48,7 @@ class LoadRequest:
     parallel: int = 1  # sequences the engine decodes together
     draft_model: Path | None = None  # drafts for speculative decoding, run by the engine on the head's CPU
     model: ModelFacts | None = None  # the model's header (where its tensors lie, for hosts with their own copy)
+    calibrate: int = 0  # after loading, time steps of 1 to this many positions for the drafting policy (0: none)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,10 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     try:
         await push_missing_weights(request, stages, [n for n in remote if n.name in tunnels], pushes, sink)
         placement = await load_split(engine, request, devices, device_memory(stages))
+        seconds = time.perf_counter() - started
+        progress.cancel()
+        if request.calibrate:
+            sink.log(HEAD_NAME, describe_step_costs(await engine.calibrate(request.calibrate)))
     except EngineError as err:
         failed = await failed_stage()
         if failed is not None:
@@ -149,7 +154,6 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
         raise
     finally:
         progress.cancel()
-    seconds = time.perf_counter() - started
     repacked = await repacked_weights(stages, list(tunnels), sink)
     if local_stage is not None and request.plan.output_on_head:
         count = await local_stage.repacked_weights()
@@ -161,6 +165,15 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
         sink.emit(load_progressed(load))
     sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement), {n: load.to_json() for n, load in hosts.items()}))
     return Loaded(seconds, bytes_sent, placement, hosts)
+
+
+def describe_step_costs(step_ms: Sequence[float]) -> str:
+    """The calibration's log line: what steps of several positions cost against one."""
+    if not step_ms:
+        return "step costs not measured (a calibration step failed): drafts follow the linear model"
+    shown = [n for n in (2, 3, 4, 5, 8, 12, 16) if n <= len(step_ms)]
+    return (f"a step of 1 position {step_ms[0]:.1f} ms; of " +
+            ", ".join(f"{n} {step_ms[n - 1] / step_ms[0]:.2f}x" for n in shown) + " (drafts follow this)")
 
 
 def host_files(stages: Mapping[str, Stage], remote: Sequence[Node], plan: Plan) -> list[HostFile]:

@@ -18,6 +18,7 @@ from meshtui import capacity
 from meshtui import events as ev
 from meshtui.capacity import HEAD_NAME, ProbedHost
 from meshtui.engine.client import EngineDied, EngineProcess
+from meshtui.engine.drafts import CALIBRATE_POSITIONS
 from meshtui.engine.protocol import Generate
 from meshtui.engineslot import EngineSlot
 from meshtui.errors import EngineError, InventoryError, MeshError, PlanError, raise_first
@@ -211,7 +212,8 @@ class Mesh:
                                                     self.sink)
         engine = await self._engine.start()
         request = LoadRequest(self.model_path, self.inventory.model.context, self.inventory.head.threads, self.plan,
-                              self.parallel, self.draft_path, self.model)
+                              self.parallel, self.draft_path, self.model,
+                              calibrate=0 if self.speculative == "off" else CALIBRATE_POSITIONS)
         self._loading = True
         try:
             loaded = await load_engine(engine, request, head=self.head, remote=remote, stages=self.stages,

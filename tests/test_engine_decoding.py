@@ -181,6 +181,18 @@ async def test_adaptive_drafting_copies_a_list_in_fewer_steps_and_stops_where_it
     assert ids(short) == ids(plain)[:5]
 
 
+async def test_calibration_times_each_step_size_and_leaves_the_cache_as_it_was() -> None:
+    async with engine() as process:
+        plain, _ = await reply(process, 1, PLAIN_PROMPT, 24, speculative="off")
+    async with engine() as process:
+        costs = await process.calibrate(8)
+        after, _ = await reply(process, 1, PLAIN_PROMPT, 24, speculative="off")
+    assert len(costs) == 8 and all(ms > 0 for ms in costs)
+    # The calibration's steps used the first sequence and removed their positions: the reply on that sequence
+    # is the one an engine that never calibrated gives.
+    assert ids(after) == ids(plain)
+
+
 async def test_a_draft_model_drafts_on_the_head_and_its_drafts_are_verified() -> None:
     async with engine(draft_model=SMOLLM2) as process:  # SmolLM2 drafting for itself
         plain, _ = await reply(process, 1, PLAIN_PROMPT, 32, speculative="off")

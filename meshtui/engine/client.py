@@ -117,6 +117,17 @@ class EngineProcess:
             raise EngineError(f"unexpected engine event during load: {event!r}")
         return event
 
+    async def calibrate(self, positions: int) -> tuple[float, ...]:
+        """What steps of 1 to `positions` positions take on this mesh (ms; empty if one failed); every later
+        request's drafting policy follows their shape. While no request is in flight."""
+        self.send(wire.Calibrate(positions))
+        event = await self._next_event(timeout=None)
+        if isinstance(event, wire.Failed):
+            raise EngineError(f"calibration failed: {event.message}")
+        if not isinstance(event, wire.Calibrated):
+            raise EngineError(f"unexpected engine event during calibration: {event!r}")
+        return event.step_ms
+
     async def generate(self, command: wire.Generate) -> AsyncIterator[wire.ReplyEvent]:
         """Yields the engine's events for one request: Started, Token..., then Done (or raises).
 

@@ -23,13 +23,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshtui.engine.drafts import DraftModel, DraftPolicy, lookup_draft
+from meshtui.engine.drafts import DraftModel, DraftPolicy, NgramIndex, lookup_draft, step_shape
 from meshtui.engine.protocol import Done, Event, Failed, Generate, Started, Token
 from meshtui.engine.sampling import SamplerError, build_sampler, token_logprobs
 from meshtui.engine.stops import StopText
 
-ADAPTIVE_MAX_NGRAM = 3
-AUTO_MIN_NGRAM = 3  # `auto` drafts only from a repeated run of 3+ tokens: cheap to leave off where nothing is copied
+# Adaptive drafts come from the longest earlier run (up to 8 tokens) the reply's latest tokens repeat; `auto` needs
+# at least 2 (one recurring token says little). Replayed offline on 25 greedy SmolLM2 replies (bench/draft_replay.py)
+# against runs of 2 or 3 tokens: copy prompts kept longer drafts, and prompts with nothing to copy drafted less.
+ADAPTIVE_MAX_NGRAM = 8
+AUTO_MIN_NGRAM = 2
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Slot:
     last_step: int = -1
     drafted_at: int = -1  # the n_past `drafts` were chosen at (-1: none chosen yet)
     last_ran: int = -1  # the step that last took a run of this sequence (-1: none yet, first in line)
+    lookup: NgramIndex | None = None  # the prompt and reply so far, for adaptive n-gram drafts (made when first used)
 
 
 class Decoder:
@@ -80,6 +84,37 @@ class Decoder:
         self.cancel_all = False
         self.steps = 0  # decode steps since load: a Token's decode_call
         self._batch = llama_cpp.llama_batch_init(batch, 0, 1)
+        self.step_shape: tuple[float, ...] = ()  # each slot's drafting policy's (`calibrate`); empty: linear
+
+    def calibrate(self, positions: int, rounds: int = 2) -> list[float]:
+        """Time steps of 1, 2, ..., `positions` positions of one sequence, each asking for every logit as a verify
+        step does (the fastest of `rounds`), and give every later request's drafting policy their shape
+        (`step_shape`, extended to the longest draft). What a step costs for its positions is the mesh's: its
+        kernels, stages and round trips. Run while no request is in flight: it takes the first free sequence id and
+        leaves its cache empty. Returns the ms of each (empty if a step failed)."""
+        if self.slots or self.waiting:
+            raise RuntimeError("calibrate while no request is in flight")
+        positions = min(positions, self.batch_size)
+        seq_id = self.free_seqs[0]
+        vocab = self._llama.llama_vocab_n_tokens(self.model.vocab)
+        best = [float("inf")] * positions
+        for attempt in range(rounds + 1):  # a first step, untimed, warms the graphs and caches up
+            for n in range(1, positions + 1 if attempt else 2):
+                for i in range(n):
+                    self._put(i, (i + 1) % vocab, i, seq_id, True)
+                self._batch.n_tokens = n
+                started = time.perf_counter()
+                status = self._llama.llama_decode(self.ctx.ctx, self._batch)
+                if status == 0:
+                    self._llama.llama_synchronize(self.ctx.ctx)
+                ms = (time.perf_counter() - started) * 1000.0
+                self._llama.llama_memory_seq_rm(self.ctx.memory, seq_id, -1, -1)
+                if status != 0:
+                    return []
+                if attempt:
+                    best[n - 1] = min(best[n - 1], ms)
+        self.step_shape = step_shape(best, DraftPolicy.max_length + 1)
+        return best
 
     @property
     def busy(self) -> bool:
@@ -137,7 +172,7 @@ class Decoder:
             feeds: deque[list[int]] = deque([prompt, *([t] for t in resume)])
             slot = Slot(request=request, seq_id=seq_id, prompt=prompt, max_tokens=max_tokens, sampler=sampler,
                         mode=request.speculative, feeds=feeds, generated=resume, started=time.perf_counter(),
-                        stops=StopText(request.stop))
+                        stops=StopText(request.stop), policy=DraftPolicy(shape=self.step_shape))
             if resume:  # shown by the attempt before, but for a tail that could begin a stop string: held here
                 slot.stops.resume(slot.utf8.decode(b"".join(self.model.detokenize([t]) for t in resume)))
             self.slots.append(slot)
@@ -159,9 +194,13 @@ class Decoder:
         history = slot.prompt + slot.generated
         drafts: list[int] = []
         started = time.perf_counter()
-        if slot.mode in ("auto", "ngram"):
-            drafts = lookup_draft(history, limit, 2 if request.draft_length > 0 else ADAPTIVE_MAX_NGRAM,
-                                  AUTO_MIN_NGRAM if slot.mode == "auto" and request.draft_length <= 0 else 1)
+        if slot.mode in ("auto", "ngram") and request.draft_length > 0:  # llama-cpp-python's prompt lookup
+            drafts = lookup_draft(history, limit, 2)
+        elif slot.mode in ("auto", "ngram"):
+            if slot.lookup is None:
+                slot.lookup = NgramIndex(ADAPTIVE_MAX_NGRAM, AUTO_MIN_NGRAM if slot.mode == "auto" else 1)
+            slot.lookup.extend(history[len(slot.lookup.history):])
+            drafts = slot.lookup.draft(limit)
         if not drafts and self.draft_model is not None and slot.mode in ("auto", "draft"):
             drafts = self.draft_model.draft(slot.seq_id, history, limit,
                                             min_probability=0.0 if request.draft_length > 0 else 0.5)

@@ -41,6 +41,36 @@ def lookup_draft(history: Sequence[int], n: int, max_ngram: int = 2, min_ngram: 
     return []
 
 
+class NgramIndex:
+    """`lookup_draft` over a history that only grows, without scanning it each time: the earliest start of every
+    n-gram of `min_ngram` to `max_ngram` tokens, kept as tokens arrive (a reply's drafts come from its prompt and
+    itself, so a long context would otherwise be scanned once per size at every step)."""
+
+    def __init__(self, max_ngram: int, min_ngram: int = 1) -> None:
+        self.max_ngram = max_ngram
+        self.min_ngram = max(1, min_ngram)
+        self.history: list[int] = []
+        self._first: dict[tuple[int, ...], int] = {}
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self.history.append(token)
+            end = len(self.history)
+            for size in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self._first.setdefault(tuple(self.history[end - size:]), end - size)
+
+    def draft(self, n: int) -> list[int]:
+        """What `lookup_draft(history, n, max_ngram, min_ngram)` returns."""
+        length = len(self.history)
+        if n <= 0:
+            return []
+        for size in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            begin = self._first[tuple(self.history[length - size:])] + size
+            if begin < length:
+                return self.history[begin:begin + n]
+        return []
+
+
 # -- how many to draft (pure) -------------------------------------------------------------------------
 
 
@@ -53,6 +83,11 @@ class DraftPolicy:
     (1 - a^(k+1)) / (1 - a) tokens when each draft is accepted with probability a (given the ones before it
     were). When no k > 0 beats a plain step, drafting is off; it probes again (one draft) after `probe_after`
     steps, waiting twice as long each time a probe does not pay (up to `max_probe_after`).
+
+    With `shape` (what a step of 1 + k positions costs over a step of one, k = 0, 1, ..., measured on the mesh
+    at load: `step_shape`) a step verifying k drafts costs `step_ms * shape[k]` instead: on CPU stages a step's
+    cost is not linear in its positions (ggml's matrix kernels take activations four rows at a time, the rest
+    one by one: 4 positions can cost less than 3), and every step, plain or not, keeps `step_ms` current.
     """
 
     max_length: int = 16
@@ -66,6 +101,7 @@ class DraftPolicy:
     max_probe_after: int = 256
     decay: float = 0.9
     prior_per_token_share: float = 0.15  # before any verify step: extra position = this share of a plain step
+    shape: tuple[float, ...] = ()  # a step of 1 + k positions over a step of one, by k (empty: the linear model)
 
     @property
     def acceptance(self) -> float:
@@ -77,6 +113,8 @@ class DraftPolicy:
 
     def cost_ms(self, k: int) -> float:
         step = self.step_ms if self.step_ms is not None else 1.0
+        if k < len(self.shape):
+            return step * self.shape[k] + self.draft_ms * k
         per_token = self.per_token_ms if self.per_token_ms is not None else step * self.prior_per_token_share
         return step + (per_token + self.draft_ms) * k
 
@@ -95,8 +133,12 @@ class DraftPolicy:
 
     def plain_step(self, ms: float) -> DraftPolicy:
         """A step that verified no draft took `ms`."""
-        step = ms if self.step_ms is None else self.step_ms + (1 - self.decay) * (ms - self.step_ms)
-        return replace(self, step_ms=step, off_for=max(0, self.off_for - 1))
+        return replace(self, step_ms=self._step_from(ms), off_for=max(0, self.off_for - 1))
+
+    def _step_from(self, ms: float, k: int = 0) -> float:
+        """`step_ms` after a step of 1 + k positions took `ms` (k > 0 only where `shape` covers it)."""
+        one = ms / self.shape[k] if k else ms
+        return one if self.step_ms is None else self.step_ms + (1 - self.decay) * (one - self.step_ms)
 
     def verified(self, drafted: int, accepted: int, ms: float, draft_ms: float = 0.0) -> DraftPolicy:
         """A step verified `drafted` tokens in `ms` (drafting them took `draft_ms`) and `accepted` of them held."""
@@ -110,7 +152,9 @@ class DraftPolicy:
             draft_ms=self.draft_ms + (1 - self.decay) * (draft_ms / drafted - self.draft_ms) if self.draft_ms
             else draft_ms / drafted,
         )
-        if policy.step_ms is not None:
+        if drafted < len(policy.shape):
+            policy = replace(policy, step_ms=policy._step_from(ms, drafted))
+        elif policy.step_ms is not None:
             extra = max(0.0, (ms - policy.step_ms) / drafted)
             per_token = extra if policy.per_token_ms is None else \
                 policy.per_token_ms + (1 - self.decay) * (extra - policy.per_token_ms)
@@ -119,6 +163,26 @@ class DraftPolicy:
             return replace(policy, off_for=policy.probe_after,
                            probe_after=min(policy.max_probe_after, policy.probe_after * 2))
         return replace(policy, probe_after=DraftPolicy.probe_after) if accepted else policy
+
+
+TILE = 4  # ggml's CPU matrix kernels take activations this many rows at a time (repacked and tinyBLAS alike)
+CALIBRATE_POSITIONS = 2 * TILE  # steps timed after a load; longer ones are extrapolated tile by tile
+
+
+def step_shape(costs_ms: Sequence[float], positions: int) -> tuple[float, ...]:
+    """`DraftPolicy.shape` for steps of 1 to `positions` positions, from what steps of 1, 2, 3, ... took (measured
+    up to two tiles): each over the first (at least 1). Past the measured ones, a step costs what the one a tile
+    shorter cost plus the last tile's cost (one position's, where fewer than two tiles were measured)."""
+    costs = list(costs_ms)
+    if not costs or costs[0] <= 0:
+        return ()
+    if len(costs) >= 2 * TILE:
+        period, extra = TILE, costs[-1] - costs[-1 - TILE]
+    else:
+        period, extra = 1, (costs[-1] - costs[0]) / max(1, len(costs) - 1)
+    while len(costs) < positions:
+        costs.append(costs[-period] + extra)
+    return tuple(max(1.0, ms / costs[0]) for ms in costs[:positions])
 
 
 # -- a draft model on the head's CPU ------------------------------------------------------------------

@@ -57,6 +57,13 @@ SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
 
 
 @dataclass(frozen=True)
+class Calibrate:
+    """Time steps of 1 to `positions` positions, for the drafting policy (`Calibrated`); with no request in flight."""
+
+    positions: int
+
+
+@dataclass(frozen=True)
 class Cancel:
     id: int | None = None  # None: the reply under way, whichever it is
 
@@ -66,7 +73,7 @@ class Shutdown:
     pass
 
 
-Command = Load | Generate | Cancel | Shutdown
+Command = Load | Generate | Calibrate | Cancel | Shutdown
 
 # -- events (worker -> client) --------------------------------------------------------------------------
 
@@ -82,6 +89,11 @@ class Loaded:
     placement: dict[str, list[int]] = field(default_factory=dict)  # ggml device ("CPU", "RPC0") -> layers
     device_endpoints: dict[str, str] = field(default_factory=dict)  # ggml device name -> RPC endpoint
     n_layer: int = 0
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    step_ms: tuple[float, ...]  # a step of 1, 2, ... positions of one sequence, every logit asked for (empty: failed)
 
 
 @dataclass(frozen=True)
@@ -131,16 +143,17 @@ class Bye:
     pass
 
 
-Event = Hello | Loaded | Started | Token | Done | Failed | Bye
+Event = Hello | Loaded | Calibrated | Started | Token | Done | Failed | Bye
 ReplyEvent = Started | Token | Done
 
-_COMMANDS: dict[str, type[Command]] = {"load": Load, "generate": Generate, "cancel": Cancel, "shutdown": Shutdown}
-_EVENTS: dict[str, type[Event]] = {"hello": Hello, "loaded": Loaded, "started": Started, "token": Token,
-                                   "done": Done, "error": Failed, "bye": Bye}
+_COMMANDS: dict[str, type[Command]] = {"load": Load, "generate": Generate, "calibrate": Calibrate, "cancel": Cancel,
+                                       "shutdown": Shutdown}
+_EVENTS: dict[str, type[Event]] = {"hello": Hello, "loaded": Loaded, "calibrated": Calibrated, "started": Started,
+                                   "token": Token, "done": Done, "error": Failed, "bye": Bye}
 EVENT_TYPES = frozenset(_EVENTS.values())
 _COMMAND_TAGS = {cls: tag for tag, cls in _COMMANDS.items()}
 _EVENT_TAGS = {cls: tag for tag, cls in _EVENTS.items()}
-_TUPLES = {"endpoints", "tensor_split", "messages", "resume_tokens", "tokens", "stop"}
+_TUPLES = {"endpoints", "tensor_split", "messages", "resume_tokens", "tokens", "stop", "step_ms"}
 _PAIRS = {"logit_bias", "top_logprobs"}  # tuples of 2-tuples: JSON writes them as lists of lists
 
 

@@ -22,6 +22,8 @@ from meshtui.engine.drafts import DraftModel
 from meshtui.engine.prompts import prompt_tokens
 from meshtui.engine.protocol import (
     Bye,
+    Calibrate,
+    Calibrated,
     Cancel,
     Command,
     Event,
@@ -241,6 +243,10 @@ def _handle(engine: Engine, proto: Protocol, cmd: Command) -> None:
             engine.load(cmd)
         elif isinstance(cmd, Generate):
             engine.submit(cmd)
+        elif isinstance(cmd, Calibrate):
+            if engine.decoder is None:
+                raise RuntimeError("no model loaded")
+            proto.send(Calibrated(tuple(engine.decoder.calibrate(cmd.positions))))
     except Exception as err:
         # One request's failure (a chat template that does not render, a bad value) is that request's
         # error, not the engine's end: the engine keeps serving the next one.

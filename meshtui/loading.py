@@ -146,7 +146,9 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
         seconds = time.perf_counter() - started
         progress.cancel()
         if request.calibrate:
-            sink.log(HEAD_NAME, describe_step_costs(await engine.calibrate(request.calibrate)))
+            timing = time.perf_counter()
+            costs = await engine.calibrate(request.calibrate)
+            sink.log(HEAD_NAME, describe_step_costs(costs, time.perf_counter() - timing))
     except EngineError as err:
         failed = await failed_stage()
         if failed is not None:
@@ -167,13 +169,13 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     return Loaded(seconds, bytes_sent, placement, hosts)
 
 
-def describe_step_costs(step_ms: Sequence[float]) -> str:
+def describe_step_costs(step_ms: Sequence[float], seconds: float) -> str:
     """The calibration's log line: what steps of several positions cost against one."""
     if not step_ms:
         return "step costs not measured (a calibration step failed): drafts follow the linear model"
-    shown = [n for n in (2, 3, 4, 5, 8, 12, 16) if n <= len(step_ms)]
     return (f"a step of 1 position {step_ms[0]:.1f} ms; of " +
-            ", ".join(f"{n} {step_ms[n - 1] / step_ms[0]:.2f}x" for n in shown) + " (drafts follow this)")
+            ", ".join(f"{n} {ms / step_ms[0]:.2f}x" for n, ms in enumerate(step_ms[1:], 2)) +
+            f" (timed in {seconds:.1f} s; drafts are priced by this)")
 
 
 def host_files(stages: Mapping[str, Stage], remote: Sequence[Node], plan: Plan) -> list[HostFile]:

@@ -86,35 +86,41 @@ class Decoder:
         self._batch = llama_cpp.llama_batch_init(batch, 0, 1)
         self.step_shape: tuple[float, ...] = ()  # each slot's drafting policy's (`calibrate`); empty: linear
 
-    def calibrate(self, positions: int, rounds: int = 2) -> list[float]:
+    def calibrate(self, positions: int, rounds: int = 2, budget_s: float = 1.0) -> list[float]:
         """Time steps of 1, 2, ..., `positions` positions of one sequence, each asking for every logit as a verify
         step does (the fastest of `rounds`), and give every later request's drafting policy their shape
         (`step_shape`, extended to the longest draft). What a step costs for its positions is the mesh's: its
-        kernels, stages and round trips. Run while no request is in flight: it takes the first free sequence id and
-        leaves its cache empty. Returns the ms of each (empty if a step failed)."""
+        kernels, stages and round trips. Past `budget_s` it stops with what it has (a model whose steps are slow
+        gets one round, or its shortest steps and the rest extrapolated). Run while no request is in flight: it
+        takes the first free sequence id and leaves its cache empty. Returns the ms of the steps timed (empty if
+        one failed)."""
         if self.slots or self.waiting:
             raise RuntimeError("calibrate while no request is in flight")
         positions = min(positions, self.batch_size)
         seq_id = self.free_seqs[0]
         vocab = self._llama.llama_vocab_n_tokens(self.model.vocab)
         best = [float("inf")] * positions
-        for attempt in range(rounds + 1):  # a first step, untimed, warms the graphs and caches up
-            for n in range(1, positions + 1 if attempt else 2):
-                for i in range(n):
-                    self._put(i, (i + 1) % vocab, i, seq_id, True)
-                self._batch.n_tokens = n
-                started = time.perf_counter()
-                status = self._llama.llama_decode(self.ctx.ctx, self._batch)
-                if status == 0:
-                    self._llama.llama_synchronize(self.ctx.ctx)
-                ms = (time.perf_counter() - started) * 1000.0
-                self._llama.llama_memory_seq_rm(self.ctx.memory, seq_id, -1, -1)
-                if status != 0:
-                    return []
-                if attempt:
-                    best[n - 1] = min(best[n - 1], ms)
-        self.step_shape = step_shape(best, DraftPolicy.max_length + 1)
-        return best
+        began = time.perf_counter()
+        plan = [1] + [n for _ in range(rounds) for n in range(1, positions + 1)]  # a first step, untimed, warms up
+        for index, n in enumerate(plan):
+            if index > 2 and time.perf_counter() - began > budget_s:
+                break
+            for i in range(n):
+                self._put(i, (i + 1) % vocab, i, seq_id, True)
+            self._batch.n_tokens = n
+            started = time.perf_counter()
+            status = self._llama.llama_decode(self.ctx.ctx, self._batch)
+            if status == 0:
+                self._llama.llama_synchronize(self.ctx.ctx)
+            ms = (time.perf_counter() - started) * 1000.0
+            self._llama.llama_memory_seq_rm(self.ctx.memory, seq_id, -1, -1)
+            if status != 0:
+                return []
+            if index:
+                best[n - 1] = min(best[n - 1], ms)
+        timed = best[:best.index(float("inf"))] if float("inf") in best else best
+        self.step_shape = step_shape(timed, DraftPolicy.max_length + 1)
+        return timed
 
     @property
     def busy(self) -> bool:

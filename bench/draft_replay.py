@@ -54,7 +54,7 @@ MORE_FREE = ("What is the capital of France? Answer in one sentence.", "Write a 
              "Tell me a short story about a dragon who is afraid of the dark.", "What causes rain?")
 
 # (name, max n-gram, min n-gram): where adaptive drafts come from. The engine's: meshtui.engine.decoder.
-LOOKUPS = (("runs of 3 (before)", 3, 3), ("runs of 2-8 (engine)", 8, 2), ("runs of 1-8", 8, 1))
+LOOKUPS = (("runs of 3 (before)", 3, 3), ("runs of 2-8 (engine)", 8, 2), ("runs of 3-8", 8, 3), ("runs of 1-8", 8, 1))
 _QUIET: Any = None  # llama.cpp's log callback, kept alive: it logs again when the model and context are freed
 
 

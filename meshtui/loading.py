@@ -8,8 +8,9 @@ the engine loads with the plan's device split, and the placement llama.cpp repor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,32 +142,40 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     pushes = {name: PushMeter() for name in tunnels}
     progress = asyncio.create_task(_report_load_progress(tunnels, starts, pushes, planned, started, sink))
     try:
-        await push_missing_weights(request, stages, [n for n in remote if n.name in tunnels], pushes, sink)
-        placement = await load_split(engine, request, devices, device_memory(stages))
-        seconds = time.perf_counter() - started
-        progress.cancel()
-        if request.calibrate:
-            timing = time.perf_counter()
-            costs = await engine.calibrate(request.calibrate)
-            sink.log(HEAD_NAME, describe_step_costs(costs, time.perf_counter() - timing))
-    except EngineError as err:
-        failed = await failed_stage()
-        if failed is not None:
-            raise HostError(f"stage failed while loading: {failed.reason}", host=failed.name) from err
-        raise
+        async with _as_stage_failure(failed_stage):
+            await push_missing_weights(request, stages, [n for n in remote if n.name in tunnels], pushes, sink)
+            placement = await load_split(engine, request, devices, device_memory(stages))
     finally:
         progress.cancel()
+    seconds = time.perf_counter() - started
     repacked = await repacked_weights(stages, list(tunnels), sink)
     if local_stage is not None and request.plan.output_on_head:
         count = await local_stage.repacked_weights()
         if count:
             sink.log(HEAD_NAME, f"{count} weight tensors of its output stage in this CPU's repacked layouts", "info")
-    hosts = host_loads(tunnels, starts, pushes, planned, seconds, repacked)
+    hosts = host_loads(tunnels, starts, pushes, planned, seconds, repacked)  # the load's traffic, read here
+    if request.calibrate:
+        timing = time.perf_counter()
+        async with _as_stage_failure(failed_stage):
+            costs = await engine.calibrate(request.calibrate)
+        sink.log(HEAD_NAME, describe_step_costs(costs, time.perf_counter() - timing))
     bytes_sent = sum(load.sent_bytes for load in hosts.values())
     for load in hosts.values():
         sink.emit(load_progressed(load))
     sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement), {n: load.to_json() for n, load in hosts.items()}))
     return Loaded(seconds, bytes_sent, placement, hosts)
+
+
+@contextlib.asynccontextmanager
+async def _as_stage_failure(failed_stage: Callable[[], Awaitable[Node | None]]) -> AsyncIterator[None]:
+    """An engine error in the block, told as the failure of the stage that went away (when one did)."""
+    try:
+        yield
+    except EngineError as err:
+        failed = await failed_stage()
+        if failed is None:
+            raise
+        raise HostError(f"stage failed while loading: {failed.reason}", host=failed.name) from err
 
 
 def describe_step_costs(step_ms: Sequence[float], seconds: float) -> str:

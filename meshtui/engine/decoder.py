@@ -108,11 +108,7 @@ class Decoder:
             for i in range(n):
                 self._put(i, (i + 1) % vocab, i, seq_id, True)
             self._batch.n_tokens = n
-            started = time.perf_counter()
-            status = self._llama.llama_decode(self.ctx.ctx, self._batch)
-            if status == 0:
-                self._llama.llama_synchronize(self.ctx.ctx)
-            ms = (time.perf_counter() - started) * 1000.0
+            status, ms = self._decode()
             self._llama.llama_memory_seq_rm(self.ctx.memory, seq_id, -1, -1)
             if status != 0:
                 return []
@@ -222,6 +218,16 @@ class Decoder:
         batch.seq_id[index][0] = seq_id
         batch.logits[index] = logits
 
+    def _decode(self) -> tuple[int, float]:
+        """`llama_decode` of the batch as filled: its status, and the ms until its results are here (it returns
+        with the last commands to the stages possibly still in flight: ggml's RPC client sends them from a thread
+        of its own)."""
+        started = time.perf_counter()
+        status = self._llama.llama_decode(self.ctx.ctx, self._batch)
+        if status == 0:
+            self._llama.llama_synchronize(self.ctx.ctx)
+        return status, (time.perf_counter() - started) * 1000.0
+
     def step(self) -> None:
         self._drop_cancelled()
         self._admit()
@@ -241,13 +247,7 @@ class Decoder:
                 if final:
                     sampling.append((slot, n - 1))
         self._batch.n_tokens = n
-        started = time.perf_counter()
-        status = self._llama.llama_decode(self.ctx.ctx, self._batch)
-        if status == 0:
-            # llama_decode returns with the last commands to the stages possibly still in flight (ggml's RPC client
-            # sends them from a thread of its own); the step's time is until its results are here.
-            self._llama.llama_synchronize(self.ctx.ctx)
-        ms = (time.perf_counter() - started) * 1000.0
+        status, ms = self._decode()
         step = self.steps
         self.steps += 1
         if status != 0:

@@ -190,6 +190,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "load_seconds": state.load_seconds,
             "load_bytes_sent": state.load_bytes_sent,
             "load_by_host": dict(state.load_by_host),
+            "step_costs_ms": list(state.step_costs_ms),
             "recoveries": [r.to_json() for r in state.recoveries],
             "prediction": prediction.to_json() if prediction else None,
             "speculative": finished.speculative.to_json() if finished.speculative else None,

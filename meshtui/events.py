@@ -74,6 +74,7 @@ class ModelLoaded(Event):
     bytes_sent: int
     placement: dict[str, list[int]] = field(default_factory=dict)
     by_host: dict[str, dict[str, Any]] = field(default_factory=dict)  # each host's load as reported (bytes, cache)
+    step_ms: tuple[float, ...] = ()  # a step of 1, 2, ... positions as timed after the load (the drafts' prices)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ class Loaded:
     bytes_sent: int  # weights sent up the stages' tunnels
     placement: dict[str, list[int]]  # node name -> the layers llama.cpp put there
     hosts: dict[str, HostLoad] = field(default_factory=dict)  # per host: sent, found in its cache
+    step_ms: tuple[float, ...] = ()  # a step of 1, 2, ... positions, timed after the load (none: not calibrated)
 
 
 def stage_tunnels(stages: Mapping[str, Stage], nodes: Sequence[Node]) -> dict[str, StageTunnel]:
@@ -154,6 +155,7 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
         if count:
             sink.log(HEAD_NAME, f"{count} weight tensors of its output stage in this CPU's repacked layouts", "info")
     hosts = host_loads(tunnels, starts, pushes, planned, seconds, repacked)  # the load's traffic, read here
+    costs: tuple[float, ...] = ()
     if request.calibrate:
         timing = time.perf_counter()
         async with _as_stage_failure(failed_stage):
@@ -162,8 +164,9 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
     bytes_sent = sum(load.sent_bytes for load in hosts.values())
     for load in hosts.values():
         sink.emit(load_progressed(load))
-    sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement), {n: load.to_json() for n, load in hosts.items()}))
-    return Loaded(seconds, bytes_sent, placement, hosts)
+    sink.emit(ev.ModelLoaded(seconds, bytes_sent, dict(placement), {n: load.to_json() for n, load in hosts.items()},
+                             costs))
+    return Loaded(seconds, bytes_sent, placement, hosts, costs)
 
 
 @contextlib.asynccontextmanager

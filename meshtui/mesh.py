@@ -82,6 +82,7 @@ class Mesh:
         self.load_seconds = 0.0
         self.load_bytes_sent = 0
         self.host_loads: dict[str, HostLoad] = {}  # the last load, per host: bytes sent, weights found cached
+        self.step_costs: tuple[float, ...] = ()  # the last load's calibration: a step of 1, 2, ... positions (ms)
         self.placement: dict[str, list[int]] = {}
         self._request_ids = 0
         self.recoveries: list[Recovery] = []
@@ -223,6 +224,7 @@ class Mesh:
             self._loading = False
         self.load_seconds, self.load_bytes_sent, self.placement = loaded.seconds, loaded.bytes_sent, loaded.placement
         self.host_loads = loaded.hosts
+        self.step_costs = loaded.step_ms
         for node in [self.head, *remote]:
             self.sink.phase(node, "ready")
         self._emit(ev.MeshReady())

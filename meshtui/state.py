@@ -99,6 +99,7 @@ class MeshState:
     load_seconds: float = 0.0
     load_bytes_sent: int = 0
     load_by_host: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _frozen({}))
+    step_costs_ms: tuple[float, ...] = ()  # a step of 1, 2, ... positions after the load (drafting's prices)
     placement: Mapping[str, Sequence[int]] = field(default_factory=lambda: _frozen({}))
     recoveries: tuple[RecoveryState, ...] = ()
     replies: Mapping[int, ReplyState] = field(default_factory=lambda: MappingProxyType({}))  # in flight, by id
@@ -142,10 +143,10 @@ def apply(state: MeshState, event: ev.Event) -> MeshState:
     match event:
         case ev.PlanComputed(plan=plan) if isinstance(plan, Plan):
             return _with_plan(state, plan)
-        case ev.ModelLoaded(seconds=seconds, bytes_sent=sent, placement=placement, by_host=by_host):
+        case ev.ModelLoaded(seconds=seconds, bytes_sent=sent, placement=placement, by_host=by_host, step_ms=step_ms):
             return replace(state, loaded=True, load_seconds=seconds, load_bytes_sent=sent,
                            placement=_frozen({k: tuple(v) for k, v in placement.items()}),
-                           load_by_host=_frozen(dict(by_host)))
+                           load_by_host=_frozen(dict(by_host)), step_costs_ms=tuple(step_ms))
         case ev.EngineStopped():
             return replace(state, loaded=False)
         case ev.MeshReady():

@@ -78,6 +78,8 @@ def test_headless_json_reports_the_replys_speculation() -> None:
     assert spec["mode"] == "ngram" and spec["verify_steps"] > 0 and 0 < spec["accepted"] <= spec["drafted"]
     assert spec["tokens_per_step"] > 1.0
     assert list(result["load_by_host"]) == ["lab1"] and result["load_by_host"]["lab1"]["bytes_sent"] > 0
+    # The steps timed after the load, whose costs the drafts were priced by: 1 to 8 positions.
+    assert len(result["step_costs_ms"]) == 8 and all(ms > 0 for ms in result["step_costs_ms"])
     rtt = {n["name"]: n["network_rtt_ms"] for n in result["nodes"]}
     predicted = {n["name"]: n["network_ms"] for n in result["prediction"]["nodes"]}
     assert predicted == {"head": 0.0, "lab1": rtt["lab1"]} and rtt["lab1"] > 0  # the prediction reads the state

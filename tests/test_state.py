@@ -34,7 +34,7 @@ def up_events() -> list[ev.Event]:
                    ev.AgentLaunched(host, "/run/s.sock", 77, ("CPU",)), ev.RoundTripMeasured(host, 0.4)]
     events += [ev.HostPhaseChanged(n, "load") for n in ("h1", "h2", "head")]
     events.append(ev.ModelLoaded(1.5, 99, {"head": [0, 1], "h1": [10], "h2": [20, 30]},
-                                 {"h1": {"bytes_sent": 60}, "h2": {"bytes_sent": 39}}))
+                                 {"h1": {"bytes_sent": 60}, "h2": {"bytes_sent": 39}}, (9.5, 15.0, 18.5, 18.0)))
     events += [ev.HostPhaseChanged(n, "ready") for n in ("head", "h1", "h2")]
     events.append(ev.MeshReady())
     return events
@@ -55,6 +55,7 @@ def test_bringing_the_mesh_up_gives_each_node_its_layers_transfers_and_round_tri
     assert dict(state.placement) == {"head": (0, 1), "h1": (10,), "h2": (20, 30)}
     assert (state.load_seconds, state.load_bytes_sent) == (1.5, 99)
     assert dict(state.load_by_host) == {"h1": {"bytes_sent": 60}, "h2": {"bytes_sent": 39}}
+    assert state.step_costs_ms == (9.5, 15.0, 18.5, 18.0)
 
 
 def test_a_lost_stage_makes_the_mesh_unready_until_it_recovered() -> None:

@@ -130,7 +130,8 @@ class MeshMode:
         run: dict[str, Any] = {"mode": self.mode, "load_seconds": self.mesh.load_seconds,
                                "load_bytes_sent": self.mesh.load_bytes_sent, "up_seconds": self.up_seconds,
                                "placement": dict(self.mesh.placement), **summarise_replies(self.replies),
-                               "load_by_host": {name: load.to_json() for name, load in self.mesh.host_loads.items()}}
+                               "load_by_host": {name: load.to_json() for name, load in self.mesh.host_loads.items()},
+                               "step_costs_ms": list(self.mesh.step_costs)}
         decode = run["decode_tokens_per_second"]
         if self.plan is None or not self.plan.remote:
             run["nodes"] = [{"name": HEAD_NAME, "layers": layers_of(self.plan, HEAD_NAME),

@@ -50,6 +50,7 @@ class LoadRequest:
     draft_model: Path | None = None  # drafts for speculative decoding, run by the engine on the head's CPU
     model: ModelFacts | None = None  # the model's header (where its tensors lie, for hosts with their own copy)
     calibrate: int = 0  # after loading, time steps of 1 to this many positions for the drafting policy (0: none)
+    step_ms: tuple[float, ...] = ()  # else an earlier load's timings, given to the engine as they are
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ async def load_split(engine: EngineProcess, request: LoadRequest, devices: Seque
         threads=request.threads,
         parallel=request.parallel,
         draft_model=str(request.draft_model) if request.draft_model else None,
+        step_ms=request.step_ms,
     ))
     placement = placement_by_node(loaded.placement, loaded.device_endpoints, dict(devices))
     check_placement(placement, request.plan)
@@ -155,7 +157,7 @@ async def load_engine(engine: EngineProcess, request: LoadRequest, *, head: Node
         if count:
             sink.log(HEAD_NAME, f"{count} weight tensors of its output stage in this CPU's repacked layouts", "info")
     hosts = host_loads(tunnels, starts, pushes, planned, seconds, repacked)  # the load's traffic, read here
-    costs: tuple[float, ...] = ()
+    costs = request.step_ms
     if request.calibrate:
         timing = time.perf_counter()
         async with _as_stage_failure(failed_stage):

@@ -214,7 +214,10 @@ class Mesh:
         engine = await self._engine.start()
         request = LoadRequest(self.model_path, self.inventory.model.context, self.inventory.head.threads, self.plan,
                               self.parallel, self.draft_path, self.model,
-                              calibrate=0 if self.speculative == "off" else CALIBRATE_POSITIONS)
+                              # Timed at the first load; a reload after a lost or rejoined node keeps those
+                              # timings (a second of steps would lengthen every recovery).
+                              calibrate=0 if self.speculative == "off" or self.step_costs else CALIBRATE_POSITIONS,
+                              step_ms=self.step_costs)
         self._loading = True
         try:
             loaded = await load_engine(engine, request, head=self.head, remote=remote, stages=self.stages,

@@ -270,8 +270,9 @@ def test_down_stops_agents_left_behind(lab, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- node loss mid-reply
 
 
-async def _reply_with_loss(lab, tmp_path: Path, lose, keepalive: float = 5.0):
-    """One greedy reply, uninterrupted; then the same reply with `lose(mesh)` called at token 8."""
+async def _reply_with_loss(lab, tmp_path: Path, lose, keepalive: float = 5.0, step_costs: list | None = None):
+    """One greedy reply, uninterrupted; then the same reply with `lose(mesh)` called at token 8. `step_costs` gets
+    the mesh's timed step costs after the first load and after the reload."""
     from meshtui import events as ev
 
     inventory_file = tmp_path / "inventory.toml"
@@ -280,6 +281,8 @@ async def _reply_with_loss(lab, tmp_path: Path, lose, keepalive: float = 5.0):
     mesh = Mesh(load_inventory(inventory_file))
     try:
         await mesh.up()
+        if step_costs is not None:
+            step_costs.append(mesh.step_costs)
         clean = await mesh.generate(prompt=PROMPT, raw=True, max_tokens=40, temperature=0.0)
         finished = None
         async for event in mesh.stream(prompt=PROMPT, raw=True, max_tokens=40, temperature=0.0):
@@ -289,6 +292,8 @@ async def _reply_with_loss(lab, tmp_path: Path, lose, keepalive: float = 5.0):
                 finished = event
         summary = {row["name"]: row for row in node_summary(mesh.state)}
         plan = mesh.plan
+        if step_costs is not None:
+            step_costs.append(mesh.step_costs)
     finally:
         await mesh.close()
     return clean, finished, mesh.recoveries, summary, plan
@@ -299,9 +304,14 @@ async def test_killed_agent_mid_reply_the_reply_completes_identically(lab, tmp_p
         ((pid, _),) = agent_processes(lab)["h1"]
         os.kill(pid, 9)
 
-    clean, finished, recoveries, summary, plan = await _reply_with_loss(lab, tmp_path, kill_h1_agent)
+    costs: list[tuple[float, ...]] = []
+    clean, finished, recoveries, summary, plan = await _reply_with_loss(lab, tmp_path, kill_h1_agent,
+                                                                        step_costs=costs)
     assert finished is not None
     assert finished.text == clean.text and finished.token_ids == clean.token_ids
+    # The steps were timed once, after the first load; the reload kept those timings instead of timing again.
+    first, after_reload = costs
+    assert len(first) == 8 and after_reload == first
     # `lose` runs when the orchestrator sees token 8; the engine may have finished the next step by then
     assert [r.node for r in recoveries] == ["h1"] and 9 <= recoveries[0].token_index <= 10, recoveries
     assert recoveries[0].seconds > 0

@@ -115,8 +115,12 @@ class Decoder:
             if index:
                 best[n - 1] = min(best[n - 1], ms)
         timed = best[:best.index(float("inf"))] if float("inf") in best else best
-        self.step_shape = step_shape(timed, DraftPolicy.max_length + 1)
+        self.price_steps(timed)
         return timed
+
+    def price_steps(self, step_ms: Sequence[float]) -> None:
+        """Every later request's drafting policy prices a step of 1, 2, ... positions as these took."""
+        self.step_shape = step_shape(step_ms, DraftPolicy.max_length + 1)
 
     @property
     def busy(self) -> bool:

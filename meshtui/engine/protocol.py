@@ -27,6 +27,7 @@ class Load:
     seed: int = 0
     parallel: int = 1  # sequences the engine decodes together; `context` is each one's (n_ctx = context x parallel)
     draft_model: str | None = None  # a GGUF with the model's vocabulary, run on the head's CPU to draft tokens
+    step_ms: tuple[float, ...] = ()  # steps of 1, 2, ... positions as an earlier load timed them (drafting's prices)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,7 @@ class Engine:
         self.metadata = self.model.metadata()
         self.decoder = Decoder(llama_cpp, self.model, ctx, context=int(cmd.context), parallel=parallel,
                                batch=int(cmd.batch), send=self.proto.send, draft_model=draft)
+        self.decoder.price_steps(cmd.step_ms)
         by_device: dict[str, list[int]] = {}
         for layer, device in sorted(self.placement.items()):
             by_device.setdefault(device, []).append(layer)

@@ -29,8 +29,9 @@ from meshtui.engine.sampling import SamplerError, build_sampler, token_logprobs
 from meshtui.engine.stops import StopText
 
 # Adaptive drafts come from the longest earlier run (up to 8 tokens) the reply's latest tokens repeat; `auto` needs
-# at least 2 (one recurring token says little). Replayed offline on 25 greedy SmolLM2 replies (bench/draft_replay.py)
-# against runs of 2 or 3 tokens: copy prompts kept longer drafts, and prompts with nothing to copy drafted less.
+# at least 2 (one recurring token says little). Replayed offline on 19 greedy SmolLM2 replies (bench/draft_replay.py)
+# against runs of exactly 3 and of 1-8 or 3-8 tokens: copy prompts gained most, and the worst reply with nothing to
+# copy lost least (docs/performance.md, session 11).
 ADAPTIVE_MAX_NGRAM = 8
 AUTO_MIN_NGRAM = 2
 

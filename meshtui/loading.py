@@ -59,7 +59,8 @@ class Loaded:
     bytes_sent: int  # weights sent up the stages' tunnels
     placement: dict[str, list[int]]  # node name -> the layers llama.cpp put there
     hosts: dict[str, HostLoad] = field(default_factory=dict)  # per host: sent, found in its cache
-    step_ms: tuple[float, ...] = ()  # a step of 1, 2, ... positions, timed after the load (none: not calibrated)
+    step_ms: tuple[float, ...] = ()  # a step of 1, 2, ... positions as the drafts price them (timed after this load
+    # or an earlier one; none: speculation off at the first load)
 
 
 def stage_tunnels(stages: Mapping[str, Stage], nodes: Sequence[Node]) -> dict[str, StageTunnel]:

@@ -198,18 +198,18 @@ class Decoder:
         limit = min(limit, remaining, room)
         if limit <= 0:
             return []
-        history = slot.prompt + slot.generated
         drafts: list[int] = []
         started = time.perf_counter()
         if slot.mode in ("auto", "ngram") and request.draft_length > 0:  # llama-cpp-python's prompt lookup
-            drafts = lookup_draft(history, limit, 2)
+            drafts = lookup_draft(slot.prompt + slot.generated, limit, 2)
         elif slot.mode in ("auto", "ngram"):
             if slot.lookup is None:
                 slot.lookup = NgramIndex(ADAPTIVE_MAX_NGRAM, AUTO_MIN_NGRAM if slot.mode == "auto" else 1)
-            slot.lookup.extend(history[len(slot.lookup.history):])
+                slot.lookup.extend(slot.prompt)
+            slot.lookup.extend(slot.generated[len(slot.lookup.history) - len(slot.prompt):])  # the new tokens
             drafts = slot.lookup.draft(limit)
         if not drafts and self.draft_model is not None and slot.mode in ("auto", "draft"):
-            drafts = self.draft_model.draft(slot.seq_id, history, limit,
+            drafts = self.draft_model.draft(slot.seq_id, slot.prompt + slot.generated, limit,
                                             min_probability=0.0 if request.draft_length > 0 else 0.5)
         slot.draft_ms = (time.perf_counter() - started) * 1000.0
         return drafts

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/step_cost.py: the engine's context, timed steps
 
 from meshtui.bench.prompts import COPY_PROMPTS, FREE_PROMPTS  # noqa: E402
 from meshtui.engine.drafts import CALIBRATE_POSITIONS, DraftPolicy, NgramIndex, step_shape  # noqa: E402
@@ -81,33 +80,20 @@ def greedy_replies(model: Path, tokens: int) -> list[dict[str, Any]]:
 
 
 def timed_steps(model: Path, positions: int, reps: int = 5) -> list[float]:
-    """ms of a step of 1..positions positions of one sequence (every logit asked for), in one process."""
+    """ms of a step of 1..positions positions of one sequence (every logit asked for), in one process: the engine's
+    context as `bench/step_cost.py` builds it, the sizes alternating."""
     import llama_cpp
     from llama_cpp import _internals as internals
+    from step_cost import Bench, Setup, alternate
 
     global _QUIET
     llama_cpp.llama_backend_init()
     _QUIET = llama_cpp.llama_log_callback(lambda *_: None)
     llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
     loaded = internals.LlamaModel(path_model=str(model), params=llama_cpp.llama_model_default_params(), verbose=False)
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_threads, params.n_threads_batch = 512, 1, 1
-    ctx = internals.LlamaContext(model=loaded, params=params, verbose=False)
-    batch = llama_cpp.llama_batch_init(positions, 0, 1)
-    samples: list[list[float]] = [[] for _ in range(positions)]
-    for _ in range(reps):
-        for n in range(1, positions + 1):
-            for i in range(n):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = i + 1, i, 1, True
-                batch.seq_id[i][0] = 0
-            batch.n_tokens = n
-            started = time.perf_counter()
-            llama_cpp.llama_decode(ctx.ctx, batch)
-            llama_cpp.llama_synchronize(ctx.ctx)
-            samples[n - 1].append((time.perf_counter() - started) * 1000.0)
-            llama_cpp.llama_memory_seq_rm(ctx.memory, 0, -1, -1)
-    llama_cpp.llama_batch_free(batch)
-    return [statistics.median(s) for s in samples]
+    bench = Bench(llama_cpp, loaded, Setup("replay", parallel=1))
+    medians = alternate([(str(n), lambda n=n: bench.step(1, n)) for n in range(1, positions + 1)], reps)
+    return [medians[str(n)] for n in range(1, positions + 1)]
 
 
 def replay(item: dict[str, Any], max_ngram: int, min_ngram: int, cost: Callable[[int], float],
@@ -115,10 +101,11 @@ def replay(item: dict[str, Any], max_ngram: int, min_ngram: int, cost: Callable[
     """(speed over plain decoding, tokens per step) of one reply drafted as the engine drafts."""
     prompt, reply = item["prompt"], item["reply"]
     policy, index = DraftPolicy(shape=tuple(shape)), NgramIndex(max_ngram, min_ngram)
+    index.extend(prompt)
     done, spent, steps = 1, 0.0, 1  # the first token comes out of the prompt's step
     while done < len(reply):
         limit = min(policy.length(), len(reply) - done - 1)
-        index.extend((prompt + reply[:done])[len(index.history):])
+        index.extend(reply[len(index.history) - len(prompt):done])
         drafts = index.draft(limit) if limit > 0 else []
         kept = 0
         while kept < len(drafts) and drafts[kept] == reply[done + kept]:
